@@ -1,0 +1,185 @@
+"""Residual blocks: every Add (or two-input Sum) that joins a skip path and a branch holding prunable layers.
+
+For an Add(a, b) the *fork* is the latest value both inputs derive from (walking back over run-time
+floating-point edges only, so shape computations and constants never count). The block is the set of nodes
+on the branch from the fork to the Add. The other input is the skip path:
+
+- ``identity``: the skip input is the fork itself (x + f(x); pre-norm transformers x + f(LN(x)); post-norm
+  transformers LN(x + f(x)));
+- ``parameter-free``: nodes without weights between the fork and the Add (e.g. the option-A ResNet shortcut,
+  Slice + Pad);
+- ``projection``: the skip path has prunable layers of its own (1x1 conv downsample).
+
+A block is removable when dropping its branch (the Add then passes the skip value on) keeps every shape
+valid: the skip value has the Add's output shape, and no value inside the branch is used outside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from onnxprune.analysis.graph import GraphInfo
+from onnxprune.analysis.layers import Layer
+
+RESIDUAL_OPS = ("Add", "Sum")
+
+
+@dataclass
+class Block:
+    name: str  # the joining Add's node name
+    skip: str  # identity | parameter-free | projection
+    removable: bool
+    layers: list[str]  # prunable layers of the branch, in graph order
+    params: int
+    flops: int | None
+    fork: str  # the value the branch and the skip path start from
+    branch_input: int  # which input of the Add is the branch
+    nodes: list[str] = field(default_factory=list)  # every node of the branch
+    skip_layers: list[str] = field(default_factory=list)
+    reason: str | None = None  # why it is not removable
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "params": self.params,
+            "flops": self.flops,
+            "skip": self.skip,
+            "removable": self.removable,
+            "layers": self.layers,
+            "skip_layers": self.skip_layers,
+            "fork": self.fork,
+            "branch_input": self.branch_input,
+            "nodes": self.nodes,
+            "reason": self.reason,
+        }
+
+
+class _Ancestry:
+    """Backward reachability over run-time float edges, memoised per value."""
+
+    def __init__(self, info: GraphInfo):
+        self.info = info
+        self._nodes: dict[str, frozenset[ir.Node]] = {}
+
+    def nodes(self, value: ir.Value) -> frozenset[ir.Node]:
+        """Nodes whose outputs reach ``value`` over data edges (including its producer)."""
+        cached = self._nodes.get(value.name)
+        if cached is not None:
+            return cached
+        seen: set[ir.Node] = set()
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            node = v.producer()
+            if node is None or node in seen or not self.info.is_data_edge(v):
+                continue
+            seen.add(node)
+            stack.extend(i for i in node.inputs if i is not None and self.info.is_data_edge(i))
+        result = frozenset(seen)
+        self._nodes[value.name] = result
+        return result
+
+    def values(self, value: ir.Value) -> set[ir.Value]:
+        """Data values that reach ``value`` (including itself)."""
+        vals = {value}
+        for node in self.nodes(value):
+            vals.update(i for i in node.inputs if i is not None and self.info.is_data_edge(i))
+        return vals
+
+
+def _position(info: GraphInfo, value: ir.Value) -> int:
+    node = value.producer()
+    return -1 if node is None else info.order.get(node, -1)
+
+
+def _path_nodes(anc: _Ancestry, fork: ir.Value, end: ir.Value) -> set[ir.Node]:
+    """Nodes on paths from ``fork`` to ``end``: ancestors of ``end`` that descend from ``fork``."""
+    if end is fork:
+        return set()
+    candidates = anc.nodes(end)
+    path: set[ir.Node] = set()
+    frontier = [fork]
+    while frontier:
+        v = frontier.pop()
+        for use in v.uses():
+            n = use.node
+            if n in candidates and n not in path:
+                path.add(n)
+                frontier.extend(n.outputs)
+    return path
+
+
+def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
+    anc = _Ancestry(info)
+    by_node = {layer.node: layer for layer in layers}
+    graph_outputs = set(info.graph.outputs)
+    blocks: list[Block] = []
+    for add in info.graph:
+        if add.op_type not in RESIDUAL_OPS or add.domain not in ("", "ai.onnx"):
+            continue
+        ins = [v for v in add.inputs if v is not None]
+        if len(ins) != 2 or not all(info.is_data_edge(v) for v in ins):
+            continue
+        common = anc.values(ins[0]) & anc.values(ins[1])
+        if not common:
+            continue
+        fork = max(common, key=lambda v: _position(info, v))
+        if not common <= anc.values(fork):
+            continue  # two unrelated common ancestors: not a fork/join pattern
+        paths = [_path_nodes(anc, fork, v) for v in ins]
+        path_layers = [[by_node[n] for n in sorted(p, key=info.order.get) if n in by_node] for p in paths]
+        if not any(path_layers):
+            continue
+        # the branch is the path with more layers (then more parameters); the other one is the skip path
+        branch_idx = max(
+            (0, 1), key=lambda i: (len(path_layers[i]), sum(layer.params for layer in path_layers[i]), -i)
+        )
+        skip_idx = 1 - branch_idx
+        branch_nodes, branch_layers = paths[branch_idx], path_layers[branch_idx]
+        if ins[skip_idx] is fork:
+            skip = "identity"
+        elif path_layers[skip_idx]:
+            skip = "projection"
+        else:
+            skip = "parameter-free"
+        removable, reason = _removable(info, add, ins[skip_idx], branch_nodes, graph_outputs)
+        flops = [layer.flops for layer in branch_layers]
+        blocks.append(
+            Block(
+                name=add.name,
+                skip=skip,
+                removable=removable,
+                layers=[layer.name for layer in branch_layers],
+                params=sum(layer.params for layer in branch_layers),
+                flops=None if any(f is None for f in flops) else sum(flops),
+                fork=fork.name,
+                branch_input=list(add.inputs).index(ins[branch_idx]),
+                nodes=[n.name for n in sorted(branch_nodes, key=info.order.get)],
+                skip_layers=[layer.name for layer in path_layers[skip_idx]],
+                reason=reason,
+            )
+        )
+    return blocks
+
+
+def _removable(
+    info: GraphInfo, add: ir.Node, skip_value: ir.Value, branch: set[ir.Node], graph_outputs: set[ir.Value]
+) -> tuple[bool, str | None]:
+    for node in branch:
+        for out in node.outputs:
+            if out in graph_outputs:
+                return False, f"branch value {out.name!r} is a graph output"
+            for use in out.uses():
+                if use.node is not add and use.node not in branch:
+                    return False, f"branch value {out.name!r} is also used by {use.node.name!r} outside the block"
+    skip_shape = info.shape(skip_value)
+    out_shape = info.shape(add.outputs[0])
+    if skip_shape is None or out_shape is None:
+        return False, "shapes unknown (shape inference could not tell whether the skip path alone fits)"
+    if len(skip_shape) != len(out_shape) or any(
+        a != b or a is None for a, b in zip(skip_shape, out_shape, strict=True)
+    ):
+        return False, f"skip path shape {list(skip_shape)} differs from the block output {list(out_shape)}"
+    return True, None

@@ -1,0 +1,224 @@
+"""Shared graph facts for the analyses: constants, shapes, data edges, node order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import _c_api_utils
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = {
+    ir.DataType.FLOAT,
+    ir.DataType.FLOAT16,
+    ir.DataType.BFLOAT16,
+    ir.DataType.DOUBLE,
+}
+# Ops that only pass a constant through: a weight behind them is still a constant weight.
+_CONST_PASSTHROUGH = {"Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze"}
+
+
+@dataclass
+class GraphInfo:
+    """What every analysis needs to know about the main graph, computed once."""
+
+    model: ir.Model
+    order: dict[ir.Node, int]
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    shape_error: str | None = None
+    batch: int = 1  # a fixed batch dimension of the first input, divided out of FLOPs
+
+    @property
+    def graph(self) -> ir.Graph:
+        return self.model.graph
+
+    def shape(self, value: ir.Value | None) -> tuple | None:
+        """The inferred shape of a value as a tuple of int / str (symbolic) / None (unknown)."""
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return tuple(value.const_value.shape)
+        return self.shapes.get(value.name)
+
+    def is_const(self, value: ir.Value | None) -> bool:
+        return value is not None and constant_source(value) is not None
+
+    def is_data_edge(self, value: ir.Value | None) -> bool:
+        """A run-time floating-point tensor (not a constant, not an integer shape computation)."""
+        if value is None or self.is_const(value):
+            return False
+        return value.dtype is None or value.dtype in FLOAT_TYPES
+
+
+def constant_source(value: ir.Value) -> ir.Value | ir.Node | None:
+    """The initializer value or Constant node a value comes from (through pass-through ops), else None."""
+    seen = 0
+    while value is not None and seen < 8:
+        if value.const_value is not None or value.is_initializer():
+            return value
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return node
+        if node.op_type in _CONST_PASSTHROUGH and node.inputs and all(
+            v is None or constant_source(v) is not None for v in node.inputs[1:]
+        ):
+            value = node.inputs[0]
+            seen += 1
+            continue
+        return None
+    return None
+
+
+def const_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """Shape of a constant value: from its tensor, its Constant node, or its inferred type."""
+    if value.const_value is not None:
+        return tuple(int(d) for d in value.const_value.shape)
+    node = value.producer()
+    if node is not None and node.op_type == "Constant":
+        attr = node.attributes.get("value")
+        if attr is not None:
+            return tuple(int(d) for d in attr.as_tensor().shape)
+    if value.shape is not None and all(isinstance(d, int) for d in value.shape):
+        return tuple(value.shape)
+    return None
+
+
+def numel(shape: tuple | None) -> int:
+    return int(np.prod(shape)) if shape is not None else 0
+
+
+def ensure_node_names(graph: ir.Graph) -> None:
+    """Give every unnamed node a stable name (op type + position), so layers can be referred to by name."""
+    used = {n.name for n in graph if n.name}
+    for i, node in enumerate(graph):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], str | None]:
+    """ONNX shape inference with the large initializers left out (works for models over 2 GB).
+
+    Returns value name -> shape tuple (int, or str for a symbolic dim, or None for an unknown one) and an
+    error message when inference failed (shapes then stay as the model declares them).
+    """
+    shapes: dict[str, tuple] = {}
+    error = None
+    try:
+        proto = _c_api_utils.call_onnx_api(
+            lambda p: onnx.shape_inference.infer_shapes(
+                fold_small_constants(p), check_type=False, strict_mode=False, data_prop=True
+            ),
+            model,
+        )
+        for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                shapes[vi.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in vi.type.tensor_type.shape.dim
+                )
+    except Exception as exc:  # noqa: BLE001 - any inference failure leaves declared shapes only
+        error = f"shape inference failed: {' '.join(str(exc).split())[:200]}"
+        logger.warning("%s", error)
+    for v in list(model.graph.inputs) + list(model.graph.outputs):
+        if v.name not in shapes and v.shape is not None:
+            shapes[v.name] = tuple(_dim(d) for d in v.shape)
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name not in shapes and v.shape is not None:
+                shapes[v.name] = tuple(_dim(d) for d in v.shape)
+    return shapes, error
+
+
+_FOLD_LIMIT = 65536  # elements: only shape-sized computations are folded
+_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
+
+
+def fold_small_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Evaluate nodes whose inputs are all small constants (shape computations such as the pads of an
+    exported option-A shortcut) and turn their outputs into initializers, so that shape inference sees
+    concrete values. Works on a copy; nodes that cannot be evaluated are left as they are."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    known = {t.name: t for t in graph.initializer if _numel_proto(t) <= _FOLD_LIMIT}
+    keep = []
+    opsets = list(proto.opset_import)
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NOT_FOLDABLE
+            and all(i in known for i in inputs)
+            and all(a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        )
+        if foldable:
+            try:
+                sub = helper.make_model(
+                    helper.make_graph(
+                        [node], "fold", [], [helper.make_tensor_value_info(o, 0, None) for o in node.output],
+                        initializer=[known[i] for i in dict.fromkeys(inputs)],
+                    ),
+                    opset_imports=opsets,
+                    ir_version=proto.ir_version,
+                )
+                results = ReferenceEvaluator(sub).run(None, {})
+                tensors = [numpy_helper.from_array(np.asarray(r), o) for r, o in zip(results, node.output)]
+                if all(_numel_proto(t) <= _FOLD_LIMIT for t in tensors):
+                    for t in tensors:
+                        known[t.name] = t
+                        graph.initializer.append(t)
+                    continue
+            except Exception:  # noqa: BLE001 - leave the node for shape inference as it is
+                pass
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return proto
+
+
+def _numel_proto(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+def _dim(d) -> int | str | None:
+    if isinstance(d, int):
+        return d
+    value = getattr(d, "value", None)
+    if isinstance(value, int):
+        return value
+    return str(value) if value is not None else None
+
+
+def analyse_graph(model: ir.Model) -> GraphInfo:
+    """Name nodes, order them, infer shapes."""
+    ensure_node_names(model.graph)
+    order = {node: i for i, node in enumerate(model.graph)}
+    shapes, error = infer_shapes(model)
+    batch = 1
+    if model.graph.inputs:
+        first = shapes.get(model.graph.inputs[0].name)
+        if first and isinstance(first[0], int) and first[0] > 1:
+            batch = first[0]
+    return GraphInfo(model=model, order=order, shapes=shapes, shape_error=error, batch=batch)
+
+
+def per_sample_count(shape: tuple | None, batch: int) -> int | None:
+    """Number of elements of an activation per sample: symbolic or unknown dims count as 1."""
+    if shape is None:
+        return None
+    total = 1
+    for d in shape:
+        total *= d if isinstance(d, int) and d > 0 else 1
+    return total // batch if batch > 1 and total % batch == 0 else total

@@ -1,0 +1,208 @@
+"""Prunable layers: Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant.
+
+For each: the weight tensor, its shape, the bias (Conv/Gemm input, or the Add of a constant after a MatMul),
+the BatchNormalization that follows it if the graph still has one, the parameter count (weight + bias +
+the BN's learnable scale and shift; running statistics are not parameters; a weight shared by several nodes
+is counted once, at its first use) and FLOPs per sample (2 per multiply-accumulate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from onnxprune.analysis.graph import (
+    FLOAT_TYPES,
+    GraphInfo,
+    const_shape,
+    constant_source,
+    numel,
+    per_sample_count,
+)
+
+PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class Layer:
+    """A prunable layer. ``name`` is the node's name, unique in the graph."""
+
+    name: str
+    op_type: str
+    weight: str
+    weight_shape: tuple[int, ...]
+    params: int
+    flops: int | None
+    weight_input: int = 1  # which node input holds the weight
+    bias: str | None = None
+    bn: str | None = None
+    groups: int = 1
+    shared_with: str | None = None  # first layer using the same weight tensor
+    node: ir.Node | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "op_type": self.op_type,
+            "weight": self.weight,
+            "weight_shape": list(self.weight_shape),
+            "params": self.params,
+            "flops": self.flops,
+            "bias": self.bias,
+            "bn": self.bn,
+            "groups": self.groups,
+            "shared_with": self.shared_with,
+        }
+
+
+def _weight_input(node: ir.Node) -> int | None:
+    """Index of the constant weight input of a candidate node, or None if it has none."""
+    ins = node.inputs
+    if len(ins) < 2 or ins[1] is None:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return 1 if constant_source(ins[1]) is not None else None
+    # Gemm / MatMul: the weight is whichever operand is constant (normally B)
+    if constant_source(ins[1]) is not None and constant_source(ins[0]) is None:
+        return 1
+    if constant_source(ins[0]) is not None and constant_source(ins[1]) is None:
+        return 0
+    return None
+
+
+def _single_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
+    users = {use.node for use in value.uses()}
+    if len(users) != 1 or value in graph.outputs:
+        return None
+    return next(iter(users))
+
+
+def _matmul_bias(node: ir.Node, graph: ir.Graph) -> tuple[ir.Value | None, ir.Node | None]:
+    """For a MatMul, the constant of an ``Add(MatMul, const)`` that follows it (a Linear's bias)."""
+    nxt = _single_consumer(node.outputs[0], graph)
+    if nxt is None or nxt.op_type != "Add":
+        return None, None
+    other = [v for v in nxt.inputs if v is not node.outputs[0]]
+    if len(other) == 1 and other[0] is not None and constant_source(other[0]) is not None:
+        return other[0], nxt
+    return None, None
+
+
+def _flops(info: GraphInfo, node: ir.Node, w_shape: tuple[int, ...], w_idx: int) -> int | None:
+    """2 x multiply-accumulates per sample, from inferred shapes."""
+    out = per_sample_count(info.shape(node.outputs[0]), info.batch)
+    if node.op_type == "Conv":
+        return None if out is None else 2 * out * numel(w_shape[1:])
+    if node.op_type == "ConvTranspose":
+        inp = per_sample_count(info.shape(node.inputs[0]), info.batch)
+        return None if inp is None else 2 * inp * numel(w_shape[1:])
+    if node.op_type == "Gemm":
+        trans = node.attributes.get_int("transB", 0) if w_idx == 1 else node.attributes.get_int("transA", 0)
+        if w_idx == 1:
+            k = w_shape[1] if trans else w_shape[0]
+        else:
+            k = w_shape[0] if trans else w_shape[1]
+        return None if out is None else 2 * out * k
+    # MatMul: x @ W with W (..., K, N), or W @ x with W (..., M, K)
+    k = w_shape[-2] if w_idx == 1 else w_shape[-1]
+    if len(w_shape) == 1:
+        k = w_shape[0]
+    return None if out is None else 2 * out * k
+
+
+def find_layers(info: GraphInfo) -> list[Layer]:
+    graph = info.graph
+    layers: list[Layer] = []
+    first_use: dict[int, str] = {}
+    for node in graph:
+        if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        w_idx = _weight_input(node)
+        if w_idx is None:
+            continue
+        w_val = node.inputs[w_idx]
+        w_shape = const_shape(w_val)
+        if w_shape is None:
+            continue
+        if node.op_type == "MatMul" and len(w_shape) < 2:
+            continue
+        src = constant_source(w_val)
+        key = id(src)
+        shared = first_use.get(key)
+        params = 0 if shared else numel(w_shape)
+        first_use.setdefault(key, node.name)
+
+        bias_val = None
+        after = node
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            if constant_source(node.inputs[2]) is not None:
+                bias_val = node.inputs[2]
+        elif node.op_type == "MatMul":
+            bias_val, add = _matmul_bias(node, graph)
+            if add is not None:
+                after = add
+        if bias_val is not None:
+            b_key = id(constant_source(bias_val))
+            if b_key not in first_use:
+                first_use[b_key] = node.name
+                params += numel(const_shape(bias_val))
+
+        bn = None
+        nxt = _single_consumer(after.outputs[0], graph)
+        if nxt is not None and nxt.op_type == "BatchNormalization":
+            bn = nxt.name
+            for v in nxt.inputs[1:3]:  # scale, B: learnable; mean, var: statistics
+                if v is not None and id(constant_source(v)) not in first_use:
+                    first_use[id(constant_source(v))] = node.name
+                    params += numel(const_shape(v))
+
+        layers.append(
+            Layer(
+                name=node.name,
+                op_type=node.op_type,
+                weight=w_val.name,
+                weight_shape=w_shape,
+                params=params,
+                flops=_flops(info, node, w_shape, w_idx),
+                weight_input=w_idx,
+                bias=bias_val.name if bias_val is not None else None,
+                bn=bn,
+                groups=node.attributes.get_int("group", 1) if node.op_type.startswith("Conv") else 1,
+                shared_with=shared,
+                node=node,
+            )
+        )
+    return layers
+
+
+def model_params(info: GraphInfo) -> int:
+    """All floating-point parameters of the model: initializers and Constant tensors of float type with more
+    than one element, BatchNormalization running statistics excluded, each tensor counted once."""
+    stats: set[int] = set()
+    for node in info.graph:
+        if node.op_type == "BatchNormalization":
+            for v in node.inputs[3:5]:
+                if v is not None and constant_source(v) is not None:
+                    stats.add(id(constant_source(v)))
+    seen: set[int] = set()
+    total = 0
+    candidates: list[tuple[int, ir.DataType | None, tuple | None]] = []
+    for value in info.graph.initializers.values():
+        tensor = value.const_value
+        candidates.append((id(value), tensor.dtype if tensor is not None else value.dtype,
+                           tuple(tensor.shape) if tensor is not None else None))
+    for node in info.graph:
+        if node.op_type == "Constant":
+            attr = node.attributes.get("value")
+            if attr is not None:
+                t = attr.as_tensor()
+                candidates.append((id(node), t.dtype, tuple(t.shape)))
+    for key, dtype, shape in candidates:
+        if key in seen or key in stats or dtype not in FLOAT_TYPES or shape is None:
+            continue
+        seen.add(key)
+        n = numel(shape)
+        if n > 1:
+            total += n
+    return total

@@ -1,0 +1,245 @@
+"""The onnxprune command line: parses options, calls onnxprune.api, prints tables (people) or JSON (machines).
+
+Exit codes: 0 success, 2 bad input or usage, 1 internal error. No traceback unless --debug.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from onnxprune import __version__, api
+from onnxprune.errors import OnnxpruneError
+from onnxprune.runtime.data import parse_floats
+from onnxprune.runtime.session import PROVIDERS
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+_state = {"debug": False, "quiet": False}
+
+
+def _set_flag(name):
+    def callback(ctx, param, value):
+        if value:
+            _state[name] = True
+        return value
+
+    return callback
+
+
+def common_options(fn):
+    """--json, --quiet and --debug on every command."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (human text on stderr).")
+    @click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_flag("quiet"),
+                  help="Print only results, no notices or progress.")
+    @click.option("--debug", is_flag=True, expose_value=False, callback=_set_flag("debug"), is_eager=True,
+                  help="Show the full traceback on errors.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _Group(click.Group):
+    """Turns errors into one line and an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OnnxpruneError as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the one place internal errors become a clean line
+            if _state["debug"]:
+                raise
+            msg = " ".join(str(exc).split())[:300]
+            err.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(msg)} "
+                "(run again with --debug for the traceback, and please report it)",
+                soft_wrap=True,
+            )
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="onnxprune")
+def main():
+    """Prune ONNX models: inspect, score, allocate, apply, eval.
+
+    \b
+    Example:
+      onnxprune inspect model.onnx
+      onnxprune eval model.onnx --data test.npz --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+    """
+
+
+def _notice(text: str | None) -> None:
+    if text and not _state["quiet"]:
+        err.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
+
+
+def _emit_json(obj: dict) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def _fmt_int(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+def _fmt_flops(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@common_options
+def inspect(model: str, as_json: bool):
+    """Show the prunable layers and residual blocks of MODEL, with parameters and FLOPs.
+
+    \b
+    FLOPs are per sample (a dynamic batch dimension counts as 1), 2 per multiply-accumulate.
+    Example:
+      onnxprune inspect build/resnet56.onnx --json
+    """
+    result = api.inspect(model)
+    if as_json:
+        _emit_json(result.to_dict())
+        for note in result.notes:
+            _notice(note)
+        return
+    layers = Table(title=f"Prunable layers of {model}", title_justify="left")
+    for col in ("#", "layer", "op", "weight shape", "params", "FLOPs", "BN"):
+        layers.add_column(col, justify="right" if col in ("#", "params", "FLOPs") else "left", overflow="fold")
+    for i, layer in enumerate(result.layers):
+        shared = f" (shared with {layer.shared_with})" if layer.shared_with else ""
+        layers.add_row(str(i), escape(layer.name), layer.op_type,
+                       "x".join(map(str, layer.weight_shape)) + escape(shared),
+                       _fmt_int(layer.params), _fmt_flops(layer.flops), escape(layer.bn or ""))
+    out.print(layers)
+    if result.blocks:
+        blocks = Table(title="Residual blocks", title_justify="left")
+        for col in ("#", "block (join node)", "skip", "removable", "layers", "params", "FLOPs"):
+            blocks.add_column(col, justify="right" if col in ("#", "layers", "params", "FLOPs") else "left",
+                              overflow="fold")
+        for i, b in enumerate(result.blocks):
+            blocks.add_row(str(i), escape(b.name), b.skip, "yes" if b.removable else escape(f"no: {b.reason}"),
+                           str(len(b.layers)), _fmt_int(b.params), _fmt_flops(b.flops))
+        out.print(blocks)
+    else:
+        out.print("Residual blocks: none found")
+    d = result.to_dict()["totals"]
+    out.print(
+        f"[bold]Totals:[/] {d['layers']} prunable layers ("
+        + ", ".join(f"{n} {op}" for op, n in _count_ops(result.layers))
+        + f"), {d['blocks']} residual blocks ({d['removable_blocks']} removable), "
+        f"{_fmt_int(result.params)} parameters ({_fmt_int(result.prunable_params)} in prunable layers), "
+        f"{_fmt_flops(result.flops)} FLOPs per sample"
+    )
+    for note in result.notes:
+        _notice(note)
+
+
+def _count_ops(layers) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[layer.op_type] = counts.get(layer.op_type, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
+
+
+def data_options(fn):
+    """Evaluation data and runtime options, shared by every command that runs the model."""
+
+    @click.option("--data", type=click.Path(path_type=str), help="An .npz with inputs (and labels).")
+    @click.option("--data-loader-script", metavar="FILE.py[:func]",
+                  help="A Python function (default load_data) yielding dicts {input: array, 'labels': array}.")
+    @click.option("--input-key", default="x", show_default=True, help="Array of the .npz holding the inputs.")
+    @click.option("--label-key", default="y", show_default=True, help="Array of the .npz holding the labels.")
+    @click.option("--mean", metavar="M[,M...]", help="Per-channel mean, after uint8 inputs are scaled to [0,1].")
+    @click.option("--std", metavar="S[,S...]", help="Per-channel standard deviation.")
+    @click.option("--batch-size", default=256, show_default=True, type=int)
+    @click.option("--limit", type=int, help="Use only the first N samples.")
+    @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
+                  help="ONNX Runtime execution provider (auto: CUDA if available, else CPU).")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _progress() -> Progress:
+    """A progress bar on stderr (hidden with --quiet or when stderr is not a terminal)."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=_state["quiet"] or not err.is_terminal,
+    )
+
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path(path_type=str))
+@data_options
+@common_options
+def eval_cmd(model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, provider, as_json):
+    """Measure top-1 / top-5 accuracy and throughput of MODEL with ONNX Runtime.
+
+    \b
+    uint8 inputs are scaled to [0,1] before --mean/--std. Without labels: throughput only.
+    Example:
+      onnxprune eval build/resnet56.onnx --data cifar10_test_lossless_first1017.npz \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
+    """
+    with _progress() as progress:
+        task = progress.add_task("evaluating", total=None)
+
+        def tick(done, total):
+            progress.update(task, completed=done, total=total)
+
+        result = api.evaluate(
+            model, data, data_loader_script=data_loader_script, input_key=input_key, label_key=label_key,
+            mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"), batch_size=batch_size, limit=limit,
+            provider=provider, progress=tick,
+        )
+    _notice(result.notice)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    table = Table(title=f"Evaluation of {model}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if result.top1 is not None:
+        table.add_row("top-1", f"{result.top1:.2f} %")
+        table.add_row("top-5", f"{result.top5:.2f} %")
+    else:
+        table.add_row("accuracy", "no labels")
+    table.add_row("samples", f"{result.samples:,}")
+    table.add_row("throughput", f"{result.throughput:,.1f} samples/s (batch {result.batch_size})")
+    table.add_row("time in ONNX Runtime", f"{result.seconds:.3f} s")
+    table.add_row("provider", result.provider)
+    if result.preprocess:
+        table.add_row("preprocessing", result.preprocess)
+    out.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Errors the CLI turns into one clean line and an exit code."""
+
+from __future__ import annotations
+
+
+class OnnxpruneError(Exception):
+    """A problem with the user's input or usage: the CLI prints the message and exits with ``exit_code``.
+
+    The message names the problem and what to do about it, in one line.
+    """
+
+    exit_code = 2
+
+
+class InputError(OnnxpruneError):
+    """Bad input (model, data, plan, path, option): exit code 2."""

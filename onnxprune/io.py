@@ -1,0 +1,206 @@
+"""Loading and saving models on onnx-ir, and the model fingerprint.
+
+- External data is memory-mapped by onnx-ir, never copied on load.
+- Saves are atomic: everything is written into a temporary folder beside the target, then renamed into place,
+  so a failed save leaves no partial file and an existing file untouched.
+- The input is never overwritten unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxprune.errors import InputError
+
+# Above this size a model cannot be a single protobuf file.
+PROTOBUF_LIMIT = 2**31 - 1
+# For models that carry no IR version: one every current onnxruntime reads (onnx 1.23 would write 14).
+DEFAULT_IR_VERSION = 10
+SUPPORTED_OPSET = range(7, 24)
+
+
+def load_model(path: str | os.PathLike, check: bool = True) -> ir.Model:
+    """Load an ONNX model with onnx-ir (external data memory-mapped), with clear errors for bad files.
+
+    ``check`` runs onnx.checker on the file (without loading external data) and refuses invalid models.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"model file not found: {p}; check the path")
+    if p.is_dir():
+        raise InputError(f"{p} is a directory, not an .onnx file; give the path of the model file")
+    try:
+        model = ir.load(p)
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises various things
+        raise InputError(
+            f"cannot read {p} as an ONNX model ({type(exc).__name__}: {_short(exc)}); "
+            "is it a complete .onnx file?"
+        ) from exc
+    _check_external_data(model, p)
+    if check:
+        try:
+            onnx.checker.check_model(str(p))
+        except Exception as exc:
+            raise InputError(
+                f"{p} is not a valid ONNX model ({_short(exc)}); fix or re-export it"
+            ) from exc
+    opset = model.opset_imports.get("", None)
+    if opset is not None and opset not in SUPPORTED_OPSET:
+        raise InputError(
+            f"{p} uses ONNX opset {opset}, supported are {SUPPORTED_OPSET.start}..{SUPPORTED_OPSET.stop - 1}; "
+            "convert it with onnx.version_converter first"
+        )
+    return model
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Every external tensor's file must exist and be long enough (else ONNX Runtime fails much later)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                location = Path(tensor.base_dir) / tensor.location
+                if not location.is_file():
+                    raise InputError(
+                        f"external data file {tensor.location!r} of tensor {value.name!r} not found next to "
+                        f"{path}; keep the .onnx file and its data file together"
+                    )
+                needed = (tensor.offset or 0) + (tensor.length or 0)
+                if location.stat().st_size < needed:
+                    raise InputError(
+                        f"external data file {tensor.location!r} is truncated ({location.stat().st_size} bytes, "
+                        f"tensor {value.name!r} needs {needed}); copy the data file again"
+                    )
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Bytes held by the model's initializers (what decides whether external data is needed)."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    input_path: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """Save ``model`` to ``path`` atomically.
+
+    ``external_data``: True writes weights to ``<name>.data`` beside the file; None decides by size
+    (external above 2 GB). ``input_path``: the file the model came from, never overwritten unless ``force``.
+    """
+    out = Path(path)
+    check_output_path(out, input_path=input_path, force=force)
+    if external_data is None:
+        external_data = model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20
+    if not model.ir_version:
+        model.ir_version = DEFAULT_IR_VERSION
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=out.parent))
+    try:
+        tmp_file = tmpdir / out.name
+        data_name = out.name + ".data" if external_data else None
+        ir.save(model, tmp_file, external_data=data_name)
+        if data_name is not None:
+            os.replace(tmpdir / data_name, out.parent / data_name)
+        os.replace(tmp_file, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def check_output_path(out: Path, *, input_path: str | os.PathLike | None = None, force: bool = False) -> None:
+    """Refuse output paths that cannot be written or would overwrite the input."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder {parent} does not exist; create it or choose another -o path")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder {parent} is not writable; choose another -o path")
+    if out.is_dir():
+        raise InputError(f"output path {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if input_path is not None and out.exists() and os.path.samefile(out, input_path) and not force:
+        raise InputError(f"output {out} is the input model; choose another -o path or pass --force")
+
+
+def tensor_array(value: ir.Value) -> np.ndarray | None:
+    """The constant array behind a value (initializer or Constant node output), or None."""
+    tensor = value.const_value
+    if tensor is None:
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attributes.get("value")
+            if attr is not None:
+                tensor = attr.as_tensor()
+    if tensor is None:
+        return None
+    return tensor.numpy()
+
+
+def fingerprint(model: ir.Model) -> str:
+    """A stable hash of the graph structure and of every initializer's name, dtype, shape and bytes.
+
+    Later artefacts (scores.json, plan.json) record it so a plan is never applied to another model.
+    Initializer bytes are hashed in chunks from the memory map, so large models are not copied.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for graph in model.graphs():
+        for value in graph.inputs:
+            h.update(f"in:{value.name}:{value.dtype}:{value.shape}\n".encode())
+        for node in graph:
+            attrs = ",".join(
+                f"{k}={_attr_repr(a)}" for k, a in sorted(node.attributes.items())
+            )
+            ins = ",".join(v.name if v is not None else "" for v in node.inputs)
+            outs = ",".join(v.name for v in node.outputs)
+            h.update(f"node:{node.domain}:{node.op_type}:{ins}:{outs}:{attrs}\n".encode())
+        for value in graph.outputs:
+            h.update(f"out:{value.name}\n".encode())
+        for name, value in sorted(graph.initializers.items()):
+            tensor = value.const_value
+            h.update(f"init:{name}:{tensor.dtype}:{tensor.shape}\n".encode())
+            _hash_tensor(h, tensor)
+    return h.hexdigest()
+
+
+def _attr_repr(attr: ir.Attr) -> str:
+    if attr.type in (ir.AttributeType.TENSOR,):
+        t = attr.as_tensor()
+        return f"tensor({t.dtype},{t.shape},{hashlib.blake2b(t.tobytes(), digest_size=8).hexdigest()})"
+    if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+        return "graph"  # subgraph nodes are hashed through model.graphs()
+    return repr(attr.value)
+
+
+def _hash_tensor(h: "hashlib._Hash", tensor: ir.TensorProtocol, chunk: int = 64 * 2**20) -> None:
+    try:
+        arr = tensor.numpy()
+    except Exception:
+        h.update(tensor.tobytes())
+        return
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, chunk):
+        h.update(flat[start : start + chunk])
+
+
+def to_onnx_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize to a ModelProto (for small models: checker, ONNX Runtime from bytes)."""
+    return ir.serde.serialize_model(model)

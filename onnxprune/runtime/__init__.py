@@ -1,0 +1,1 @@
+"""Running models with ONNX Runtime: sessions and providers, evaluation data, metrics."""

@@ -1,0 +1,197 @@
+"""Evaluation data: .npz arrays (loaded with allow_pickle=False) or a user loader script.
+
+A loader script (``--data-loader-script file.py[:func]``, func defaults to ``load_data``) is the only way
+user code runs: the function yields batches as dicts {input name: array}, optionally with a "labels" key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.errors import InputError
+
+_NP_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class InputSpec:
+    """What the model expects of an input: name, ONNX Runtime type string, shape (int or symbolic)."""
+
+    name: str
+    type: str
+    shape: list
+
+    @property
+    def dtype(self):
+        return _NP_DTYPES.get(self.type)
+
+
+@dataclass
+class Preprocess:
+    """uint8 images are scaled to [0, 1]; then ``(x - mean) / std`` per channel (axis 1) if given."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __call__(self, x: np.ndarray, dtype) -> np.ndarray:
+        if dtype is None or not np.issubdtype(dtype, np.floating):
+            return x.astype(dtype) if dtype is not None else x
+        out = x.astype(np.float32)
+        if x.dtype == np.uint8:
+            out /= 255.0
+        if self.mean is not None or self.std is not None:
+            channels = out.shape[1] if out.ndim > 1 else 1
+            shape = (1, -1) + (1,) * max(out.ndim - 2, 0)
+            mean = _per_channel(self.mean, channels, 0.0, "mean").reshape(shape)
+            std = _per_channel(self.std, channels, 1.0, "std").reshape(shape)
+            out = (out - mean) / std
+        return out.astype(dtype, copy=False)
+
+
+def _per_channel(values, channels: int, default: float, what: str) -> np.ndarray:
+    if values is None:
+        return np.full(channels, default, np.float32)
+    arr = np.asarray(values, np.float32)
+    if arr.size == 1:
+        return np.full(channels, float(arr[0]), np.float32)
+    if arr.size != channels:
+        raise InputError(f"--{what} has {arr.size} values but the input has {channels} channels; give one per channel")
+    return arr
+
+
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None or text == "":
+        return None
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise InputError(f"--{what} must be comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+
+
+def load_npz(path: str | os.PathLike, input_key: str = "x", label_key: str | None = "y") -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs and (if present) labels from an .npz file, without pickle."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"data file not found: {p}; give an .npz with an input array (key {input_key!r})")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            if input_key not in keys:
+                raise InputError(f"{p} has no array {input_key!r} (it has: {', '.join(keys)}); choose one with --input-key")
+            x = npz[input_key]
+            y = npz[label_key] if label_key and label_key in keys else None
+    except InputError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise InputError(f"cannot read {p} as an .npz archive ({exc}); save data with numpy.savez") from exc
+    if y is not None and len(y) != len(x):
+        raise InputError(
+            f"{p}: {len(y)} labels ({label_key!r}) for {len(x)} inputs ({input_key!r}); they must match"
+        )
+    return x, y
+
+
+def check_array(arr: np.ndarray, spec: InputSpec, source: str) -> None:
+    """Rank and fixed dimensions must match the model input; the dtype must be convertible."""
+    if len(spec.shape) != arr.ndim:
+        raise InputError(
+            f"{source}: array shape {list(arr.shape)} does not match model input {spec.name!r} "
+            f"of shape {spec.shape} (rank {len(spec.shape)})"
+        )
+    for i, (dim, n) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+        if i > 0 and isinstance(dim, int) and dim > 0 and dim != n:
+            raise InputError(
+                f"{source}: array shape {list(arr.shape)} does not match model input {spec.name!r} "
+                f"of shape {spec.shape} (dimension {i})"
+            )
+    dtype = spec.dtype
+    if dtype is None:
+        raise InputError(f"model input {spec.name!r} has type {spec.type}, which onnxprune cannot feed")
+    ok = arr.dtype == dtype or (
+        np.issubdtype(dtype, np.floating) and (np.issubdtype(arr.dtype, np.number))
+    ) or (np.issubdtype(dtype, np.integer) and np.issubdtype(arr.dtype, np.integer))
+    if not ok:
+        raise InputError(f"{source}: dtype {arr.dtype} cannot feed model input {spec.name!r} ({spec.type})")
+
+
+def npz_batches(
+    x: np.ndarray,
+    y: np.ndarray | None,
+    spec: InputSpec,
+    preprocess: Preprocess,
+    batch_size: int,
+    limit: int | None = None,
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    n = len(x) if limit is None else min(limit, len(x))
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        feeds = {spec.name: preprocess(x[start:stop], spec.dtype)}
+        yield feeds, (None if y is None else y[start:stop])
+
+
+def load_loader_script(spec_text: str) -> Iterable[dict]:
+    """Call ``func`` from ``file.py[:func]`` (default ``load_data``) and return what it yields."""
+    path, _, func = spec_text.partition(":")
+    func = func or "load_data"
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"data loader script not found: {p}; give FILE.py[:function]")
+    module_spec = importlib.util.spec_from_file_location(f"_onnxprune_loader_{p.stem}", p)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"cannot import {p} as a Python module; give a .py file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise InputError(f"{p} has no function {func!r}; name it with {path}:FUNCTION")
+    return fn()
+
+
+def script_batches(
+    batches: Iterable[dict], specs: list[InputSpec], limit: int | None = None
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    names = {s.name: s for s in specs}
+    seen = 0
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, dict):
+            raise InputError(f"data loader batch {i} is a {type(batch).__name__}; yield dicts of input name -> array")
+        batch = dict(batch)
+        labels = batch.pop("labels", None)
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise InputError(f"data loader batch {i} lacks model input(s) {missing}; it has {list(batch)}")
+        feeds = {}
+        for name, spec in names.items():
+            arr = np.asarray(batch[name])
+            check_array(arr, spec, f"data loader batch {i}")
+            feeds[name] = arr.astype(spec.dtype, copy=False)
+        n = len(next(iter(feeds.values())))
+        if labels is not None and len(labels) != n:
+            raise InputError(f"data loader batch {i}: {len(labels)} labels for {n} inputs; they must match")
+        if limit is not None and seen + n > limit:
+            keep = limit - seen
+            feeds = {k: v[:keep] for k, v in feeds.items()}
+            labels = None if labels is None else np.asarray(labels)[:keep]
+            n = keep
+        if n <= 0:
+            return
+        seen += n
+        yield feeds, (None if labels is None else np.asarray(labels))
+        if limit is not None and seen >= limit:
+            return

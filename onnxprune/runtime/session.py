@@ -1,0 +1,70 @@
+"""ONNX Runtime sessions: provider choice (CUDA when available, else CPU with a notice)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+from onnxprune.errors import InputError
+
+PROVIDERS = ("auto", "cpu", "cuda")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+@dataclass
+class Session:
+    session: ort.InferenceSession
+    provider: str  # "cuda" or "cpu": what really runs
+    notice: str | None = None  # a one-line notice for the user (fallback)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: dict, outputs: list[str] | None = None):
+        return self.session.run(outputs, feeds)
+
+
+def _options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+def create_session(model: str | os.PathLike | bytes, provider: str = "auto", threads: int | None = None) -> Session:
+    """A session on ``provider`` (auto | cpu | cuda) for a model path or serialized model bytes.
+
+    ``auto`` uses the CUDA execution provider when onnxruntime-gpu is installed and a GPU answers, and
+    otherwise the CPU with a notice. ``cuda`` fails with a clear error when CUDA is not usable.
+    """
+    if provider not in PROVIDERS:
+        raise InputError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+    src = model if isinstance(model, bytes) else os.fspath(model)
+    available = ort.get_available_providers()
+    notice = None
+    if provider in ("auto", "cuda"):
+        if _CUDA in available:
+            try:
+                sess = ort.InferenceSession(src, _options(threads), providers=[_CUDA, _CPU])
+                if _CUDA in sess.get_providers():
+                    return Session(sess, "cuda")
+                why = "no usable GPU"
+            except Exception as exc:  # noqa: BLE001 - CUDA libraries missing or GPU unusable
+                why = f"CUDA failed to start: {' '.join(str(exc).split())[:120]}"
+        else:
+            why = "onnxruntime-gpu is not installed (pip install 'onnxprune[gpu]')"
+        if provider == "cuda":
+            raise InputError(f"--provider cuda is not usable: {why}; use --provider cpu or auto")
+        notice = f"running on CPU: {why}"
+    try:
+        sess = ort.InferenceSession(src, _options(threads), providers=[_CPU])
+    except Exception as exc:
+        raise InputError(
+            f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:300]}"
+        ) from exc
+    return Session(sess, "cpu", notice)
