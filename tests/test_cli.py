@@ -1,0 +1,77 @@
+"""The CLI contracts: JSON forms, exit codes, one-line errors without traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "onnxprune.cli"]
+
+
+def run(*args, check_rc: int | None = 0):
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+def test_inspect_json_contract(export):
+    proc = run("inspect", export("resnet56"), "--json")
+    data = json.loads(proc.stdout)
+    for layer in data["layers"]:
+        assert {"name", "op_type", "weight", "params", "flops"} <= set(layer)
+    for block in data["blocks"]:
+        assert {"name", "params", "flops", "skip", "removable", "layers"} <= set(block)
+        assert block["skip"] in ("identity", "parameter-free", "projection")
+    assert data["totals"]["params"] == 850_986 and data["totals"]["flops"] == 250_971_392
+    assert len(data["fingerprint"]) == 32
+
+
+def test_inspect_table(export):
+    proc = run("inspect", export("resnet-proj"))
+    assert "projection" in proc.stdout and "Totals:" in proc.stdout
+
+
+def test_eval_json_contract(export, cifar_lossless):
+    proc = run("eval", export("resnet56"), "--data", cifar_lossless, "--mean", "0.485,0.456,0.406",
+               "--std", "0.229,0.224,0.225", "--limit", "256", "--json")
+    data = json.loads(proc.stdout)
+    assert {"top1", "top5", "samples", "seconds", "provider"} <= set(data)
+    assert data["samples"] == 256 and 85 < data["top1"] <= 100
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["inspect", "nope.onnx"], "not found"),
+        (["eval", "{mlp}", "--data", "nope.npz"], "data file not found"),
+        (["eval", "{mlp}"], "exactly one of --data"),
+        (["eval", "{mlp}", "--data", "{digits}", "--mean", "a,b"], "comma-separated"),
+        (["eval", "{mlp}", "--data", "{digits}", "--batch-size", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_one_line_exit_2(export, digits_npz, args, fragment):
+    args = [a.format(mlp=export("mlp"), digits=digits_npz) for a in args]
+    proc = run(*args, check_rc=2)
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stdout == ""
+
+
+def test_debug_shows_traceback():
+    proc = run("inspect", "nope.onnx", "--debug", check_rc=None)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_usage_error_exit_2():
+    assert run("inspect", check_rc=2).returncode == 2
+    assert "Usage" in run("frobnicate", check_rc=2).stderr
+
+
+def test_help_has_examples():
+    for cmd in ("inspect", "eval"):
+        assert "Example" in run(cmd, "--help").stdout
