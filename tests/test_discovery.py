@@ -189,3 +189,20 @@ def test_conv_transpose_and_grouped_flops(tmp_path):
     assert dw.groups == 4 and dw.flops == 2 * (4 * 5 * 5) * 9
     # each input element is multiplied into Cout x kh x kw outputs
     assert up.flops == 2 * (4 * 5 * 5) * (2 * 2 * 2)
+
+
+def test_real_bert_minilm(tmp_path):
+    """all-MiniLM-L6-v2 (post-norm BERT, exported by torch): 6 attention + 6 MLP blocks, all removable; the
+    attention-mask Add is not a block; side computations (Shape, IsNaN) inside attention do not block removal."""
+    from models.minilm import export_minilm, load_minilm
+
+    info = onnxprune.inspect(export_minilm(tmp_path / "minilm.onnx"))
+    assert [layer.op_type for layer in info.layers] == ["MatMul"] * 36
+    assert [len(b.layers) for b in info.blocks] == [4, 2] * 6
+    assert all(b.skip == "identity" and b.removable for b in info.blocks)
+    assert all(b.name.endswith(("attention/output/Add", "/output/Add")) for b in info.blocks)
+    torch_params = sum(p.numel() for p in load_minilm().parameters())
+    pooler = 384 * 384 + 384  # not on the path to last_hidden_state, so not in the graph
+    assert info.params == torch_params - pooler
+    assert info.prunable_params == 6 * (4 * (384 * 384 + 384) + 2 * 384 * 1536 + 1536 + 384)
+    assert any("seq" in note for note in info.notes)

@@ -167,13 +167,9 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
 def _removable(
     info: GraphInfo, add: ir.Node, skip_value: ir.Value, branch: set[ir.Node], graph_outputs: set[ir.Value]
 ) -> tuple[bool, str | None]:
-    for node in branch:
-        for out in node.outputs:
-            if out in graph_outputs:
-                return False, f"branch value {out.name!r} is a graph output"
-            for use in out.uses():
-                if use.node is not add and use.node not in branch:
-                    return False, f"branch value {out.name!r} is also used by {use.node.name!r} outside the block"
+    leak = _leak(info, add, branch, graph_outputs)
+    if leak is not None:
+        return False, leak
     skip_shape = info.shape(skip_value)
     out_shape = info.shape(add.outputs[0])
     if skip_shape is None or out_shape is None:
@@ -183,3 +179,31 @@ def _removable(
     ):
         return False, f"skip path shape {list(skip_shape)} differs from the block output {list(out_shape)}"
     return True, None
+
+
+def _leak(info: GraphInfo, add: ir.Node, branch: set[ir.Node], graph_outputs: set[ir.Value]) -> str | None:
+    """Why removing the branch would break the graph: some value derived from it (e.g. through a Shape or
+    IsNaN side computation) reaches a node outside the block other than through the joining Add. Side nodes
+    whose results only flow back into the branch are fine: they die with it."""
+    derived: set[ir.Node] = set()  # nodes outside the branch that consume something computed in it
+    frontier = [v for n in branch for v in n.outputs]
+    while frontier:
+        v = frontier.pop()
+        if v in graph_outputs:
+            return f"branch value {v.name!r} is a graph output"
+        for use in v.uses():
+            n = use.node
+            if n is add or n in branch or n in derived:
+                continue
+            derived.add(n)
+            frontier.extend(n.outputs)
+    dying = set(branch) | {add}
+    for node in sorted(derived, key=lambda n: info.order.get(n, -1), reverse=True):
+        users = [(out, use.node) for out in node.outputs for use in out.uses()]
+        outside = [(out, user) for out, user in users if user not in dying]
+        if outside or any(out in graph_outputs for out in node.outputs):
+            out, user = outside[0] if outside else (node.outputs[0], None)
+            where = f"by {user.name!r}" if user is not None else "as a graph output"
+            return f"value {out.name!r} computed from the branch is also used {where} outside the block"
+        dying.add(node)
+    return None

@@ -18,6 +18,8 @@ FLOAT_TYPES = {
     ir.DataType.BFLOAT16,
     ir.DataType.DOUBLE,
 }
+# Ops whose outputs are shape information, never activations.
+_SHAPE_OPS = {"Shape", "Size", "NonZero", "ConstantOfShape", "Range", "EyeLike"}
 # Ops that only pass a constant through: a weight behind them is still a constant weight.
 _CONST_PASSTHROUGH = {"Identity", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze"}
 
@@ -29,6 +31,7 @@ class GraphInfo:
     model: ir.Model
     order: dict[ir.Node, int]
     shapes: dict[str, tuple] = field(default_factory=dict)
+    dtypes: dict[str, ir.DataType] = field(default_factory=dict)  # inferred element types
     shape_error: str | None = None
     batch: int = 1  # a fixed batch dimension of the first input, divided out of FLOPs
 
@@ -47,11 +50,18 @@ class GraphInfo:
     def is_const(self, value: ir.Value | None) -> bool:
         return value is not None and constant_source(value) is not None
 
+    def dtype(self, value: ir.Value) -> ir.DataType | None:
+        return value.dtype if value.dtype is not None else self.dtypes.get(value.name)
+
     def is_data_edge(self, value: ir.Value | None) -> bool:
-        """A run-time floating-point tensor (not a constant, not an integer shape computation)."""
+        """A run-time floating-point tensor (not a constant, not an integer/bool shape or mask computation)."""
         if value is None or self.is_const(value):
             return False
-        return value.dtype is None or value.dtype in FLOAT_TYPES
+        producer = value.producer()
+        if producer is not None and producer.op_type in _SHAPE_OPS:
+            return False
+        dtype = self.dtype(value)
+        return dtype is None or dtype in FLOAT_TYPES
 
 
 def constant_source(value: ir.Value) -> ir.Value | ir.Node | None:
@@ -105,13 +115,14 @@ def ensure_node_names(graph: ir.Graph) -> None:
             used.add(name)
 
 
-def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], str | None]:
+def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataType], str | None]:
     """ONNX shape inference with the large initializers left out (works for models over 2 GB).
 
-    Returns value name -> shape tuple (int, or str for a symbolic dim, or None for an unknown one) and an
-    error message when inference failed (shapes then stay as the model declares them).
+    Returns value name -> shape tuple (int, or str for a symbolic dim, or None for an unknown one), value
+    name -> element type, and an error message when inference failed (shapes then stay as declared).
     """
     shapes: dict[str, tuple] = {}
+    dtypes: dict[str, ir.DataType] = {}
     error = None
     try:
         proto = _c_api_utils.call_onnx_api(
@@ -121,6 +132,8 @@ def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], str | None]:
             model,
         )
         for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                dtypes[vi.name] = ir.DataType(vi.type.tensor_type.elem_type)
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
                 shapes[vi.name] = tuple(
                     d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
@@ -136,7 +149,7 @@ def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], str | None]:
         for v in node.outputs:
             if v.name not in shapes and v.shape is not None:
                 shapes[v.name] = tuple(_dim(d) for d in v.shape)
-    return shapes, error
+    return shapes, dtypes, error
 
 
 _FOLD_LIMIT = 65536  # elements: only shape-sized computations are folded
@@ -205,13 +218,13 @@ def analyse_graph(model: ir.Model) -> GraphInfo:
     """Name nodes, order them, infer shapes."""
     ensure_node_names(model.graph)
     order = {node: i for i, node in enumerate(model.graph)}
-    shapes, error = infer_shapes(model)
+    shapes, dtypes, error = infer_shapes(model)
     batch = 1
     if model.graph.inputs:
         first = shapes.get(model.graph.inputs[0].name)
         if first and isinstance(first[0], int) and first[0] > 1:
             batch = first[0]
-    return GraphInfo(model=model, order=order, shapes=shapes, shape_error=error, batch=batch)
+    return GraphInfo(model=model, order=order, shapes=shapes, dtypes=dtypes, shape_error=error, batch=batch)
 
 
 def per_sample_count(shape: tuple | None, batch: int) -> int | None:
