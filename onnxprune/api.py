@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxprune import __version__
@@ -16,7 +17,8 @@ from onnxprune.analysis.blocks import Block, find_blocks
 from onnxprune.analysis.graph import analyse_graph
 from onnxprune.analysis.layers import Layer, find_layers, model_params
 from onnxprune.errors import InputError
-from onnxprune.io import fingerprint, load_model
+from onnxprune.io import check_output_path, fingerprint, load_model, save_model
+from onnxprune.plan import Plan, Scores, check_fingerprint, load_plan, load_scores
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.metrics import Accuracy
 from onnxprune.runtime.session import create_session
@@ -217,3 +219,239 @@ def evaluate(
         notice=sess.notice,
         preprocess=preprocess_note,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# score -> allocate -> apply
+
+
+def _prunable_units(m: ir.Model):
+    """Layers with their own weight (shared weights belong to their first user), analysis info, fingerprint."""
+    info = analyse_graph(m)
+    layers = find_layers(info)
+    owners = {layer.name: layer for layer in layers if not layer.shared_with}
+    extra_flops: dict[str, int] = {}
+    for layer in layers:
+        if layer.shared_with:
+            extra_flops[layer.shared_with] = extra_flops.get(layer.shared_with, 0) + (layer.flops or 0)
+    return list(owners.values()), extra_flops
+
+
+def score(
+    model: ModelLike,
+    method: str = "capacity",
+    *,
+    metric: str | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Scores:
+    """Per-layer importance. ``capacity``: data-free, from the weights (metric: see onnxprune.scoring.capacity)."""
+    from onnxprune.scoring import capacity
+
+    if method != "capacity":
+        raise InputError(f"unknown scoring method {method!r}; available: capacity")
+    metric = metric or DEFAULT_CAPACITY_METRIC
+    if metric not in capacity.METRICS:
+        raise InputError(f"unknown capacity metric {metric!r}; use one of {', '.join(capacity.METRICS)}")
+    m = _as_model(model)
+    layers, extra_flops = _prunable_units(m)
+    if not layers:
+        raise InputError("the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
+    units = []
+    for i, layer in enumerate(layers):
+        values, how = capacity.layer_metrics(layer, [metric])
+        units.append({
+            "name": layer.name, "op_type": layer.op_type, "weight": layer.weight,
+            "weight_shape": list(layer.weight_shape), "params": int(np.prod(layer.weight_shape)),
+            "flops": (layer.flops or 0) + extra_flops.get(layer.name, 0), "metrics": values, **how,
+        })
+        if progress:
+            progress(i + 1, len(layers))
+    for unit, imp in zip(units, capacity.capacity_importance([u["metrics"][metric] for u in units]), strict=True):
+        unit["importance"] = imp
+    return Scores(method="capacity", fingerprint=fingerprint(m), units=units, metric=metric,
+                  options={"metric_definition": capacity.METRICS[metric]})
+
+
+DEFAULT_CAPACITY_METRIC = "l2"
+
+
+def _scores_arg(scores: Scores | str | os.PathLike | None) -> Scores | None:
+    if scores is None or isinstance(scores, Scores):
+        return scores
+    return load_scores(scores)
+
+
+def allocate(
+    model: ModelLike,
+    *,
+    target_sparsity: float,
+    method: str = "capacity",
+    scores: Scores | str | os.PathLike | None = None,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 0.99,
+    keep_dense: tuple[str, ...] | list[str] = (),
+    budget: str = "params",
+    force: bool = False,
+) -> Plan:
+    """A plan: a sparsity for every prunable layer so that the budget-weighted total equals the target."""
+    from onnxprune import allocation
+
+    if method not in allocation.METHODS:
+        raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(allocation.METHODS)}")
+    if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
+        raise InputError(f"need 0 <= --min-sparsity <= --max-sparsity < 1, got {min_sparsity:g} and {max_sparsity:g}")
+    m = _as_model(model)
+    fp = fingerprint(m)
+    layers, extra_flops = _prunable_units(m)
+    sc = _scores_arg(scores)
+    if method in allocation.IMPORTANCE_METHODS and sc is None:
+        raise InputError(f"--method {method} needs --scores scores.json (from onnxprune score)")
+    importance = {}
+    if sc is not None:
+        check_fingerprint(sc.fingerprint, fp, "scores", force)
+        importance = {name: u.get("importance") for name, u in sc.by_name().items()}
+    names = {layer.name for layer in layers}
+    unknown = [n for n in keep_dense if n not in names]
+    if unknown:
+        raise InputError(f"--keep-dense names unknown layer(s) {unknown}; see onnxprune inspect for the names")
+    units = [
+        allocation.Unit(
+            name=layer.name, n=int(np.prod(layer.weight_shape)),
+            flops=(layer.flops or 0) + extra_flops.get(layer.name, 0), layer=layer,
+            importance=importance.get(layer.name), lo=0.0 if layer.name in keep_dense else min_sparsity,
+            hi=0.0 if layer.name in keep_dense else max_sparsity,
+        )
+        for layer in layers
+    ]
+    result = allocation.allocate(units, method, target_sparsity, budget)
+    plan_layers = [
+        {"name": u.name, "sparsity": result.sparsities[u.name], "granularity": "unstructured", "method": method,
+         "weight": u.layer.weight, "params": u.n, "zeros": result.zeros[u.name], "flops": u.flops,
+         **({"importance": u.importance} if u.importance is not None else {})}
+        for u in units
+    ]
+    totals = {
+        "target": target_sparsity, "budget": budget, "sparsity": result.total,
+        "params_sparsity": result.total_params, "flops_sparsity": result.total_flops,
+        "weights": sum(u.n for u in units), "zeros": sum(result.zeros.values()),
+    }
+    return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget,
+                options={"min_sparsity": min_sparsity, "max_sparsity": max_sparsity, "keep_dense": list(keep_dense),
+                         **({"scores_method": sc.method, "scores_metric": sc.metric} if sc else {})})
+
+
+@dataclass
+class ApplyResult:
+    path: Path
+    layers: list[dict]
+    totals: dict
+    input_bytes: int
+    output_bytes: int
+    sparse_initializers: list[str]
+    skipped: dict[str, str]
+    checked: str
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.path), "checked": self.checked, "totals": self.totals, "input_bytes": self.input_bytes,
+                "output_bytes": self.output_bytes, "sparse_initializers": len(self.sparse_initializers),
+                "skipped": self.skipped, "layers": self.layers}
+
+
+def _model_bytes(path: Path) -> int:
+    m = onnx.load(str(path), load_external_data=False)
+    total = path.stat().st_size
+    locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
+def check_runs(path: Path) -> None:
+    """The written model passes onnx.checker (full_check) and runs one batch in ONNX Runtime.
+
+    onnx's strict type inference does not accept sparse initializers as operator inputs (ONNX Runtime
+    densifies them at load), so a model with sparse initializers gets the structural check only.
+    """
+    proto = onnx.load(str(path), load_external_data=False)
+    full = len(proto.graph.sparse_initializer) == 0
+    del proto
+    try:
+        onnx.checker.check_model(str(path), full_check=full)
+    except Exception as exc:
+        raise RuntimeError(f"the pruned model fails onnx.checker: {exc}") from exc
+    sess = create_session(path, "cpu").session
+    feeds = {}
+    rng = np.random.default_rng(0)
+    for spec in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        dtype = rdata.InputSpec(spec.name, spec.type, spec.shape).dtype or np.float32
+        feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                            else np.zeros(shape, dtype))
+    sess.run(None, feeds)
+
+
+def apply(
+    model: str | os.PathLike,
+    plan: Plan | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    granularity: str = "unstructured",
+    nm: tuple[int, int] = (2, 4),
+    store: str = "dense",
+    force: bool = False,
+    external_data: bool | None = None,
+    check: bool = True,
+) -> ApplyResult:
+    """Rewrite the model per the plan and write a checked model to ``output``."""
+    from onnxprune.passes.sparsify import SparsifyPass
+
+    if granularity not in ("unstructured", "n:m"):
+        raise InputError(f"unknown granularity {granularity!r}; use unstructured or n:m")
+    if store not in ("dense", "sparse"):
+        raise InputError(f"unknown --store {store!r}; use dense or sparse")
+    n, mm = nm
+    if not 0 < n < mm:
+        raise InputError(f"--nm must be N:M with 0 < N < M, got {n}:{mm}")
+    pl = plan if isinstance(plan, Plan) else load_plan(plan)
+    check_output_path(Path(output), input_path=model, force=force)
+    m = load_model(model)
+    check_fingerprint(pl.fingerprint, fingerprint(m), "plan", force)
+    layers, _ = _prunable_units(m)
+    by_name = {layer.name: layer for layer in layers}
+    planned = pl.sparsities()
+    unknown = [name for name in planned if name not in by_name]
+    if unknown:
+        raise InputError(f"the plan names layer(s) not in the model: {unknown[:3]}; make a new plan")
+    sizes = {name: int(np.prod(by_name[name].weight_shape)) for name in planned}
+    targets = {name: int(round(s * sizes[name])) for name, s in planned.items()}
+    sparsify = SparsifyPass([by_name[n_] for n_ in planned], targets, nm=(n, mm) if granularity == "n:m" else None)
+    sparsify(m)
+    rep = sparsify.report
+    if granularity == "unstructured" and rep.zeros != targets:
+        raise RuntimeError("zeroed weights differ from the plan's counts")
+    flops = {name: by_name[name].flops or 0 for name in planned}
+    total_w = sum(sizes.values())
+    total_f = sum(flops.values())
+    achieved = {
+        "params_sparsity": sum(rep.zeros.values()) / total_w if total_w else 0.0,
+        "flops_sparsity": (sum(flops[k] * rep.zeros[k] / sizes[k] for k in planned) / total_f) if total_f else 0.0,
+        "zeros": sum(rep.zeros.values()), "weights": total_w,
+        "planned_params_sparsity": pl.totals.get("params_sparsity"),
+        "planned_flops_sparsity": pl.totals.get("flops_sparsity"), "granularity": granularity,
+    }
+    if granularity == "n:m":
+        achieved["nm"] = f"{n}:{mm}"
+    weight_values = {by_name[name].weight for name in planned if rep.zeros.get(name)}
+    saved = save_model(m, output, external_data=external_data, input_path=model, force=force,
+                       sparse=weight_values if store == "sparse" else None, verify=check_runs if check else None)
+    per_layer = [{"name": name, "planned_sparsity": planned[name], "sparsity": rep.zeros[name] / sizes[name],
+                  "zeros": rep.zeros[name], "params": sizes[name]} for name in planned]
+    return ApplyResult(path=saved.path, layers=per_layer, totals=achieved, input_bytes=_model_bytes(Path(model)),
+                       output_bytes=saved.size_bytes, sparse_initializers=saved.sparse_initializers,
+                       skipped=rep.skipped, checked=_check_description(check, bool(saved.sparse_initializers)))
+
+
+def _check_description(check: bool, sparse: bool) -> str:
+    if not check:
+        return "not checked (--no-check)"
+    if sparse:
+        return "onnx.checker (structural: its strict type inference rejects sparse initializers), ONNX Runtime run"
+    return "onnx.checker full_check, ONNX Runtime run"

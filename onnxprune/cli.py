@@ -16,9 +16,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from onnxprune import __version__, api
-from onnxprune.errors import OnnxpruneError
+from onnxprune.errors import InputError, OnnxpruneError
+from onnxprune.plan import write_json
 from onnxprune.runtime.data import parse_floats
 from onnxprune.runtime.session import PROVIDERS
+
+def _capacity_metrics():
+    from onnxprune.scoring.capacity import METRICS
+
+    return METRICS
+
+
+def _allocation_methods():
+    from onnxprune.allocation import METHODS
+
+    return METHODS
+
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -239,6 +252,129 @@ def eval_cmd(model, data, data_loader_script, input_key, label_key, mean, std, b
     if result.preprocess:
         table.add_row("preprocessing", result.preprocess)
     out.print(table)
+
+
+def _output_option(help_text: str):
+    return click.option("-o", "--output", required=True, type=click.Path(path_type=str), help=help_text)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--method", type=click.Choice(["capacity"]), default="capacity", show_default=True,
+              help="capacity: data-free, from the weights.")
+@click.option("--metric", type=click.Choice(list(_capacity_metrics())), default=None,
+              help=f"Capacity metric (default {api.DEFAULT_CAPACITY_METRIC}).")
+@_output_option("Where to write scores.json.")
+@common_options
+def score(model, method, metric, output, as_json):
+    """Score the importance of every prunable layer of MODEL.
+
+    \b
+    Example:
+      onnxprune score build/resnet56.onnx --method capacity --metric l2 -o scores.json
+    """
+    with _progress() as progress:
+        task = progress.add_task("scoring layers", total=None)
+        scores = api.score(model, method, metric=metric,
+                           progress=lambda done, total: progress.update(task, completed=done, total=total))
+    write_json(scores.to_dict(), output)
+    if as_json:
+        _emit_json(scores.to_dict())
+        return
+    table = Table(title=f"{scores.method} scores ({scores.metric}) of {model}", title_justify="left")
+    for col in ("#", "layer", "op", "params", scores.metric, "importance"):
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right", overflow="fold")
+    for i, u in enumerate(scores.units):
+        table.add_row(str(i), escape(u["name"]), u["op_type"], _fmt_int(u["params"]),
+                      f"{u['metrics'][scores.metric]:.4g}", f"{u['importance']:.3f}")
+    out.print(table)
+    out.print(f"wrote {escape(output)}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--scores", "scores_path", type=click.Path(path_type=str), help="scores.json from onnxprune score.")
+@click.option("--target-sparsity", type=float, required=True, help="Total sparsity S in [0, 1).")
+@click.option("--method", type=click.Choice(list(_allocation_methods())), default="capacity", show_default=True)
+@click.option("--min-sparsity", type=float, default=0.0, show_default=True, help="Lower bound for every layer.")
+@click.option("--max-sparsity", type=float, default=0.99, show_default=True, help="Upper bound for every layer.")
+@click.option("--keep-dense", multiple=True, metavar="NAME", help="Leave this layer dense (repeatable).")
+@click.option("--budget", type=click.Choice(["params", "flops"]), default="params", show_default=True,
+              help="Weight the total by parameters or by FLOPs.")
+@click.option("--force", is_flag=True, help="Use scores made for another model.")
+@_output_option("Where to write plan.json.")
+@common_options
+def allocate(model, scores_path, target_sparsity, method, min_sparsity, max_sparsity, keep_dense, budget, force,
+             output, as_json):
+    """Turn scores and a budget into a plan: a sparsity for every layer of MODEL.
+
+    \b
+    Example:
+      onnxprune allocate build/resnet56.onnx --scores scores.json --target-sparsity 0.7 --method capacity -o plan.json
+    """
+    plan = api.allocate(model, target_sparsity=target_sparsity, method=method, scores=scores_path,
+                        min_sparsity=min_sparsity, max_sparsity=max_sparsity, keep_dense=keep_dense, budget=budget,
+                        force=force)
+    write_json(plan.to_dict(), output)
+    if as_json:
+        _emit_json(plan.to_dict())
+        return
+    table = Table(title=f"{method} plan for {model}", title_justify="left")
+    for col in ("#", "layer", "params", "sparsity", "kept"):
+        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+    for i, entry in enumerate(plan.layers):
+        table.add_row(str(i), escape(entry["name"]), _fmt_int(entry["params"]), f"{entry['sparsity']:.3f}",
+                      _fmt_int(entry["params"] - entry["zeros"]))
+    out.print(table)
+    t = plan.totals
+    out.print(f"[bold]Total:[/] {t['params_sparsity']:.4f} of {_fmt_int(t['weights'])} weights "
+              f"({_fmt_int(t['zeros'])} zeros), FLOP-weighted {t['flops_sparsity']:.4f}; target {t['target']:g} "
+              f"by {t['budget']}. wrote {escape(output)}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=str))
+@click.argument("plan", type=click.Path(path_type=str))
+@_output_option("Where to write the pruned model.")
+@click.option("--granularity", type=click.Choice(["unstructured", "n:m"]), default="unstructured", show_default=True)
+@click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --granularity n:m.")
+@click.option("--store", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True,
+              help="sparse: write pruned weights as ONNX sparse initializers, so the file shrinks.")
+@click.option("--external-data", is_flag=True, default=None, help="Write weights to OUT.onnx.data.")
+@click.option("--force", is_flag=True, help="Apply a plan made for another model; allow -o equal to MODEL.")
+@click.option("--no-check", is_flag=True, help="Skip onnx.checker and the ONNX Runtime test run of the output.")
+@common_options
+def apply(model, plan, output, granularity, nm, store, external_data, force, no_check, as_json):
+    """Rewrite MODEL per PLAN and write a checked, deployable model.
+
+    \b
+    Example:
+      onnxprune apply build/resnet56.onnx plan.json -o build/resnet56_pruned.onnx
+    """
+    try:
+        n, m = (int(v) for v in nm.split(":"))
+    except ValueError:
+        raise InputError(f"--nm must look like 2:4, got {nm!r}") from None
+    result = api.apply(model, plan, output, granularity=granularity, nm=(n, m), store=store, force=force,
+                       external_data=external_data, check=not no_check)
+    for name, why in result.skipped.items():
+        _notice(f"layer {name} left dense: {why}")
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    t = result.totals
+    planned = t.get("planned_params_sparsity")
+    if granularity == "n:m":
+        against = f"the {t['nm']} pattern on every layer the plan prunes"
+    else:
+        against = "plan " + ("?" if planned is None else f"{planned:.4f}")
+    out.print(
+        f"[bold]Pruned[/] {_fmt_int(t['zeros'])} of {_fmt_int(t['weights'])} weights: sparsity "
+        f"{t['params_sparsity']:.4f} ({against}), FLOP-weighted {t['flops_sparsity']:.4f}"
+    )
+    out.print(f"file: {result.input_bytes / 1024:,.1f} KiB -> {result.output_bytes / 1024:,.1f} KiB"
+              + (f" ({len(result.sparse_initializers)} sparse initializers)" if store == "sparse" else ""))
+    out.print(f"wrote {escape(str(result.path))} (checked: {result.checked})")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,14 @@ def model_nbytes(model: ir.Model) -> int:
     return total
 
 
+@dataclass
+class SavedModel:
+    path: Path
+    data_path: Path | None  # the external data file, if any
+    size_bytes: int  # .onnx plus external data
+    sparse_initializers: list[str] = field(default_factory=list)
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -103,29 +113,48 @@ def save_model(
     external_data: bool | None = None,
     input_path: str | os.PathLike | None = None,
     force: bool = False,
-) -> Path:
+    sparse: set[str] | None = None,
+    verify: Callable[[Path], None] | None = None,
+) -> SavedModel:
     """Save ``model`` to ``path`` atomically.
 
     ``external_data``: True writes weights to ``<name>.data`` beside the file; None decides by size
     (external above 2 GB). ``input_path``: the file the model came from, never overwritten unless ``force``.
+    ``sparse``: initializer names to store as sparse initializers where that is smaller (inline models only).
+    ``verify(tmp_path)`` runs on the written file before it is moved into place; if it raises, nothing is
+    written.
     """
     out = Path(path)
     check_output_path(out, input_path=input_path, force=force)
     if external_data is None:
         external_data = model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20
+    if sparse and external_data:
+        raise InputError("sparse storage needs an inline model (under 2 GB, no --external-data)")
     if not model.ir_version:
         model.ir_version = DEFAULT_IR_VERSION
     tmpdir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=out.parent))
+    converted: list[str] = []
     try:
         tmp_file = tmpdir / out.name
         data_name = out.name + ".data" if external_data else None
-        ir.save(model, tmp_file, external_data=data_name)
+        if sparse:
+            from onnxprune.passes.sparse_store import to_sparse_initializers
+
+            proto = ir.serde.serialize_model(model)
+            converted = to_sparse_initializers(proto, set(sparse))
+            onnx.save(proto, str(tmp_file))
+        else:
+            ir.save(model, tmp_file, external_data=data_name)
+        if verify is not None:
+            verify(tmp_file)
+        size = tmp_file.stat().st_size
         if data_name is not None:
+            size += (tmpdir / data_name).stat().st_size
             os.replace(tmpdir / data_name, out.parent / data_name)
         os.replace(tmp_file, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return out
+    return SavedModel(out, out.parent / data_name if data_name else None, size, converted)
 
 
 def check_output_path(out: Path, *, input_path: str | os.PathLike | None = None, force: bool = False) -> None:

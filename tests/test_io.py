@@ -23,7 +23,7 @@ def sha(path: Path) -> str:
 
 def test_external_data_roundtrip_is_memory_mapped(export, tmp_path):
     src = load_model(export("resnet56"))
-    out = save_model(src, tmp_path / "ext.onnx", external_data=True)
+    out = save_model(src, tmp_path / "ext.onnx", external_data=True).path
     assert (tmp_path / "ext.onnx.data").is_file()
     assert out.stat().st_size < 100_000  # weights live in the data file
     loaded = load_model(out)
@@ -40,7 +40,7 @@ def test_external_data_roundtrip_is_memory_mapped(export, tmp_path):
 
 def test_inline_save_roundtrip_and_ir_version(export, tmp_path):
     src = load_model(export("cnn"))
-    out = save_model(src, tmp_path / "copy.onnx")
+    out = save_model(src, tmp_path / "copy.onnx").path
     assert not (tmp_path / "copy.onnx.data").exists()
     proto = onnx.load(str(out))
     assert proto.ir_version == onnx.load(str(export("cnn"))).ir_version <= 10
@@ -112,7 +112,7 @@ def test_truncated_model(export, tmp_path):
 
 
 def test_missing_and_truncated_external_data(export, tmp_path):
-    out = save_model(load_model(export("resnet56")), tmp_path / "ext.onnx", external_data=True)
+    out = save_model(load_model(export("resnet56")), tmp_path / "ext.onnx", external_data=True).path
     data = tmp_path / "ext.onnx.data"
     full = data.read_bytes()
     data.write_bytes(full[:1000])

@@ -1,0 +1,163 @@
+"""Budgets -> per-layer sparsities. Every method has the same signature and returns the same type.
+
+All methods reduce to one rule: each layer's sparsity is a non-decreasing function s_l(x) of one scalar x,
+clipped to the layer's bounds [a_l, b_l]; x is found by bisection so that the budget-weighted total
+
+    S(x) = sum_l w_l * s_l(x) / sum_l w_l          (w_l = weight count, or FLOPs with --budget flops)
+
+equals the target. The methods differ in s_l:
+
+- capacity:  s_l(x) = clip(1 - I_l / x, a_l, b_l): the density (1 - s) is proportional to the importance
+             I_l (capacity metric / max), so a more important layer never gets a higher sparsity.
+- uniform:   s_l(x) = clip(x, a_l, b_l).
+- erk:       as capacity with I_l = (sum of the weight's dimensions) / (product of them) (Evci et al.).
+- global:    s_l(t) = clip(fraction of |w| < t in layer l): one magnitude threshold t across layers.
+- lamp:      s_l(t) = clip(fraction of LAMP scores < t), LAMP score of w = w^2 / (sum of w'^2 over the
+             weights of the same layer with |w'| >= |w|) (Lee et al. 2021): one threshold on the scores.
+
+Per-layer counts are then rounded (zeros_l = round(s_l * n_l)) and the plan records the exact fractions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.analysis.layers import Layer
+from onnxprune.errors import InputError
+from onnxprune.weights import get_weight
+
+METHODS = ("capacity", "uniform", "global", "lamp", "erk")
+IMPORTANCE_METHODS = ("capacity",)  # methods that read importances from scores.json
+TOLERANCE = 0.001  # the total must be met to within 0.1 % (absolute sparsity)
+
+
+@dataclass
+class Unit:
+    """One prunable weight tensor as the allocator sees it."""
+
+    name: str
+    n: int  # weight elements
+    flops: int  # FLOPs of every layer using this weight
+    layer: Layer
+    importance: float | None = None
+    lo: float = 0.0
+    hi: float = 0.99
+
+
+@dataclass
+class Allocation:
+    sparsities: dict[str, float]  # exact fractions zeros / n
+    zeros: dict[str, int]
+    total: float  # achieved budget-weighted sparsity
+    total_params: float
+    total_flops: float
+
+
+def _weights(units: Sequence[Unit], budget: str) -> np.ndarray:
+    if budget == "params":
+        return np.array([u.n for u in units], np.float64)
+    if budget == "flops":
+        w = np.array([u.flops for u in units], np.float64)
+        if not w.sum() > 0:
+            raise InputError("--budget flops needs FLOPs, which shape inference could not determine; use --budget params")
+        return w
+    raise InputError(f"unknown budget {budget!r}; use params or flops")
+
+
+def _bisect(fn: Callable[[float], np.ndarray], weights: np.ndarray, target: float, lo: float, hi: float,
+            log: bool = False, iters: int = 100) -> np.ndarray:
+    total = float(weights.sum())
+
+    def s_total(x):
+        return float(np.dot(weights, fn(x))) / total
+
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi) if log else (lo + hi) / 2
+        if s_total(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    s_lo, s_hi = fn(lo), fn(hi)
+    return s_hi if abs(s_total(hi) - target) <= abs(s_total(lo) - target) else s_lo
+
+
+def _proportional(importance: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    imp = np.maximum(importance, 1e-12)
+    return lambda x: np.clip(1.0 - imp / x, lo, hi)
+
+
+def _sorted_scores(units: Sequence[Unit], kind: str) -> list[np.ndarray]:
+    out = []
+    for u in units:
+        w2 = np.sort(np.square(np.asarray(get_weight(u.layer), dtype=np.float64).reshape(-1)))
+        if kind == "global":
+            out.append(np.sqrt(w2))
+        else:  # lamp: w_i^2 / sum_{j >= i} w_j^2 over the ascending order
+            suffix = np.cumsum(w2[::-1])[::-1]
+            out.append(np.divide(w2, suffix, out=np.zeros_like(w2), where=suffix > 0))
+    return out
+
+
+def allocate_sparsities(
+    units: Sequence[Unit], method: str, target: float, budget: str = "params"
+) -> np.ndarray:
+    """Per-unit sparsities (before rounding) meeting ``target`` under ``budget``."""
+    if method not in METHODS:
+        raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(METHODS)}")
+    weights = _weights(units, budget)
+    lo = np.array([u.lo for u in units])
+    hi = np.array([u.hi for u in units])
+    total = float(weights.sum())
+    reach_lo, reach_hi = float(np.dot(weights, lo)) / total, float(np.dot(weights, hi)) / total
+    if not reach_lo - 1e-12 <= target <= reach_hi + 1e-12:
+        raise InputError(
+            f"target sparsity {target:g} cannot be met within the bounds (reachable {reach_lo:.4f} .. "
+            f"{reach_hi:.4f} with the given --min-sparsity/--max-sparsity/--keep-dense); relax them"
+        )
+    if method == "uniform":
+        return _bisect(lambda x: np.clip(np.full(len(units), x), lo, hi), weights, target, 0.0, 1.0)
+    if method in ("capacity", "erk"):
+        if method == "capacity":
+            if any(u.importance is None for u in units):
+                missing = next(u.name for u in units if u.importance is None)
+                raise InputError(f"no importance for layer {missing!r} in the scores; run onnxprune score first")
+            imp = np.array([u.importance for u in units], np.float64)
+        else:
+            imp = np.array([sum(u.layer.weight_shape) / max(u.n, 1) for u in units], np.float64)
+        return _bisect(_proportional(imp, lo, hi), weights, target, 1e-12, 1e12, log=True)
+    scores = _sorted_scores(units, method)
+    top = max((float(s[-1]) for s in scores if s.size), default=1.0) * 1.0001 + 1e-30
+
+    def by_threshold(t):
+        frac = np.array([np.searchsorted(s, t, side="left") / max(s.size, 1) for s in scores])
+        return np.clip(frac, lo, hi)
+
+    return _bisect(by_threshold, weights, target, 0.0, top)
+
+
+def allocate(
+    units: Sequence[Unit], method: str, target: float, budget: str = "params"
+) -> Allocation:
+    if not 0.0 <= target < 1.0:
+        raise InputError(f"--target-sparsity must be in [0, 1), got {target:g}")
+    if not units:
+        raise InputError("the model has no prunable layers to allocate sparsity to")
+    s = allocate_sparsities(units, method, target, budget)
+    zeros = {u.name: int(round(float(si) * u.n)) for u, si in zip(units, s, strict=True)}
+    fracs = {u.name: zeros[u.name] / u.n if u.n else 0.0 for u in units}
+    n = np.array([u.n for u in units], np.float64)
+    f = np.array([u.flops for u in units], np.float64)
+    sv = np.array([fracs[u.name] for u in units])
+    total_params = float(np.dot(n, sv) / n.sum())
+    total_flops = float(np.dot(f, sv) / f.sum()) if f.sum() > 0 else float("nan")
+    achieved = total_params if budget == "params" else total_flops
+    if abs(achieved - target) > TOLERANCE:
+        raise InputError(
+            f"{method} could not meet the target {target:g} (reached {achieved:.4f}): many equal weights or "
+            "tight bounds; try another method or relax the bounds"
+        )
+    return Allocation(fracs, zeros, achieved, total_params, total_flops)

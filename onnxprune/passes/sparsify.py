@@ -1,0 +1,81 @@
+"""Unstructured and N:M weight sparsity, applied to the weight tensors in the graph.
+
+- unstructured: in each layer, the ``zeros`` lowest-magnitude weights become 0 (ties broken by position,
+  so the result is reproducible).
+- n:m: in every group of M consecutive weights along the layer's input (reduction) dimension, the N of
+  largest magnitude are kept (the 2:4 pattern of sparse tensor cores). Layers whose input dimension is not
+  a multiple of M are left dense and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.analysis.layers import Layer
+from onnxprune.weights import get_weight, out_in_axes, set_weight
+
+
+def magnitude_mask(w: np.ndarray, zeros: int) -> np.ndarray:
+    """0/1 mask of w's shape with the ``zeros`` smallest |w| (stable order) set to 0."""
+    mask = np.ones(w.size, dtype=bool)
+    if zeros > 0:
+        order = np.argsort(np.abs(np.asarray(w).reshape(-1)), kind="stable")
+        mask[order[:zeros]] = False
+    return mask.reshape(w.shape)
+
+
+def nm_mask(w: np.ndarray, n: int, m: int, in_axis: int) -> np.ndarray | None:
+    """Keep the n largest |w| in each group of m along ``in_axis``; None if that axis is not a multiple of m."""
+    if w.shape[in_axis] % m:
+        return None
+    moved = np.moveaxis(np.abs(np.asarray(w)), in_axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    order = np.argsort(-groups, axis=-1, kind="stable")
+    keep = np.zeros(groups.shape, dtype=bool)
+    np.put_along_axis(keep, order[..., :n], True, axis=-1)
+    return np.moveaxis(keep.reshape(moved.shape), -1, in_axis)
+
+
+@dataclass
+class SparsifyReport:
+    zeros: dict[str, int] = field(default_factory=dict)  # weights set to zero by the mask, per layer
+    sizes: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it stayed dense
+
+
+class SparsifyPass(ir.passes.InPlacePass):
+    """Zero weights per layer: ``targets`` maps layer name -> number of weights to zero (unstructured), or
+    for ``nm=(n, m)`` the layers to give the N:M pattern (their counts are ignored)."""
+
+    def __init__(self, layers: list[Layer], targets: dict[str, int], nm: tuple[int, int] | None = None):
+        super().__init__()
+        self.layers = [layer for layer in layers if layer.name in targets]
+        self.targets = targets
+        self.nm = nm
+        self.report = SparsifyReport()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for layer in self.layers:
+            w = get_weight(layer)
+            self.report.sizes[layer.name] = int(w.size)
+            if self.targets[layer.name] <= 0:
+                self.report.zeros[layer.name] = 0
+                continue
+            if self.nm is None:
+                mask = magnitude_mask(w, self.targets[layer.name])
+            else:
+                mask = nm_mask(w, *self.nm, out_in_axes(layer)[1])
+                if mask is None:
+                    self.report.skipped[layer.name] = (
+                        f"input dimension {w.shape[out_in_axes(layer)[1]]} is not a multiple of {self.nm[1]}"
+                    )
+                    self.report.zeros[layer.name] = 0
+                    continue
+            set_weight(layer, np.where(mask, w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False))
+            self.report.zeros[layer.name] = int(mask.size - np.count_nonzero(mask))
+            modified = True
+        return ir.passes.PassResult(model, modified)

@@ -1,0 +1,63 @@
+"""Reading and writing the weight of a prunable layer, wherever it lives (initializer or Constant node),
+and viewing it as an (outputs x inputs) matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.analysis.layers import Layer
+from onnxprune.errors import InputError
+
+
+def _source(layer: Layer) -> ir.Value | ir.Node:
+    value = layer.node.inputs[layer.weight_input]
+    if value.const_value is not None:
+        return value
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.attributes.get("value") is not None:
+        return node
+    raise InputError(
+        f"the weight of layer {layer.name!r} is computed by a {node.op_type if node else '?'} node, which "
+        "onnxprune cannot rewrite yet; fold constants first (e.g. onnxsim) or leave this layer out"
+    )
+
+
+def get_weight(layer: Layer) -> np.ndarray:
+    """The layer's weight as a (read-only, possibly memory-mapped) array in its ONNX layout."""
+    src = _source(layer)
+    tensor = src.const_value if isinstance(src, ir.Value) else src.attributes["value"].as_tensor()
+    return tensor.numpy()
+
+
+def set_weight(layer: Layer, array: np.ndarray) -> None:
+    """Replace the layer's weight (same shape and dtype)."""
+    src = _source(layer)
+    if isinstance(src, ir.Value):
+        src.const_value = ir.tensor(array, name=src.name)
+    else:
+        src.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
+
+
+def out_in_axes(layer: Layer) -> tuple[int, int]:
+    """(output axis, reduction/input axis) of the weight tensor in its ONNX layout."""
+    rank = len(layer.weight_shape)
+    if layer.op_type == "Conv":
+        return 0, 1
+    if layer.op_type == "ConvTranspose":
+        return 1, 0
+    if layer.op_type == "Gemm":
+        trans = layer.node.attributes.get_int("transB" if layer.weight_input == 1 else "transA", 0)
+        if layer.weight_input == 1:
+            return (0, 1) if trans else (1, 0)
+        return (1, 0) if trans else (0, 1)
+    # MatMul: x @ W, W (..., K, N): inputs on axis -2; W @ x, W (..., M, K): inputs on axis -1
+    if layer.weight_input == 1:
+        return rank - 1, rank - 2
+    return rank - 2, rank - 1
+
+
+def as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
+    """The weight as (outputs, everything else): conv filters as rows, linear output features as rows."""
+    out_axis, _ = out_in_axes(layer)
+    return np.moveaxis(w, out_axis, 0).reshape(w.shape[out_axis], -1)
