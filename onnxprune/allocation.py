@@ -14,6 +14,11 @@ equals the target. The methods differ in s_l:
 - global:    s_l(t) = clip(fraction of |w| < t in layer l): one magnitude threshold t across layers.
 - lamp:      s_l(t) = clip(fraction of LAMP scores < t), LAMP score of w = w^2 / (sum of w'^2 over the
              weights of the same layer with |w'| >= |w|) (Lee et al. 2021): one threshold on the scores.
+- sensitivity: from measured curves D_l(s) (the model's output drop with layer l alone pruned to s; see
+             onnxprune.scoring.sensitivity), minimise sum_l D_l(s_l) subject to the budget: each curve is
+             replaced by its lower convex hull on [a_l, b_l], and hull segments are taken in order of
+             increasing cost per budget unit (dD / (w_l ds)) until the target is met, the last one partly.
+             This is exact for convex curves (a greedy Lagrangian solution); it assumes drops add up.
 
 Per-layer counts are then rounded (zeros_l = round(s_l * n_l)) and the plan records the exact fractions.
 """
@@ -30,8 +35,8 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.errors import InputError
 from onnxprune.weights import get_weight
 
-METHODS = ("capacity", "uniform", "global", "lamp", "erk")
-IMPORTANCE_METHODS = ("capacity",)  # methods that read importances from scores.json
+METHODS = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity")
+IMPORTANCE_METHODS = ("capacity", "sensitivity")  # methods that read scores.json
 TOLERANCE = 0.001  # the total must be met to within 0.1 % (absolute sparsity)
 
 
@@ -46,6 +51,7 @@ class Unit:
     importance: float | None = None
     lo: float = 0.0
     hi: float = 0.99
+    curve: list[tuple[float, float]] | None = None  # (sparsity, drop) points, for sensitivity
 
 
 @dataclass
@@ -111,6 +117,11 @@ def allocate_sparsities(
     weights = _weights(units, budget)
     lo = np.array([u.lo for u in units])
     hi = np.array([u.hi for u in units])
+    if method == "sensitivity":
+        if any(not u.curve for u in units):
+            missing = next(u.name for u in units if not u.curve)
+            raise InputError(f"no sensitivity curve for layer {missing!r}; run onnxprune score --method sensitivity")
+        hi = np.minimum(hi, [max(s for s, _ in u.curve) for u in units])
     total = float(weights.sum())
     reach_lo, reach_hi = float(np.dot(weights, lo)) / total, float(np.dot(weights, hi)) / total
     if not reach_lo - 1e-12 <= target <= reach_hi + 1e-12:
@@ -118,6 +129,8 @@ def allocate_sparsities(
             f"target sparsity {target:g} cannot be met within the bounds (reachable {reach_lo:.4f} .. "
             f"{reach_hi:.4f} with the given --min-sparsity/--max-sparsity/--keep-dense); relax them"
         )
+    if method == "sensitivity":
+        return _hull_allocation(units, weights, target, lo, hi)
     if method == "uniform":
         return _bisect(lambda x: np.clip(np.full(len(units), x), lo, hi), weights, target, 0.0, 1.0)
     if method in ("capacity", "erk"):
@@ -137,6 +150,49 @@ def allocate_sparsities(
         return np.clip(frac, lo, hi)
 
     return _bisect(by_threshold, weights, target, 0.0, top)
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def _clipped_curve(curve: list[tuple[float, float]], lo: float, hi: float) -> list[tuple[float, float]]:
+    xs = np.array([c[0] for c in curve])
+    ys = np.array([c[1] for c in curve])
+    order = np.argsort(xs)
+    xs, ys = xs[order], ys[order]
+    inner = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True) if lo < x < hi]
+    return [(lo, float(np.interp(lo, xs, ys)))] + inner + ([(hi, float(np.interp(hi, xs, ys)))] if hi > lo else [])
+
+
+def _hull_allocation(units: Sequence[Unit], weights: np.ndarray, target: float, lo: np.ndarray,
+                     hi: np.ndarray) -> np.ndarray:
+    s = lo.astype(np.float64).copy()
+    need = target * float(weights.sum()) - float(np.dot(weights, lo))
+    segments = []
+    for i, u in enumerate(units):
+        if weights[i] <= 0:
+            continue
+        hull = _lower_hull(_clipped_curve(u.curve, float(lo[i]), float(hi[i])))
+        for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
+            if x2 > x1:
+                segments.append(((y2 - y1) / ((x2 - x1) * weights[i]), x1, i, x2 - x1))
+    for _, _, i, length in sorted(segments, key=lambda seg: (seg[0], seg[1], seg[2])):
+        if need <= 1e-12:
+            break
+        take = min(length, need / weights[i])
+        s[i] += take
+        need -= take * weights[i]
+    return np.minimum(s, hi)
 
 
 def allocate(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,44 @@ class InspectResult:
             },
             "notes": self.notes,
         }
+
+
+def _batches(m: ir.Model, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
+             offset=0):
+    """Batches (feeds, labels) from an .npz or a loader script, checked against the model's inputs."""
+    if (data is None) == (data_loader_script is None):
+        raise InputError("give exactly one of --data FILE.npz or --data-loader-script FILE.py[:func]")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}")
+    if offset < 0:
+        raise InputError(f"--offset must be at least 0, got {offset}")
+    specs = [rdata.InputSpec(i.name, i.type, list(i.shape)) for i in sess.session.get_inputs()]
+    preprocess_note = None
+    if data is not None:
+        if len(specs) != 1:
+            raise InputError(
+                f"the model has {len(specs)} inputs; an .npz feeds one, use --data-loader-script for several"
+            )
+        x, y = rdata.load_npz(data, input_key, label_key)
+        if offset >= len(x):
+            raise InputError(f"--offset {offset} leaves no samples of the {len(x)} in {data}")
+        x, y = x[offset:], (None if y is None else y[offset:])
+        rdata.check_array(x, specs[0], str(data))
+        source = "options"
+        if mean is None and std is None:
+            mean = rdata.parse_floats(m.metadata_props.get(META_MEAN), "mean")
+            std = rdata.parse_floats(m.metadata_props.get(META_STD), "std")
+            source = "model metadata"
+        pre = rdata.Preprocess(mean, std)
+        if mean is not None or std is not None:
+            preprocess_note = f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}"
+        total = len(x) if limit is None else min(limit, len(x))
+        return rdata.npz_batches(x, y, specs[0], pre, batch_size, limit), total, preprocess_note
+    if offset:
+        raise InputError("--offset applies to --data; skip samples inside the loader script instead")
+    return rdata.script_batches(rdata.load_loader_script(data_loader_script), specs, limit), limit, None
 
 
 def _as_model(model: ModelLike) -> ir.Model:
@@ -155,6 +193,7 @@ def evaluate(
     batch_size: int = 256,
     limit: int | None = None,
     provider: str = "auto",
+    offset: int = 0,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> EvalResult:
     """Top-1 / top-5 accuracy and throughput of ``model`` with ONNX Runtime.
@@ -163,38 +202,11 @@ def evaluate(
     and std default to the model's ``onnxprune.preprocess.*`` metadata when it has some) or from a loader
     script (``data_loader_script="file.py:func"``). ``progress(done, total)`` is called after each batch.
     """
-    if (data is None) == (data_loader_script is None):
-        raise InputError("give exactly one of --data FILE.npz or --data-loader-script FILE.py[:func]")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be at least 1, got {limit}")
     m = load_model(model)
     sess = create_session(model, provider)
-    specs = [
-        rdata.InputSpec(i.name, i.type, list(i.shape)) for i in sess.session.get_inputs()
-    ]
-    preprocess_note = None
-    if data is not None:
-        if len(specs) != 1:
-            raise InputError(
-                f"the model has {len(specs)} inputs; an .npz feeds one, use --data-loader-script for several"
-            )
-        x, y = rdata.load_npz(data, input_key, label_key)
-        rdata.check_array(x, specs[0], str(data))
-        source = "options"
-        if mean is None and std is None:
-            mean = rdata.parse_floats(m.metadata_props.get(META_MEAN), "mean")
-            std = rdata.parse_floats(m.metadata_props.get(META_STD), "std")
-            source = "model metadata"
-        pre = rdata.Preprocess(mean, std)
-        if mean is not None or std is not None:
-            preprocess_note = f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}"
-        total = len(x) if limit is None else min(limit, len(x))
-        batches: Iterator = rdata.npz_batches(x, y, specs[0], pre, batch_size, limit)
-    else:
-        total = limit
-        batches = rdata.script_batches(rdata.load_loader_script(data_loader_script), specs, limit)
+    batches, total, preprocess_note = _batches(
+        m, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset
+    )
     acc = Accuracy()
     run_seconds = 0.0
     start = time.perf_counter()
@@ -242,13 +254,40 @@ def score(
     method: str = "capacity",
     *,
     metric: str | None = None,
+    data: str | os.PathLike | None = None,
+    data_loader_script: str | None = None,
+    input_key: str = "x",
+    label_key: str | None = "y",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    offset: int = 0,
+    provider: str = "auto",
+    grid: tuple[float, ...] | None = None,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Scores:
-    """Per-layer importance. ``capacity``: data-free, from the weights (metric: see onnxprune.scoring.capacity)."""
+    """Per-layer importance.
+
+    - ``capacity`` (data-free): a capacity metric of each weight tensor (onnxprune.scoring.capacity).
+    - ``sensitivity`` (data): for each layer alone, the output drop (``metric`` kl | agreement | top1) at each
+      sparsity of ``grid`` under magnitude pruning, measured with partial-graph evaluation.
+    """
+    if method == "capacity":
+        return _score_capacity(model, metric, progress)
+    if method == "sensitivity":
+        return _score_sensitivity(model, metric or "kl", data, data_loader_script, input_key, label_key, mean, std,
+                                  batch_size, limit, offset, provider, grid, progress)
+    raise InputError(f"unknown scoring method {method!r}; available: {', '.join(SCORE_METHODS)}")
+
+
+SCORE_METHODS = ("capacity", "sensitivity")
+SENSITIVITY_METRICS = ("kl", "agreement", "top1")
+
+
+def _score_capacity(model, metric, progress) -> Scores:
     from onnxprune.scoring import capacity
 
-    if method != "capacity":
-        raise InputError(f"unknown scoring method {method!r}; available: capacity")
     metric = metric or DEFAULT_CAPACITY_METRIC
     if metric not in capacity.METRICS:
         raise InputError(f"unknown capacity metric {metric!r}; use one of {', '.join(capacity.METRICS)}")
@@ -259,17 +298,67 @@ def score(
     units = []
     for i, layer in enumerate(layers):
         values, how = capacity.layer_metrics(layer, [metric])
-        units.append({
-            "name": layer.name, "op_type": layer.op_type, "weight": layer.weight,
-            "weight_shape": list(layer.weight_shape), "params": int(np.prod(layer.weight_shape)),
-            "flops": (layer.flops or 0) + extra_flops.get(layer.name, 0), "metrics": values, **how,
-        })
+        units.append({**_unit_entry(layer, extra_flops), "metrics": values, **how})
         if progress:
             progress(i + 1, len(layers))
     for unit, imp in zip(units, capacity.capacity_importance([u["metrics"][metric] for u in units]), strict=True):
         unit["importance"] = imp
     return Scores(method="capacity", fingerprint=fingerprint(m), units=units, metric=metric,
                   options={"metric_definition": capacity.METRICS[metric]})
+
+
+def _unit_entry(layer: Layer, extra_flops: dict[str, int]) -> dict:
+    return {"name": layer.name, "op_type": layer.op_type, "weight": layer.weight,
+            "weight_shape": list(layer.weight_shape), "params": int(np.prod(layer.weight_shape)),
+            "flops": (layer.flops or 0) + extra_flops.get(layer.name, 0)}
+
+
+def curve_drop(point: dict, base: dict, metric: str) -> float:
+    """The drop a curve point records for ``metric`` (bigger = worse)."""
+    if metric == "kl":
+        return float(point["kl"])
+    if metric == "agreement":
+        return 100.0 - float(point["agreement"])
+    return float(base["top1"]) - float(point["top1"])
+
+
+def _score_sensitivity(model, metric, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
+                       offset, provider, grid, progress) -> Scores:
+    from onnxprune.scoring.sensitivity import DEFAULT_GRID, layer_sensitivity
+
+    if metric not in SENSITIVITY_METRICS:
+        raise InputError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(SENSITIVITY_METRICS)}")
+    grid = tuple(grid or DEFAULT_GRID)
+    if not all(0 < g < 1 for g in grid):
+        raise InputError(f"--grid sparsities must be in (0, 1), got {grid}")
+    m = load_model(model) if not isinstance(model, ir.Model) else model
+    info = analyse_graph(m)
+    layers = [layer for layer in find_layers(info) if not layer.shared_with]
+    if not layers:
+        raise InputError("the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
+    _, extra_flops = _prunable_units(m)
+    sess = create_session(ir.serde.serialize_model(m).SerializeToString(), provider)
+    batches, _, _ = _batches(m, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size,
+                             limit, offset)
+    batches = list(batches)
+    if metric == "top1" and any(labels is None for _, labels in batches):
+        raise InputError("--metric top1 needs labels in the data; use kl or agreement without labels")
+    t0 = time.perf_counter()
+    curves, base = layer_sensitivity(m, info, layers, batches, grid, provider=sess.provider, progress=progress)
+    seconds = time.perf_counter() - t0
+    units = []
+    for layer in layers:
+        curve = curves[layer.name]
+        drops = [curve_drop(p, base, metric) for p in curve[1:]]
+        units.append({**_unit_entry(layer, extra_flops), "curve": curve, "mean_drop": float(np.mean(drops))})
+    top = max(u["mean_drop"] for u in units)
+    for u in units:
+        u["importance"] = u["mean_drop"] / top if top > 0 else 1.0
+    samples = sum(len(next(iter(f.values()))) for f, _ in batches)
+    return Scores(method="sensitivity", fingerprint=fingerprint(m), units=units, metric=metric,
+                  options={"grid": list(grid), "samples": samples, "offset": offset, "seconds": round(seconds, 3),
+                           "provider": sess.provider, "reference": base,
+                           "definition": "output drop of the model with only this layer magnitude-pruned"})
 
 
 DEFAULT_CAPACITY_METRIC = "l2"
@@ -306,10 +395,16 @@ def allocate(
     sc = _scores_arg(scores)
     if method in allocation.IMPORTANCE_METHODS and sc is None:
         raise InputError(f"--method {method} needs --scores scores.json (from onnxprune score)")
-    importance = {}
+    importance, curves = {}, {}
     if sc is not None:
         check_fingerprint(sc.fingerprint, fp, "scores", force)
         importance = {name: u.get("importance") for name, u in sc.by_name().items()}
+        if method == "sensitivity":
+            if sc.method != "sensitivity":
+                raise InputError("--method sensitivity needs scores from onnxprune score --method sensitivity")
+            base = sc.options.get("reference", {})
+            curves = {u["name"]: [(float(p["sparsity"]), curve_drop(p, base, sc.metric or "kl")) for p in u["curve"]]
+                      for u in sc.units}
     names = {layer.name for layer in layers}
     unknown = [n for n in keep_dense if n not in names]
     if unknown:
@@ -319,7 +414,7 @@ def allocate(
             name=layer.name, n=int(np.prod(layer.weight_shape)),
             flops=(layer.flops or 0) + extra_flops.get(layer.name, 0), layer=layer,
             importance=importance.get(layer.name), lo=0.0 if layer.name in keep_dense else min_sparsity,
-            hi=0.0 if layer.name in keep_dense else max_sparsity,
+            hi=0.0 if layer.name in keep_dense else max_sparsity, curve=curves.get(layer.name),
         )
         for layer in layers
     ]

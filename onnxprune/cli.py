@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from onnxprune import __version__, api
 from onnxprune.errors import InputError, OnnxpruneError
+from onnxprune.io import check_output_path
 from onnxprune.plan import write_json
 from onnxprune.runtime.data import parse_floats
 from onnxprune.runtime.session import PROVIDERS
@@ -191,7 +193,8 @@ def data_options(fn):
     @click.option("--mean", metavar="M[,M...]", help="Per-channel mean, after uint8 inputs are scaled to [0,1].")
     @click.option("--std", metavar="S[,S...]", help="Per-channel standard deviation.")
     @click.option("--batch-size", default=256, show_default=True, type=int)
-    @click.option("--limit", type=int, help="Use only the first N samples.")
+    @click.option("--limit", type=int, help="Use only the first N samples (after --offset).")
+    @click.option("--offset", type=int, default=0, show_default=True, help="Skip the first N samples of --data.")
     @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
                   help="ONNX Runtime execution provider (auto: CUDA if available, else CPU).")
     @functools.wraps(fn)
@@ -213,7 +216,8 @@ def _progress() -> Progress:
 @click.argument("model", type=click.Path(path_type=str))
 @data_options
 @common_options
-def eval_cmd(model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, provider, as_json):
+def eval_cmd(model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset, provider,
+             as_json):
     """Measure top-1 / top-5 accuracy and throughput of MODEL with ONNX Runtime.
 
     \b
@@ -231,7 +235,7 @@ def eval_cmd(model, data, data_loader_script, input_key, label_key, mean, std, b
         result = api.evaluate(
             model, data, data_loader_script=data_loader_script, input_key=input_key, label_key=label_key,
             mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"), batch_size=batch_size, limit=limit,
-            provider=provider, progress=tick,
+            provider=provider, offset=offset, progress=tick,
         )
     _notice(result.notice)
     if as_json:
@@ -260,33 +264,47 @@ def _output_option(help_text: str):
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--method", type=click.Choice(["capacity"]), default="capacity", show_default=True,
-              help="capacity: data-free, from the weights.")
-@click.option("--metric", type=click.Choice(list(_capacity_metrics())), default=None,
-              help=f"Capacity metric (default {api.DEFAULT_CAPACITY_METRIC}).")
+@click.option("--method", type=click.Choice(list(api.SCORE_METHODS)), default="capacity", show_default=True,
+              help="capacity: data-free, from the weights; sensitivity: measured on --data.")
+@click.option("--metric", default=None,
+              help=f"capacity: {', '.join(_capacity_metrics())} (default {api.DEFAULT_CAPACITY_METRIC}); "
+                   f"sensitivity: {', '.join(api.SENSITIVITY_METRICS)} (default kl).")
+@click.option("--grid", default=None, metavar="S,S,...", help="Sparsities measured per layer (sensitivity).")
+@data_options
 @_output_option("Where to write scores.json.")
 @common_options
-def score(model, method, metric, output, as_json):
+def score(model, method, metric, grid, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
+          offset, provider, output, as_json):
     """Score the importance of every prunable layer of MODEL.
 
     \b
-    Example:
-      onnxprune score build/resnet56.onnx --method capacity --metric l2 -o scores.json
+    Examples:
+      onnxprune score build/resnet56.onnx --method capacity --metric effective_rank -o scores.json
+      onnxprune score build/resnet56.onnx --method sensitivity --data cifar10_test_jpeg_q75.npz \\
+          --offset 1017 --limit 512 -o sensitivity.json
     """
+    check_output_path(Path(output))
     with _progress() as progress:
-        task = progress.add_task("scoring layers", total=None)
-        scores = api.score(model, method, metric=metric,
-                           progress=lambda done, total: progress.update(task, completed=done, total=total))
+        task = progress.add_task(f"scoring ({method})", total=None)
+        scores = api.score(
+            model, method, metric=metric, data=data, data_loader_script=data_loader_script, input_key=input_key,
+            label_key=label_key, mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"),
+            batch_size=batch_size, limit=limit, offset=offset, provider=provider,
+            grid=parse_floats(grid, "grid"),
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     write_json(scores.to_dict(), output)
     if as_json:
         _emit_json(scores.to_dict())
         return
     table = Table(title=f"{scores.method} scores ({scores.metric}) of {model}", title_justify="left")
-    for col in ("#", "layer", "op", "params", scores.metric, "importance"):
+    value_col = scores.metric if scores.method == "capacity" else f"mean {scores.metric} drop"
+    for col in ("#", "layer", "op", "params", value_col, "importance"):
         table.add_column(col, justify="left" if col in ("layer", "op") else "right", overflow="fold")
     for i, u in enumerate(scores.units):
-        table.add_row(str(i), escape(u["name"]), u["op_type"], _fmt_int(u["params"]),
-                      f"{u['metrics'][scores.metric]:.4g}", f"{u['importance']:.3f}")
+        value = u["metrics"][scores.metric] if scores.method == "capacity" else u["mean_drop"]
+        table.add_row(str(i), escape(u["name"]), u["op_type"], _fmt_int(u["params"]), f"{value:.4g}",
+                      f"{u['importance']:.3f}")
     out.print(table)
     out.print(f"wrote {escape(output)}")
 

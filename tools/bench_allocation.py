@@ -1,0 +1,145 @@
+"""Allocation benchmark (issue 3): one-shot top-1 of every allocation method at equal total sparsity.
+
+    python -m tools.bench_allocation --models resnet20,resnet56 --sparsities 0.5,0.6,0.7,0.8,0.9
+
+For each model, sparsity and method: allocate + apply (unstructured, magnitude within each layer), then top-1
+on the lossless 1,017 CIFAR-10 images and on the 10,000 JPEG images. Peers in the same run: the onnxsim
+package's apply_magnitude_pruning (uniform per row, and global). Results: build/bench/allocation.json and the
+'allocation' section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+import onnxprune
+from models.paths import cifar_data
+from onnxprune import api
+from tools.benchlib import ROOT, machine, today, weight_sparsity, write_section
+
+CAPACITY_METRICS = ("mean_abs", "l2", "effective_rank", "stable_rank")
+BASELINES = ("uniform", "global", "lamp", "erk")
+PEERS = ("onnxsim-uniform", "onnxsim-global")
+
+
+def export_model(name: str, folder: Path) -> Path:
+    from models.export import build, export_onnx
+
+    path = folder / f"{name}.onnx"
+    if not path.exists():
+        model, example, meta = build(name)
+        export_onnx(model, example, path, metadata=meta)
+    return path
+
+
+def evaluate(path: Path, jpeg_limit: int | None) -> dict:
+    lossless = onnxprune.eval(path, cifar_data("lossless"), batch_size=512)
+    jpeg = onnxprune.eval(path, cifar_data("jpeg"), batch_size=512, limit=jpeg_limit)
+    return {"lossless": lossless.top1, "jpeg": jpeg.top1}
+
+
+def prune_onnxsim(src: Path, dst: Path, sparsity: float, global_: bool) -> Path:
+    import onnxsim
+
+    proto = onnxsim.apply_magnitude_pruning(str(src), sparsity=sparsity, global_sparsity=global_)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def run(models: list[str], sparsities: list[float], methods: list[str], jpeg_limit: int | None,
+        extra_scores: dict | None = None) -> list[dict]:
+    folder = ROOT / "build" / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in models:
+        src = export_model(name, folder)
+        dense = evaluate(src, jpeg_limit)
+        rows.append({"model": name, "method": "dense", "target": 0.0, "sparsity": 0.0, **dense})
+        print(f"{name} dense {dense}", flush=True)
+        scores = {m: api.score(src, metric=m) for m in CAPACITY_METRICS if f"capacity:{m}" in methods}
+        for extra, fn in (extra_scores or {}).items():
+            if extra in methods:
+                scores[extra] = fn(src)
+        for target in sparsities:
+            for method in methods:
+                t0 = time.perf_counter()
+                out = folder / f"{name}_{method.replace(':', '_')}_{int(target * 100)}.onnx"
+                if method in PEERS:
+                    prune_onnxsim(src, out, target, method.endswith("global"))
+                else:
+                    kind, _, metric = method.partition(":")
+                    alloc_method = "capacity" if kind in ("capacity",) or kind in (extra_scores or {}) else kind
+                    sc = scores.get(metric) if kind == "capacity" else scores.get(kind)
+                    plan = api.allocate(src, target_sparsity=target, method=alloc_method, scores=sc)
+                    api.apply(src, plan, out, force=True)
+                seconds = time.perf_counter() - t0
+                acc = evaluate(out, jpeg_limit)
+                row = {"model": name, "method": method, "target": target, "sparsity": weight_sparsity(out),
+                       "prune_seconds": seconds, **acc}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                out.unlink()
+    return rows
+
+
+def table(rows: list[dict], key: str) -> str:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    targets = sorted({r["target"] for r in rows if r["method"] != "dense"})
+    lines = []
+    for name in models:
+        dense = next(r for r in rows if r["model"] == name and r["method"] == "dense")
+        lines.append(f"\n**{name}** ({key}; dense {dense[key]:.2f} %)\n")
+        lines.append("| method | " + " | ".join(f"{int(t * 100)} %" for t in targets) + " |")
+        lines.append("|---|" + "---|" * len(targets))
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["model"] == name and r["method"] != "dense"))
+        best = {t: max(r[key] for r in rows if r["model"] == name and r["target"] == t) for t in targets}
+        for method in methods:
+            cells = []
+            for t in targets:
+                r = next((r for r in rows if r["model"] == name and r["method"] == method and r["target"] == t), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                cell = f"{r[key]:.2f}"
+                cells.append(f"**{cell}**" if r[key] == best[t] else cell)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet20,resnet56")
+    parser.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,0.9")
+    parser.add_argument("--methods", default=",".join([f"capacity:{m}" for m in CAPACITY_METRICS] + list(BASELINES)
+                                                      + list(PEERS)))
+    parser.add_argument("--jpeg-limit", type=int, default=None, help="use only the first N JPEG images")
+    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    rows = run(args.models.split(","), [float(s) for s in args.sparsities.split(",")], args.methods.split(","),
+               args.jpeg_limit)
+    out = ROOT / "build" / "bench" / "allocation.json"
+    out.write_text(json.dumps(rows, indent=1))
+    body = (
+        f"## Allocation: one-shot top-1 at equal total sparsity (issue 3)\n\n"
+        f"Command: `python -m tools.bench_allocation {' '.join(argv or sys.argv[1:])}`  \n"
+        f"Machine: {machine()}  \nDate: {today()}, {time.time() - t0:.0f} s\n\n"
+        "Unstructured magnitude pruning inside each layer, the per-layer sparsities from each method; no "
+        "fine-tuning. Total sparsity over the weights of all Conv/Gemm layers, measured on the output file "
+        "(for onnxsim too). Bold: best at that sparsity.\n"
+        + table(rows, "jpeg") + "\n" + table(rows, "lossless")
+    )
+    if not args.no_write:
+        write_section("allocation", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Shared helpers for the benchmarks: machine description, BENCHMARKS.md sections, weight sparsity."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
+
+
+def today() -> str:
+    return _dt.date.today().isoformat()
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between <!-- NAME:begin --> and <!-- NAME:end --> in BENCHMARKS.md."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nMeasured results; each section names its command, machine and date.\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS.write_text(text)
+
+
+def weight_sparsity(path: str | Path) -> float:
+    """Fraction of zeros over the weights of the prunable layers the graph really uses (any pruner's output)."""
+    from onnxprune.analysis.graph import analyse_graph
+    from onnxprune.analysis.layers import find_layers
+    from onnxprune.io import load_model
+    from onnxprune.weights import get_weight
+
+    model = load_model(path)
+    layers = [layer for layer in find_layers(analyse_graph(model)) if not layer.shared_with]
+    zeros = sum(int(np.count_nonzero(get_weight(layer) == 0)) for layer in layers)
+    total = sum(int(np.prod(layer.weight_shape)) for layer in layers)
+    return zeros / total
