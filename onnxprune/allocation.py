@@ -198,11 +198,25 @@ def _hull_allocation(units: Sequence[Unit], weights: np.ndarray, target: float, 
 def allocate(
     units: Sequence[Unit], method: str, target: float, budget: str = "params"
 ) -> Allocation:
+    _check_request(units, target)
+    return _finish(units, allocate_sparsities(units, method, target, budget), method, target, budget)
+
+
+def allocate_measured(units: Sequence[Unit], target: float, budget: str, solver) -> tuple[Allocation, object]:
+    """Like allocate, with the sparsities from ``solver(units, target, budget_weights) -> (sparsities, log)``."""
+    _check_request(units, target)
+    s, log = solver(units, target, _weights(units, budget))
+    return _finish(units, s, "search", target, budget), log
+
+
+def _check_request(units: Sequence[Unit], target: float) -> None:
     if not 0.0 <= target < 1.0:
         raise InputError(f"--target-sparsity must be in [0, 1), got {target:g}")
     if not units:
         raise InputError("the model has no prunable layers to allocate sparsity to")
-    s = allocate_sparsities(units, method, target, budget)
+
+
+def _finish(units: Sequence[Unit], s: np.ndarray, method: str, target: float, budget: str) -> Allocation:
     zeros = {u.name: int(round(float(si) * u.n)) for u, si in zip(units, s, strict=True)}
     fracs = {u.name: zeros[u.name] / u.n if u.n else 0.0 for u in units}
     n = np.array([u.n for u in units], np.float64)

@@ -265,19 +265,22 @@ def score(
     offset: int = 0,
     provider: str = "auto",
     grid: tuple[float, ...] | None = None,
+    at: Plan | str | os.PathLike | None = None,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Scores:
     """Per-layer importance.
 
     - ``capacity`` (data-free): a capacity metric of each weight tensor (onnxprune.scoring.capacity).
     - ``sensitivity`` (data): for each layer alone, the output drop (``metric`` kl | agreement | top1) at each
-      sparsity of ``grid`` under magnitude pruning, measured with partial-graph evaluation.
+      sparsity of ``grid`` under magnitude pruning, measured with partial-graph evaluation. With ``at`` (a
+      plan), each layer varies while the others stay at the plan's sparsities: curves around that operating
+      point, which correct the additivity assumption at high sparsity (score, allocate, score --at, allocate).
     """
     if method == "capacity":
         return _score_capacity(model, metric, progress)
     if method == "sensitivity":
         return _score_sensitivity(model, metric or "kl", data, data_loader_script, input_key, label_key, mean, std,
-                                  batch_size, limit, offset, provider, grid, progress)
+                                  batch_size, limit, offset, provider, grid, at, progress)
     raise InputError(f"unknown scoring method {method!r}; available: {', '.join(SCORE_METHODS)}")
 
 
@@ -323,13 +326,13 @@ def curve_drop(point: dict, base: dict, metric: str) -> float:
 
 
 def _score_sensitivity(model, metric, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
-                       offset, provider, grid, progress) -> Scores:
+                       offset, provider, grid, at, progress) -> Scores:
     from onnxprune.scoring.sensitivity import DEFAULT_GRID, layer_sensitivity
 
     if metric not in SENSITIVITY_METRICS:
         raise InputError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(SENSITIVITY_METRICS)}")
     grid = tuple(grid or DEFAULT_GRID)
-    if not all(0 < g < 1 for g in grid):
+    if not all(0 <= g < 1 for g in grid):
         raise InputError(f"--grid sparsities must be in (0, 1), got {grid}")
     m = load_model(model) if not isinstance(model, ir.Model) else model
     info = analyse_graph(m)
@@ -343,8 +346,15 @@ def _score_sensitivity(model, metric, data, data_loader_script, input_key, label
     batches = list(batches)
     if metric == "top1" and any(labels is None for _, labels in batches):
         raise InputError("--metric top1 needs labels in the data; use kl or agreement without labels")
+    at_sparsities = None
+    if at is not None:
+        at_plan = at if isinstance(at, Plan) else load_plan(at)
+        check_fingerprint(at_plan.fingerprint, fingerprint(m), "plan given to --at", False)
+        at_sparsities = at_plan.sparsities()
+        grid = tuple(sorted(set(grid) | {0.0}))
     t0 = time.perf_counter()
-    curves, base = layer_sensitivity(m, info, layers, batches, grid, provider=sess.provider, progress=progress)
+    curves, base = layer_sensitivity(m, info, layers, batches, grid, provider=sess.provider, progress=progress,
+                                     at=at_sparsities)
     seconds = time.perf_counter() - t0
     units = []
     for layer in layers:
@@ -357,11 +367,17 @@ def _score_sensitivity(model, metric, data, data_loader_script, input_key, label
     samples = sum(len(next(iter(f.values()))) for f, _ in batches)
     return Scores(method="sensitivity", fingerprint=fingerprint(m), units=units, metric=metric,
                   options={"grid": list(grid), "samples": samples, "offset": offset, "seconds": round(seconds, 3),
-                           "provider": sess.provider, "reference": base,
+                           "provider": sess.provider, "reference": base, "at": at_sparsities,
                            "definition": "output drop of the model with only this layer magnitude-pruned"})
 
 
 DEFAULT_CAPACITY_METRIC = "l2"
+
+
+def search_allocation(*args, **kwargs):
+    from onnxprune.search import search_allocation as _search
+
+    return _search(*args, **kwargs)
 
 
 def _scores_arg(scores: Scores | str | os.PathLike | None) -> Scores | None:
@@ -381,19 +397,36 @@ def allocate(
     keep_dense: tuple[str, ...] | list[str] = (),
     budget: str = "params",
     force: bool = False,
+    data: str | os.PathLike | None = None,
+    data_loader_script: str | None = None,
+    input_key: str = "x",
+    label_key: str | None = "y",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    offset: int = 0,
+    provider: str = "auto",
+    iterations: int = 150,
+    seed: int = 0,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> Plan:
-    """A plan: a sparsity for every prunable layer so that the budget-weighted total equals the target."""
+    """A plan: a sparsity for every prunable layer so that the budget-weighted total equals the target.
+
+    ``search`` measures whole pruned models on calibration data (``data`` ... ``offset``), see
+    onnxprune.search; every other method is computed from the weights and/or the scores alone.
+    """
     from onnxprune import allocation
 
-    if method not in allocation.METHODS:
-        raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(allocation.METHODS)}")
+    if method not in ALLOCATION_METHODS:
+        raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(ALLOCATION_METHODS)}")
     if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
         raise InputError(f"need 0 <= --min-sparsity <= --max-sparsity < 1, got {min_sparsity:g} and {max_sparsity:g}")
     m = _as_model(model)
     fp = fingerprint(m)
     layers, extra_flops = _prunable_units(m)
     sc = _scores_arg(scores)
-    if method in allocation.IMPORTANCE_METHODS and sc is None:
+    if method in allocation.IMPORTANCE_METHODS and method != "search" and sc is None:
         raise InputError(f"--method {method} needs --scores scores.json (from onnxprune score)")
     importance, curves = {}, {}
     if sc is not None:
@@ -418,7 +451,25 @@ def allocate(
         )
         for layer in layers
     ]
-    result = allocation.allocate(units, method, target_sparsity, budget)
+    search_log = None
+    if method == "search":
+        if sc is not None and sc.method == "sensitivity":
+            base = sc.options.get("reference", {})
+            for u in units:
+                entry = sc.by_name().get(u.name)
+                if entry is not None:
+                    u.curve = [(float(p["sparsity"]), curve_drop(p, base, sc.metric or "kl")) for p in entry["curve"]]
+        sess = create_session(ir.serde.serialize_model(m).SerializeToString(), provider)
+        batches, _, _ = _batches(m, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size,
+                                 limit, offset)
+        feeds = [f for f, _ in batches]
+        result, search_log = allocation.allocate_measured(
+            units, target_sparsity, budget,
+            lambda s_units, target, weights: search_allocation(m, s_units, target, weights, feeds,
+                                                              iterations=iterations, seed=seed,
+                                                              provider=sess.provider, progress=progress))
+    else:
+        result = allocation.allocate(units, method, target_sparsity, budget)
     plan_layers = [
         {"name": u.name, "sparsity": result.sparsities[u.name], "granularity": "unstructured", "method": method,
          "weight": u.layer.weight, "params": u.n, "zeros": result.zeros[u.name], "flops": u.flops,
@@ -430,9 +481,14 @@ def allocate(
         "params_sparsity": result.total_params, "flops_sparsity": result.total_flops,
         "weights": sum(u.n for u in units), "zeros": sum(result.zeros.values()),
     }
-    return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget,
-                options={"min_sparsity": min_sparsity, "max_sparsity": max_sparsity, "keep_dense": list(keep_dense),
-                         **({"scores_method": sc.method, "scores_metric": sc.metric} if sc else {})})
+    options = {"min_sparsity": min_sparsity, "max_sparsity": max_sparsity, "keep_dense": list(keep_dense),
+               **({"scores_method": sc.method, "scores_metric": sc.metric} if sc else {})}
+    if search_log is not None:
+        options["search"] = {**search_log.__dict__, "seed": seed, "calibration_offset": offset, "limit": limit}
+    return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget, options=options)
+
+
+ALLOCATION_METHODS = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity", "search")
 
 
 @dataclass

@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import onnx_ir as ir
 
-from onnxprune.analysis.graph import GraphInfo
-from onnxprune.analysis.layers import Layer
+from onnxprune.analysis.graph import GraphInfo, analyse_graph
+from onnxprune.analysis.layers import Layer, find_layers
+from onnxprune.passes.sparsify import magnitude_mask
 from onnxprune.runtime.partial import PartialEvaluator, Unit
-from onnxprune.weights import get_weight
+from onnxprune.runtime.session import create_session
+from onnxprune.weights import get_weight, set_weight
 
 DEFAULT_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
@@ -58,17 +61,31 @@ def layer_sensitivity(
     model, info: GraphInfo, layers: list[Layer], batches: Iterable[tuple[dict, np.ndarray | None]],
     grid: tuple[float, ...] = DEFAULT_GRID, provider: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    at: dict[str, float] | None = None,
 ) -> tuple[dict[str, list[dict]], dict]:
     """Per layer, a curve [{sparsity, kl, agreement, top1?}] starting at sparsity 0, and the reference metrics.
 
-    ``batches`` must be re-iterable (a list): it is consumed once, batch by batch, and every layer variant
-    is evaluated on each batch before the next one is read, so memory holds one batch's activations.
+    ``at``: measure around a plan instead of around the dense model: every other layer is magnitude-pruned
+    to its planned sparsity while one layer varies over the grid (conditional curves); drops are still
+    against the unmodified model. ``batches`` must be a list: it is consumed batch by batch, every layer
+    variant evaluated on each batch before the next, so memory holds one batch's activations.
     """
+    dense = {layer.name: np.asarray(get_weight(layer)) for layer in layers}
+    reference = None
+    if at:
+        reference = create_session(ir.serde.serialize_model(model).SerializeToString(), provider)
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        info = analyse_graph(model)
+        by_name = {layer.name: layer for layer in find_layers(info)}
+        for name, sp in at.items():
+            w = dense[name]
+            set_weight(by_name[name], np.where(magnitude_mask(w, int(round(sp * w.size))), w, 0).astype(w.dtype))
+        layers = [by_name[layer.name] for layer in layers]
     evaluator = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in layers],
                                  provider=provider)
     variants: dict[str, list[tuple[float, np.ndarray]]] = {}
     for layer in layers:
-        w = np.asarray(get_weight(layer))
+        w = dense[layer.name]
         order = np.argsort(np.abs(w).reshape(-1), kind="stable")
         pruned = []
         for sp in grid:
@@ -80,12 +97,18 @@ def layer_sensitivity(
     ref = DropAccumulator()
     batches = list(batches)
     total, done = len(batches) * len(layers), 0
+    at_point = DropAccumulator()
     for feeds, labels in batches:
         acts = evaluator.run_prefix(feeds)
         out0 = acts[evaluator.output_names[0]]
-        ref_logp = log_softmax(out0)
+        if reference is not None:
+            dense_out = reference.run(feeds, [evaluator.output_names[0]])[0]
+        else:
+            dense_out = out0
+        ref_logp = log_softmax(dense_out)
         ref_top = ref_logp.argmax(axis=1)
-        ref.update(ref_logp, ref_top, out0, labels)
+        ref.update(ref_logp, ref_top, dense_out, labels)
+        at_point.update(ref_logp, ref_top, out0, labels)
         for layer in layers:
             for sp, w in variants[layer.name]:
                 out = evaluator.run_unit(layer.name, acts, {layer.weight: w})[0]
@@ -95,6 +118,9 @@ def layer_sensitivity(
                 progress(done, total)
     base = ref.result()
     base["kl"] = 0.0
+    if at:  # sparsity 0 of a layer, the others at the plan, needs its own run: use the grid's 0 if measured
+        curves = {layer.name: [{"sparsity": sp, **acc[(layer.name, sp)].result()} for sp in grid] for layer in layers}
+        return curves, {**base, "at_plan": at_point.result()}
     curves = {
         layer.name: [{"sparsity": 0.0, **base}] + [{"sparsity": sp, **acc[(layer.name, sp)].result()} for sp in grid]
         for layer in layers

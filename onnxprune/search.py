@@ -1,0 +1,139 @@
+"""Allocation by measured search: per-layer sparsities chosen by evaluating whole pruned models.
+
+Every allocation rule in onnxprune.allocation scores layers one at a time (or not at all); at high sparsity
+the layers' effects interact. ``search`` measures instead: the objective is the mean KL divergence between
+the unmodified model's and the pruned model's output distributions on calibration data (no labels needed),
+the pruned model being magnitude-pruned in every layer at the candidate sparsities.
+
+1. Seeds: LAMP, ERK and uniform allocations, the sensitivity allocation when sensitivity scores are given,
+   and the halfway mix of LAMP and sensitivity; the best seed starts the search.
+2. Evolutionary (1+1) search in the spirit of EvoPress (Sieberling et al. 2024): a mutation moves budget
+   between random pairs of layers (the budget-weighted total stays exactly the same, bounds are respected);
+   it is kept if the objective improves. ``iterations`` mutations, seeded random generator.
+
+Each evaluation is one ONNX Runtime run over the calibration batch with every layer's weight fed as an
+input (one session, no re-serialisation); masks come from a per-layer magnitude order computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxprune.allocation import Unit, allocate_sparsities
+from onnxprune.errors import InputError
+from onnxprune.runtime.session import create_session
+from onnxprune.scoring.sensitivity import log_softmax
+from onnxprune.weights import get_weight
+
+
+@dataclass
+class SearchLog:
+    seeds: dict[str, float]
+    start: str
+    start_kl: float
+    final_kl: float
+    accepted: int
+    iterations: int
+    evaluations: int
+
+
+class _Objective:
+    """KL(dense || pruned) on calibration feeds, for per-layer sparsities."""
+
+    def __init__(self, model: ir.Model, units: Sequence[Unit], feeds: list[dict[str, np.ndarray]], provider: str):
+        proto = ir.serde.serialize_model(model)
+        names = {u.layer.weight for u in units}
+        kept = []
+        for init in proto.graph.initializer:
+            if init.name in names:
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            else:
+                kept.append(init)
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+        consts = [n for n in proto.graph.node if n.op_type == "Constant" and set(n.output) & names]
+        for n in consts:  # weights held by Constant nodes become inputs too
+            t = next(a.t for a in n.attribute if a.name == "value")
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(n.output[0], t.data_type, list(t.dims)))
+            proto.graph.node.remove(n)
+        self.session = create_session(proto.SerializeToString(), provider).session
+        self.output = self.session.get_outputs()[0].name
+        self.units = units
+        self.dense = {u.layer.weight: np.asarray(get_weight(u.layer)) for u in units}
+        self.order = {k: np.argsort(np.abs(w).reshape(-1), kind="stable") for k, w in self.dense.items()}
+        self.feeds = feeds
+        self.ref = [log_softmax(self._run(f, self.dense)) for f in feeds]
+        self.evaluations = 0
+
+    def _run(self, feeds, weights):
+        return self.session.run([self.output], {**feeds, **weights})[0]
+
+    def weights(self, sparsities: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for u, s in zip(self.units, sparsities, strict=True):
+            w = self.dense[u.layer.weight]
+            flat = w.reshape(-1).copy()
+            flat[self.order[u.layer.weight][: int(round(s * w.size))]] = 0
+            out[u.layer.weight] = flat.reshape(w.shape)
+        return out
+
+    def __call__(self, sparsities: np.ndarray) -> float:
+        self.evaluations += 1
+        weights = self.weights(sparsities)
+        kl, n = 0.0, 0
+        for feeds, ref in zip(self.feeds, self.ref, strict=True):
+            logp = log_softmax(self._run(feeds, weights))
+            kl += float(np.sum(np.exp(ref) * (ref - logp)))
+            n += ref.shape[0]
+        return kl / n
+
+
+def search_allocation(
+    model: ir.Model, units: Sequence[Unit], target: float, budget_weights: np.ndarray,
+    feeds: list[dict[str, np.ndarray]], *, iterations: int = 150, seed: int = 0, provider: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, SearchLog]:
+    objective = _Objective(model, units, feeds, provider)
+    lo = np.array([u.lo for u in units])
+    hi = np.array([u.hi for u in units])
+    w = budget_weights.astype(np.float64)
+    budget = "params" if np.array_equal(w, [u.n for u in units]) else "flops"
+    seeds: dict[str, np.ndarray] = {}
+    for method in ("lamp", "erk", "uniform"):
+        seeds[method] = allocate_sparsities(units, method, target, budget)
+    if all(u.curve for u in units):
+        seeds["sensitivity"] = allocate_sparsities(units, "sensitivity", target, budget)
+        seeds["lamp+sensitivity"] = (seeds["lamp"] + seeds["sensitivity"]) / 2
+    values = {name: objective(s) for name, s in seeds.items()}
+    start = min(values, key=values.get)
+    current, best = seeds[start].copy(), values[start]
+    rng = np.random.default_rng(seed)
+    accepted = 0
+    total = float(w.sum())
+    for it in range(iterations):
+        cand = current.copy()
+        for _ in range(rng.integers(1, 4)):  # 1-3 pair moves per mutation
+            i, j = rng.choice(len(units), size=2, replace=False)
+            # move budget mass from j to i (more sparsity in i, less in j), within both bounds
+            room = min((hi[i] - cand[i]) * w[i], (cand[j] - lo[j]) * w[j])
+            if room <= 0:
+                continue
+            mass = room * rng.uniform(0.05, 0.5) if room < 0.02 * total else min(room, 0.02 * total) * rng.uniform(0.1, 1)
+            cand[i] += mass / w[i]
+            cand[j] -= mass / w[j]
+        value = objective(cand)
+        if value < best:
+            current, best = cand, value
+            accepted += 1
+        if progress:
+            progress(it + 1, iterations)
+    if abs(float(np.dot(w, current)) / total - target) > 1e-6:
+        raise InputError("internal: the search drifted off the budget")
+    log = SearchLog(seeds={k: round(v, 6) for k, v in values.items()}, start=start, start_kl=values[start],
+                    final_kl=best, accepted=accepted, iterations=iterations, evaluations=objective.evaluations)
+    return current, log

@@ -1,0 +1,100 @@
+"""Partial-graph evaluation equals full runs; sensitivity scores and their allocation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import onnxprune
+from models.resnet_cifar import CIFAR_MEAN, CIFAR_STD
+from onnxprune import allocation, api
+from onnxprune.analysis.graph import analyse_graph
+from onnxprune.analysis.layers import Layer, find_layers
+from onnxprune.errors import InputError
+from onnxprune.runtime.partial import PartialEvaluator, Unit
+
+
+def _cifar(path, start, n):
+    d = np.load(path)
+    x = d["x"][start:start + n].astype(np.float32) / 255
+    return (x - np.array(CIFAR_MEAN, np.float32)[:, None, None]) / np.array(CIFAR_STD, np.float32)[:, None, None]
+
+
+@pytest.mark.parametrize("name", ["resnet56", "transformer-pre"])
+def test_partial_evaluation_equals_full_model(export, cifar_lossless, digits_npz, name):
+    """Oracle: replacing one layer's weight in the suffix session gives the same outputs as a full run of the
+    model with that weight replaced (ONNX Runtime both ways)."""
+    path = export(name)
+    model = ir.load(path)
+    info = analyse_graph(model)
+    layers = find_layers(info)
+    chosen = layers[:: max(1, len(layers) // 6)]
+    pe = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in chosen])
+    if name == "resnet56":
+        x = _cifar(cifar_lossless, 0, 32)
+    else:
+        x = np.load(digits_npz)["x"][:32].astype(np.float32) / 255
+    acts = pe.run_prefix({"input": x})
+    proto = onnx.load(str(path))
+    full_ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(acts[pe.output_names[0]], full_ref, atol=1e-5)
+    rng = np.random.default_rng(0)
+    for layer in chosen:
+        init = next(t for t in proto.graph.initializer if t.name == layer.weight)
+        w = rng.standard_normal(tuple(init.dims)).astype(np.float32) * 0.1
+        partial = pe.run_unit(layer.name, acts, {layer.weight: w})[0]
+        p2 = onnx.ModelProto()
+        p2.CopyFrom(proto)
+        next(t for t in p2.graph.initializer if t.name == layer.weight).CopyFrom(
+            onnx.numpy_helper.from_array(w, layer.weight))
+        full = ort.InferenceSession(p2.SerializeToString()).run(None, {"input": x})[0]
+        np.testing.assert_allclose(partial, full, atol=1e-4, rtol=1e-4)
+        assert not np.allclose(full, full_ref, atol=1e-3)  # the replacement really changed the output
+
+
+def test_sensitivity_scores_on_resnet56(export, cifar_jpeg):
+    r56 = export("resnet56")
+    sc = api.score(r56, "sensitivity", data=cifar_jpeg, offset=1017, limit=128, batch_size=128,
+                   grid=(0.5, 0.9))
+    assert sc.options["samples"] == 128 and sc.metric == "kl"
+    assert len(sc.units) == 56
+    for u in sc.units:
+        kls = [p["kl"] for p in u["curve"]]
+        assert kls[0] == 0.0 and kls[2] >= 0.0
+    # pruning 90 % of the stem conv hurts more than 90 % of a late 3x3 conv of stage 3
+    by = sc.by_name()
+    stem = by[sc.units[0]["name"]]["curve"][2]["kl"]
+    late = by[sc.units[-3]["name"]]["curve"][2]["kl"]
+    assert stem > late
+    plan = api.allocate(r56, target_sparsity=0.7, method="sensitivity", scores=sc)
+    assert abs(plan.totals["params_sparsity"] - 0.7) <= 0.001
+    with pytest.raises(InputError, match="needs scores from onnxprune score --method sensitivity"):
+        api.allocate(r56, target_sparsity=0.7, method="sensitivity", scores=api.score(r56))
+
+
+def test_hull_allocation_prefers_cheap_layers():
+    """Two layers of equal size: the one whose drop rises late takes the sparsity first."""
+    def unit(name, curve):
+        return allocation.Unit(name=name, n=100, flops=100, layer=Layer(name, "MatMul", "w", (10, 10), 100, 1),
+                               importance=1.0, curve=curve)
+
+    cheap = unit("cheap", [(0.0, 0.0), (0.5, 0.0), (0.9, 0.1)])
+    costly = unit("costly", [(0.0, 0.0), (0.5, 1.0), (0.9, 5.0)])
+    s = allocation.allocate_sparsities([cheap, costly], "sensitivity", 0.5)
+    assert s[0] == pytest.approx(0.9) and s[1] == pytest.approx(0.1)
+    assert np.dot([100, 100], s) / 200 == pytest.approx(0.5)
+    with pytest.raises(InputError, match="cannot be met"):
+        allocation.allocate_sparsities([cheap, costly], "sensitivity", 0.95)
+
+
+def test_score_cli_sensitivity_without_labels_needs_no_top1(export, digits_npz, tmp_path):
+    path = tmp_path / "unlabelled.npz"
+    np.savez(path, x=np.load(digits_npz)["x"][:64])
+    with pytest.raises(InputError, match="needs labels"):
+        api.score(export("cnn"), "sensitivity", data=path, metric="top1")
+    sc = api.score(export("cnn"), "sensitivity", data=path, metric="agreement", grid=(0.5,))
+    assert all("top1" not in p for u in sc.units for p in u["curve"])
+    assert onnxprune.inspect(export("cnn")).fingerprint == sc.fingerprint
