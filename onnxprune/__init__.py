@@ -4,14 +4,30 @@ Python API (the same verbs as the CLI)::
 
     import onnxprune
     info = onnxprune.inspect("model.onnx")          # layers, blocks, totals
-    res = onnxprune.eval("model.onnx", "data.npz")   # top-1 / top-5 / throughput
+    scores = onnxprune.score("model.onnx")          # capacity (or sensitivity with data=...)
+    plan = onnxprune.allocate("model.onnx", target_sparsity=0.7, method="lamp")
+    onnxprune.apply("model.onnx", plan, "pruned.onnx")
+    res = onnxprune.eval("pruned.onnx", "data.npz")  # top-1 / top-5 / throughput
 """
 
 __version__ = "0.1.0"
 
-from onnxprune.api import EvalResult, InspectResult, evaluate, inspect  # noqa: E402
+from onnxprune.api import (  # noqa: E402
+    ApplyResult,
+    EvalResult,
+    InspectResult,
+    allocate,
+    apply,
+    evaluate,
+    inspect,
+    score,
+)
+from onnxprune.plan import Plan, Scores  # noqa: E402
 from onnxprune.errors import InputError, OnnxpruneError  # noqa: E402
 
 eval = evaluate  # noqa: A001 - the CLI verb's name, as the API mirrors the CLI
 
-__all__ = ["EvalResult", "InputError", "InspectResult", "OnnxpruneError", "eval", "evaluate", "inspect", "__version__"]
+__all__ = [
+    "ApplyResult", "EvalResult", "InputError", "InspectResult", "OnnxpruneError", "Plan", "Scores", "__version__",
+    "allocate", "apply", "eval", "evaluate", "inspect", "score",
+]

@@ -30,9 +30,7 @@ def _capacity_metrics():
 
 
 def _allocation_methods():
-    from onnxprune.allocation import METHODS
-
-    return METHODS
+    return api.ALLOCATION_METHODS
 
 
 err = Console(stderr=True, highlight=False)
@@ -270,10 +268,12 @@ def _output_option(help_text: str):
               help=f"capacity: {', '.join(_capacity_metrics())} (default {api.DEFAULT_CAPACITY_METRIC}); "
                    f"sensitivity: {', '.join(api.SENSITIVITY_METRICS)} (default kl).")
 @click.option("--grid", default=None, metavar="S,S,...", help="Sparsities measured per layer (sensitivity).")
+@click.option("--at", "at_plan", type=click.Path(path_type=str), default=None,
+              help="sensitivity: measure around this plan (the other layers pruned as planned).")
 @data_options
 @_output_option("Where to write scores.json.")
 @common_options
-def score(model, method, metric, grid, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
+def score(model, method, metric, grid, at_plan, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
           offset, provider, output, as_json):
     """Score the importance of every prunable layer of MODEL.
 
@@ -290,7 +290,7 @@ def score(model, method, metric, grid, data, data_loader_script, input_key, labe
             model, method, metric=metric, data=data, data_loader_script=data_loader_script, input_key=input_key,
             label_key=label_key, mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"),
             batch_size=batch_size, limit=limit, offset=offset, provider=provider,
-            grid=parse_floats(grid, "grid"),
+            grid=parse_floats(grid, "grid"), at=at_plan,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     write_json(scores.to_dict(), output)
@@ -320,19 +320,36 @@ def score(model, method, metric, grid, data, data_loader_script, input_key, labe
 @click.option("--budget", type=click.Choice(["params", "flops"]), default="params", show_default=True,
               help="Weight the total by parameters or by FLOPs.")
 @click.option("--force", is_flag=True, help="Use scores made for another model.")
+@click.option("--iterations", type=int, default=150, show_default=True, help="search: mutations to try.")
+@click.option("--seed", type=int, default=0, show_default=True, help="search: random seed.")
+@data_options
 @_output_option("Where to write plan.json.")
 @common_options
 def allocate(model, scores_path, target_sparsity, method, min_sparsity, max_sparsity, keep_dense, budget, force,
-             output, as_json):
+             iterations, seed, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset,
+             provider, output, as_json):
     """Turn scores and a budget into a plan: a sparsity for every layer of MODEL.
 
     \b
-    Example:
+    capacity / sensitivity read --scores; uniform, global, lamp, erk need only the model;
+    search measures whole pruned models on calibration data (--data) and can start from --scores
+    of onnxprune score --method sensitivity.
+    Examples:
       onnxprune allocate build/resnet56.onnx --scores scores.json --target-sparsity 0.7 --method capacity -o plan.json
+      onnxprune allocate build/resnet56.onnx --method search --target-sparsity 0.7 \\
+          --data cifar10_test_jpeg_q75.npz --offset 1017 --limit 512 -o plan.json
     """
-    plan = api.allocate(model, target_sparsity=target_sparsity, method=method, scores=scores_path,
-                        min_sparsity=min_sparsity, max_sparsity=max_sparsity, keep_dense=keep_dense, budget=budget,
-                        force=force)
+    check_output_path(Path(output))
+    with _progress() as progress:
+        task = progress.add_task(f"allocating ({method})", total=None)
+        plan = api.allocate(
+            model, target_sparsity=target_sparsity, method=method, scores=scores_path, min_sparsity=min_sparsity,
+            max_sparsity=max_sparsity, keep_dense=keep_dense, budget=budget, force=force, data=data,
+            data_loader_script=data_loader_script, input_key=input_key, label_key=label_key,
+            mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"), batch_size=batch_size, limit=limit,
+            offset=offset, provider=provider, iterations=iterations, seed=seed,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     write_json(plan.to_dict(), output)
     if as_json:
         _emit_json(plan.to_dict())

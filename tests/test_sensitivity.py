@@ -98,3 +98,18 @@ def test_score_cli_sensitivity_without_labels_needs_no_top1(export, digits_npz, 
     sc = api.score(export("cnn"), "sensitivity", data=path, metric="agreement", grid=(0.5,))
     assert all("top1" not in p for u in sc.units for p in u["curve"])
     assert onnxprune.inspect(export("cnn")).fingerprint == sc.fingerprint
+
+
+def test_search_allocation_improves_on_its_seeds(export, digits_npz):
+    """search meets the total exactly, never ends worse than its best seed on the calibration objective, and
+    is reproducible for a seed."""
+    cnn = export("cnn")
+    plans = [api.allocate(cnn, target_sparsity=0.8, method="search", data=digits_npz, iterations=25, seed=3)
+             for _ in range(2)]
+    log = plans[0].options["search"]
+    assert abs(plans[0].totals["params_sparsity"] - 0.8) <= 0.001
+    assert log["final_kl"] <= min(log["seeds"].values())
+    assert log["evaluations"] == 25 + len(log["seeds"])
+    assert plans[0].sparsities() == plans[1].sparsities()
+    with pytest.raises(InputError, match="exactly one of --data"):
+        api.allocate(cnn, target_sparsity=0.8, method="search")
