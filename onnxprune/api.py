@@ -266,6 +266,7 @@ def score(
     provider: str = "auto",
     grid: tuple[float, ...] | None = None,
     at: Plan | str | os.PathLike | None = None,
+    tolerance: float = 1.0,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Scores:
     """Per-layer importance.
@@ -275,16 +276,22 @@ def score(
       sparsity of ``grid`` under magnitude pruning, measured with partial-graph evaluation. With ``at`` (a
       plan), each layer varies while the others stay at the plan's sparsities: curves around that operating
       point, which correct the additivity assumption at high sparsity (score, allocate, score --at, allocate).
+    - ``compactness`` (data): for each layer alone, the highest sparsity whose top-1 drop (agreement drop
+      without labels) stays within ``tolerance`` points, by bisection; importance = 1 - compactness, usable
+      by ``allocate --method capacity``.
     """
     if method == "capacity":
         return _score_capacity(model, metric, progress)
     if method == "sensitivity":
         return _score_sensitivity(model, metric or "kl", data, data_loader_script, input_key, label_key, mean, std,
                                   batch_size, limit, offset, provider, grid, at, progress)
+    if method == "compactness":
+        return _score_compactness(model, data, data_loader_script, input_key, label_key, mean, std, batch_size,
+                                  limit, offset, provider, tolerance, progress)
     raise InputError(f"unknown scoring method {method!r}; available: {', '.join(SCORE_METHODS)}")
 
 
-SCORE_METHODS = ("capacity", "sensitivity")
+SCORE_METHODS = ("capacity", "sensitivity", "compactness")
 SENSITIVITY_METRICS = ("kl", "agreement", "top1")
 
 
@@ -325,15 +332,9 @@ def curve_drop(point: dict, base: dict, metric: str) -> float:
     return float(base["top1"]) - float(point["top1"])
 
 
-def _score_sensitivity(model, metric, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
-                       offset, provider, grid, at, progress) -> Scores:
-    from onnxprune.scoring.sensitivity import DEFAULT_GRID, layer_sensitivity
-
-    if metric not in SENSITIVITY_METRICS:
-        raise InputError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(SENSITIVITY_METRICS)}")
-    grid = tuple(grid or DEFAULT_GRID)
-    if not all(0 <= g < 1 for g in grid):
-        raise InputError(f"--grid sparsities must be in (0, 1), got {grid}")
+def _calibration(model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset,
+                 provider):
+    """Model, analysis, own-weight layers, flops of shared users, session provider and batches (a list)."""
     m = load_model(model) if not isinstance(model, ir.Model) else model
     info = analyse_graph(m)
     layers = [layer for layer in find_layers(info) if not layer.shared_with]
@@ -343,7 +344,43 @@ def _score_sensitivity(model, metric, data, data_loader_script, input_key, label
     sess = create_session(ir.serde.serialize_model(m).SerializeToString(), provider)
     batches, _, _ = _batches(m, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size,
                              limit, offset)
-    batches = list(batches)
+    return m, info, layers, extra_flops, sess.provider, list(batches)
+
+
+def _score_compactness(model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset,
+                       provider, tolerance, progress) -> Scores:
+    from onnxprune.scoring.sensitivity import layer_compactness
+
+    if not tolerance > 0:
+        raise InputError(f"--tolerance must be positive (percentage points), got {tolerance:g}")
+    m, info, layers, extra_flops, used_provider, batches = _calibration(
+        model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset, provider)
+    t0 = time.perf_counter()
+    results, base = layer_compactness(m, info, layers, batches, tolerance, provider=used_provider, progress=progress)
+    units = []
+    for layer in layers:
+        c = results[layer.name]["compactness"]
+        units.append({**_unit_entry(layer, extra_flops), "metrics": {"compactness": c},
+                      "importance": max(1.0 - c, 0.01), "criterion": results[layer.name]["criterion"]})
+    samples = sum(len(next(iter(f.values()))) for f, _ in batches)
+    return Scores(method="compactness", fingerprint=fingerprint(m), units=units, metric="compactness",
+                  options={"tolerance": tolerance, "samples": samples, "offset": offset, "reference": base,
+                           "seconds": round(time.perf_counter() - t0, 3), "provider": used_provider,
+                           "definition": "highest sparsity of this layer alone whose drop stays within the "
+                                         "tolerance; importance = 1 - compactness (at least 0.01)"})
+
+
+def _score_sensitivity(model, metric, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
+                       offset, provider, grid, at, progress) -> Scores:
+    from onnxprune.scoring.sensitivity import DEFAULT_GRID, layer_sensitivity
+
+    if metric not in SENSITIVITY_METRICS:
+        raise InputError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(SENSITIVITY_METRICS)}")
+    grid = tuple(grid or DEFAULT_GRID)
+    if not all(0 <= g < 1 for g in grid):
+        raise InputError(f"--grid sparsities must be in (0, 1), got {grid}")
+    m, info, layers, extra_flops, used_provider, batches = _calibration(
+        model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset, provider)
     if metric == "top1" and any(labels is None for _, labels in batches):
         raise InputError("--metric top1 needs labels in the data; use kl or agreement without labels")
     at_sparsities = None
@@ -353,7 +390,7 @@ def _score_sensitivity(model, metric, data, data_loader_script, input_key, label
         at_sparsities = at_plan.sparsities()
         grid = tuple(sorted(set(grid) | {0.0}))
     t0 = time.perf_counter()
-    curves, base = layer_sensitivity(m, info, layers, batches, grid, provider=sess.provider, progress=progress,
+    curves, base = layer_sensitivity(m, info, layers, batches, grid, provider=used_provider, progress=progress,
                                      at=at_sparsities)
     seconds = time.perf_counter() - t0
     units = []
@@ -367,7 +404,7 @@ def _score_sensitivity(model, metric, data, data_loader_script, input_key, label
     samples = sum(len(next(iter(f.values()))) for f, _ in batches)
     return Scores(method="sensitivity", fingerprint=fingerprint(m), units=units, metric=metric,
                   options={"grid": list(grid), "samples": samples, "offset": offset, "seconds": round(seconds, 3),
-                           "provider": sess.provider, "reference": base, "at": at_sparsities,
+                           "provider": used_provider, "reference": base, "at": at_sparsities,
                            "definition": "output drop of the model with only this layer magnitude-pruned"})
 
 

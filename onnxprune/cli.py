@@ -270,10 +270,12 @@ def _output_option(help_text: str):
 @click.option("--grid", default=None, metavar="S,S,...", help="Sparsities measured per layer (sensitivity).")
 @click.option("--at", "at_plan", type=click.Path(path_type=str), default=None,
               help="sensitivity: measure around this plan (the other layers pruned as planned).")
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="compactness: allowed drop in top-1 points (agreement points without labels).")
 @data_options
 @_output_option("Where to write scores.json.")
 @common_options
-def score(model, method, metric, grid, at_plan, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
+def score(model, method, metric, grid, at_plan, tolerance, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
           offset, provider, output, as_json):
     """Score the importance of every prunable layer of MODEL.
 
@@ -282,6 +284,7 @@ def score(model, method, metric, grid, at_plan, data, data_loader_script, input_
       onnxprune score build/resnet56.onnx --method capacity --metric effective_rank -o scores.json
       onnxprune score build/resnet56.onnx --method sensitivity --data cifar10_test_jpeg_q75.npz \\
           --offset 1017 --limit 512 -o sensitivity.json
+      onnxprune score build/resnet56.onnx --method compactness --tolerance 1.0 --data ... -o compactness.json
     """
     check_output_path(Path(output))
     with _progress() as progress:
@@ -290,7 +293,7 @@ def score(model, method, metric, grid, at_plan, data, data_loader_script, input_
             model, method, metric=metric, data=data, data_loader_script=data_loader_script, input_key=input_key,
             label_key=label_key, mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"),
             batch_size=batch_size, limit=limit, offset=offset, provider=provider,
-            grid=parse_floats(grid, "grid"), at=at_plan,
+            grid=parse_floats(grid, "grid"), at=at_plan, tolerance=tolerance,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     write_json(scores.to_dict(), output)
@@ -298,11 +301,11 @@ def score(model, method, metric, grid, at_plan, data, data_loader_script, input_
         _emit_json(scores.to_dict())
         return
     table = Table(title=f"{scores.method} scores ({scores.metric}) of {model}", title_justify="left")
-    value_col = scores.metric if scores.method == "capacity" else f"mean {scores.metric} drop"
+    value_col = f"mean {scores.metric} drop" if scores.method == "sensitivity" else scores.metric
     for col in ("#", "layer", "op", "params", value_col, "importance"):
         table.add_column(col, justify="left" if col in ("layer", "op") else "right", overflow="fold")
     for i, u in enumerate(scores.units):
-        value = u["metrics"][scores.metric] if scores.method == "capacity" else u["mean_drop"]
+        value = u["mean_drop"] if scores.method == "sensitivity" else u["metrics"][scores.metric]
         table.add_row(str(i), escape(u["name"]), u["op_type"], _fmt_int(u["params"]), f"{value:.4g}",
                       f"{u['importance']:.3f}")
     out.print(table)

@@ -113,3 +113,34 @@ def test_search_allocation_improves_on_its_seeds(export, digits_npz):
     assert plans[0].sparsities() == plans[1].sparsities()
     with pytest.raises(InputError, match="exactly one of --data"):
         api.allocate(cnn, target_sparsity=0.8, method="search")
+
+
+def test_compactness_matches_its_definition(export, digits_npz, tmp_path):
+    """At the reported compactness a layer's top-1 drop is within the tolerance; a step further it is not
+    (checked by independent full-model evaluations of the pruned layer)."""
+    cnn = export("cnn")
+    sc = api.score(cnn, "compactness", data=digits_npz, tolerance=2.0)
+    base = sc.options["reference"]["top1"]
+    d = np.load(digits_npz)
+    x, y = d["x"].astype(np.float32) / 255, d["y"]
+    proto = onnx.load(str(cnn))
+    layer = sc.units[1]
+
+    def top1_at(sparsity):
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        init = next(t for t in p.graph.initializer if t.name == layer["weight"])
+        w = onnx.numpy_helper.to_array(init).copy()
+        flat = w.reshape(-1)
+        flat[np.argsort(np.abs(flat), kind="stable")[: int(round(sparsity * flat.size))]] = 0
+        init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+        logits = ort.InferenceSession(p.SerializeToString()).run(None, {"input": x})[0]
+        return 100 * np.mean(logits.argmax(1) == y)
+
+    c = layer["metrics"]["compactness"]
+    assert 0 < c < 0.99
+    assert base - top1_at(c) <= 2.0
+    assert base - top1_at(min(c + 0.99 / 2**8 * 2, 0.99)) > 2.0 or c + 0.01 >= 0.99
+    assert layer["importance"] == pytest.approx(max(1 - c, 0.01))
+    plan = api.allocate(cnn, target_sparsity=0.7, method="capacity", scores=sc)
+    assert abs(plan.totals["params_sparsity"] - 0.7) <= 0.001

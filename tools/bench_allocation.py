@@ -26,7 +26,7 @@ from tools.benchlib import ROOT, machine, today, weight_sparsity, write_section
 CAPACITY_METRICS = ("mean_abs", "l2", "effective_rank", "stable_rank")
 BASELINES = ("uniform", "global", "lamp", "erk")
 PEERS = ("onnxsim-uniform", "onnxsim-global")
-MEASURED = ("sensitivity", "search")
+MEASURED = ("compactness", "sensitivity", "search")
 
 
 def export_model(name: str, folder: Path) -> Path:
@@ -105,6 +105,11 @@ def run(models: list[str], sparsities: list[float], methods: list[str], jpeg_lim
             scores["sensitivity"] = api.score(src, "sensitivity", data=calib, offset=offset,
                                               limit=CALIBRATION["sensitivity_limit"], batch_size=256)
             print(f"{name} sensitivity scores {time.perf_counter() - t0:.0f} s", flush=True)
+        if "compactness" in methods:
+            t0 = time.perf_counter()
+            scores["compactness"] = api.score(src, "compactness", data=calib, offset=offset, tolerance=1.0,
+                                              limit=CALIBRATION["sensitivity_limit"], batch_size=256)
+            print(f"{name} compactness scores {time.perf_counter() - t0:.0f} s", flush=True)
         for target in sparsities:
             for method in methods:
                 t0 = time.perf_counter()
@@ -122,7 +127,8 @@ def run(models: list[str], sparsities: list[float], methods: list[str], jpeg_lim
                         extra = {"search": plan.options["search"]}
                     else:
                         sc = scores.get(metric) if kind == "capacity" else scores.get(kind)
-                        plan = api.allocate(src, target_sparsity=target, method=kind, scores=sc)
+                        alloc = "capacity" if kind == "compactness" else kind
+                        plan = api.allocate(src, target_sparsity=target, method=alloc, scores=sc)
                     api.apply(src, plan, out, force=True)
                 seconds = time.perf_counter() - t0
                 acc = evaluate(out, sets, jpeg_limit)
@@ -179,7 +185,9 @@ def main(argv=None) -> int:
         f"Machine: {machine()}  \nDate: {today()}, {time.time() - t0:.0f} s\n\n"
         "Unstructured magnitude pruning inside each layer, the per-layer sparsities from each method; no "
         "fine-tuning. Total sparsity over the weights of all Conv/Gemm layers, measured on the output file "
-        "(for onnxsim too). Bold: best at that sparsity. `sensitivity` and `search` calibrate on JPEG images "
+        "(for onnxsim too). Bold: best at that sparsity. `compactness` = capacity allocation with importance "
+        "1 - (highest sparsity of each layer alone within 1 point of top-1). `compactness`, `sensitivity` and "
+        "`search` calibrate on JPEG images "
         f"{CALIBRATION['offset']}.. ({CALIBRATION['sensitivity_limit']} images for the sensitivity curves, "
         f"{CALIBRATION['search_limit']} for the search objective, {CALIBRATION['search_iterations']} search "
         "iterations), disjoint from the lossless 1,017 test images but inside the JPEG 10k set (5 % of it); "

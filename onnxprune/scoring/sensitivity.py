@@ -126,3 +126,54 @@ def layer_sensitivity(
         for layer in layers
     }
     return curves, ref.result()
+
+
+def layer_compactness(
+    model, info: GraphInfo, layers: list[Layer], batches: list[tuple[dict, np.ndarray | None]],
+    tolerance: float = 1.0, steps: int = 8, max_sparsity: float = 0.99, provider: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, dict], dict]:
+    """For each layer alone, the highest magnitude-pruning sparsity whose drop stays within ``tolerance``
+    (percentage points of top-1 with labels, else of top-1 agreement with the unmodified model), found by
+    bisection over [0, max_sparsity] in ``steps`` halvings. The unmodified model runs once; each probe runs
+    only the graph from the layer on, over the cached activations of every calibration batch."""
+    evaluator = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in layers],
+                                 provider=provider)
+    cached = []
+    ref = DropAccumulator()
+    for feeds, labels in batches:
+        acts = evaluator.run_prefix(feeds)
+        logp = log_softmax(acts[evaluator.output_names[0]])
+        cached.append((acts, labels, logp, logp.argmax(axis=1)))
+        ref.update(logp, logp.argmax(axis=1), acts[evaluator.output_names[0]], labels)
+    base = ref.result()
+    use_top1 = "top1" in base
+    results: dict[str, dict] = {}
+    for i, layer in enumerate(layers):
+        w = np.asarray(get_weight(layer))
+        order = np.argsort(np.abs(w).reshape(-1), kind="stable")
+
+        def drop(sp: float) -> float:
+            flat = w.reshape(-1).copy()
+            flat[order[: int(round(sp * w.size))]] = 0
+            acc = DropAccumulator()
+            for acts, labels, logp, top in cached:
+                out = evaluator.run_unit(layer.name, acts, {layer.weight: flat.reshape(w.shape)})[0]
+                acc.update(logp, top, out, labels)
+            r = acc.result()
+            return base["top1"] - r["top1"] if use_top1 else 100.0 - r["agreement"]
+
+        lo, hi = 0.0, max_sparsity
+        if drop(hi) <= tolerance:
+            lo = hi
+        else:
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                if drop(mid) <= tolerance:
+                    lo = mid
+                else:
+                    hi = mid
+        results[layer.name] = {"compactness": lo, "criterion": "top1" if use_top1 else "agreement"}
+        if progress:
+            progress(i + 1, len(layers))
+    return results, base
