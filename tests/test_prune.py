@@ -53,7 +53,7 @@ def run_cli(*args, rc=0):
 # --- allocation -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", allocation.METHODS)
+@pytest.mark.parametrize("method", ["capacity", "uniform", "global", "lamp", "erk"])  # measured ones: test_sensitivity
 @pytest.mark.parametrize("budget", ["params", "flops"])
 def test_totals_exact_and_bounds(r56, capacity_scores, method, budget):
     for target in (0.5, 0.8):
