@@ -63,42 +63,39 @@ class InspectResult:
         }
 
 
-def _batches(m: ir.Model, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
-             offset=0):
-    """Batches (feeds, labels) from an .npz or a loader script, checked against the model's inputs."""
-    if (data is None) == (data_loader_script is None):
+def _batches(m: ir.Model, sess, spec: rdata.DataSpec):
+    """(batches of (feeds, labels), sample count or None, preprocessing note), checked against the model."""
+    if (spec.data is None) == (spec.loader is None):
         raise InputError("give exactly one of --data FILE.npz or --data-loader-script FILE.py[:func]")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be at least 1, got {limit}")
-    if offset < 0:
-        raise InputError(f"--offset must be at least 0, got {offset}")
+    if spec.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {spec.batch_size}")
+    if spec.limit is not None and spec.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {spec.limit}")
+    if spec.offset < 0:
+        raise InputError(f"--offset must be at least 0, got {spec.offset}")
     specs = [rdata.InputSpec(i.name, i.type, list(i.shape)) for i in sess.session.get_inputs()]
-    preprocess_note = None
-    if data is not None:
-        if len(specs) != 1:
-            raise InputError(
-                f"the model has {len(specs)} inputs; an .npz feeds one, use --data-loader-script for several"
-            )
-        x, y = rdata.load_npz(data, input_key, label_key)
-        if offset >= len(x):
-            raise InputError(f"--offset {offset} leaves no samples of the {len(x)} in {data}")
-        x, y = x[offset:], (None if y is None else y[offset:])
-        rdata.check_array(x, specs[0], str(data))
-        source = "options"
-        if mean is None and std is None:
-            mean = rdata.parse_floats(m.metadata_props.get(META_MEAN), "mean")
-            std = rdata.parse_floats(m.metadata_props.get(META_STD), "std")
-            source = "model metadata"
-        pre = rdata.Preprocess(mean, std)
-        if mean is not None or std is not None:
-            preprocess_note = f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}"
-        total = len(x) if limit is None else min(limit, len(x))
-        return rdata.npz_batches(x, y, specs[0], pre, batch_size, limit), total, preprocess_note
-    if offset:
-        raise InputError("--offset applies to --data; skip samples inside the loader script instead")
-    return rdata.script_batches(rdata.load_loader_script(data_loader_script), specs, limit), limit, None
+    if spec.data is None:
+        if spec.offset:
+            raise InputError("--offset applies to --data; skip samples inside the loader script instead")
+        return rdata.script_batches(rdata.load_loader_script(spec.loader), specs, spec.limit), spec.limit, None
+    if len(specs) != 1:
+        raise InputError(f"the model has {len(specs)} inputs; an .npz feeds one, use --data-loader-script for several")
+    x, y = rdata.load_npz(spec.data, spec.input_key, spec.label_key)
+    if spec.offset >= len(x):
+        raise InputError(f"--offset {spec.offset} leaves no samples of the {len(x)} in {spec.data}")
+    x, y = x[spec.offset:], (None if y is None else y[spec.offset:])
+    rdata.check_array(x, specs[0], str(spec.data))
+    mean, std, source = spec.mean, spec.std, "options"
+    if mean is None and std is None:
+        mean = rdata.parse_floats(m.metadata_props.get(META_MEAN), "mean")
+        std = rdata.parse_floats(m.metadata_props.get(META_STD), "std")
+        source = "model metadata"
+    note = None
+    if mean is not None or std is not None:
+        note = f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}"
+    total = len(x) if spec.limit is None else min(spec.limit, len(x))
+    batches = rdata.npz_batches(x, y, specs[0], rdata.Preprocess(mean, std), spec.batch_size, spec.limit)
+    return batches, total, note
 
 
 def _as_model(model: ModelLike) -> ir.Model:
@@ -183,30 +180,22 @@ class EvalResult:
 
 def evaluate(
     model: str | os.PathLike,
-    data: str | os.PathLike | None = None,
+    data: rdata.DataSpec | str | os.PathLike | None = None,
     *,
-    data_loader_script: str | None = None,
-    input_key: str = "x",
-    label_key: str | None = "y",
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-    batch_size: int = 256,
-    limit: int | None = None,
-    provider: str = "auto",
-    offset: int = 0,
     progress: Callable[[int, int | None], None] | None = None,
+    **data_options,
 ) -> EvalResult:
     """Top-1 / top-5 accuracy and throughput of ``model`` with ONNX Runtime.
 
-    Data comes from an .npz (``data``; uint8 scaled to [0, 1], then ``(x - mean) / std`` per channel; mean
-    and std default to the model's ``onnxprune.preprocess.*`` metadata when it has some) or from a loader
-    script (``data_loader_script="file.py:func"``). ``progress(done, total)`` is called after each batch.
+    ``data``: an .npz path or a DataSpec; ``data_options``: the DataSpec fields as keywords (input_key,
+    label_key, mean, std, batch_size, limit, offset, provider, data_loader_script). uint8 inputs are scaled
+    to [0, 1], then ``(x - mean) / std`` per channel; mean and std default to the model's
+    ``onnxprune.preprocess.*`` metadata when it has some. ``progress(done, total)`` is called after each batch.
     """
+    spec = rdata.DataSpec.of(data, **data_options)
     m = load_model(model)
-    sess = create_session(model, provider)
-    batches, total, preprocess_note = _batches(
-        m, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset
-    )
+    sess = create_session(model, spec.provider)
+    batches, total, preprocess_note = _batches(m, sess, spec)
     acc = Accuracy()
     run_seconds = 0.0
     start = time.perf_counter()
@@ -227,7 +216,7 @@ def evaluate(
         seconds=run_seconds,
         wall_seconds=time.perf_counter() - start,
         provider=sess.provider,
-        batch_size=batch_size,
+        batch_size=spec.batch_size,
         notice=sess.notice,
         preprocess=preprocess_note,
     )
@@ -254,24 +243,18 @@ def score(
     method: str = "capacity",
     *,
     metric: str | None = None,
-    data: str | os.PathLike | None = None,
-    data_loader_script: str | None = None,
-    input_key: str = "x",
-    label_key: str | None = "y",
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-    batch_size: int = 256,
-    limit: int | None = None,
-    offset: int = 0,
-    provider: str = "auto",
+    data: rdata.DataSpec | str | os.PathLike | None = None,
     grid: tuple[float, ...] | None = None,
     at: Plan | str | os.PathLike | None = None,
     tolerance: float = 1.0,
     progress: Callable[[int, int | None], None] | None = None,
+    **data_options,
 ) -> Scores:
     """Per-layer importance.
 
     - ``capacity`` (data-free): a capacity metric of each weight tensor (onnxprune.scoring.capacity).
+    Data-driven methods read ``data`` (an .npz path or a DataSpec) and the DataSpec options as keywords.
+
     - ``sensitivity`` (data): for each layer alone, the output drop (``metric`` kl | agreement | top1) at each
       sparsity of ``grid`` under magnitude pruning, measured with partial-graph evaluation. With ``at`` (a
       plan), each layer varies while the others stay at the plan's sparsities: curves around that operating
@@ -282,12 +265,11 @@ def score(
     """
     if method == "capacity":
         return _score_capacity(model, metric, progress)
+    spec = rdata.DataSpec.of(data, **data_options)
     if method == "sensitivity":
-        return _score_sensitivity(model, metric or "kl", data, data_loader_script, input_key, label_key, mean, std,
-                                  batch_size, limit, offset, provider, grid, at, progress)
+        return _score_sensitivity(model, metric or "kl", spec, grid, at, progress)
     if method == "compactness":
-        return _score_compactness(model, data, data_loader_script, input_key, label_key, mean, std, batch_size,
-                                  limit, offset, provider, tolerance, progress)
+        return _score_compactness(model, spec, tolerance, progress)
     raise InputError(f"unknown scoring method {method!r}; available: {', '.join(SCORE_METHODS)}")
 
 
@@ -332,8 +314,7 @@ def curve_drop(point: dict, base: dict, metric: str) -> float:
     return float(base["top1"]) - float(point["top1"])
 
 
-def _calibration(model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset,
-                 provider):
+def _calibration(model, spec: rdata.DataSpec):
     """Model, analysis, own-weight layers, flops of shared users, session provider and batches (a list)."""
     m = load_model(model) if not isinstance(model, ir.Model) else model
     info = analyse_graph(m)
@@ -341,20 +322,17 @@ def _calibration(model, data, data_loader_script, input_key, label_key, mean, st
     if not layers:
         raise InputError("the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
     _, extra_flops = _prunable_units(m)
-    sess = create_session(ir.serde.serialize_model(m).SerializeToString(), provider)
-    batches, _, _ = _batches(m, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size,
-                             limit, offset)
+    sess = create_session(ir.serde.serialize_model(m).SerializeToString(), spec.provider)
+    batches, _, _ = _batches(m, sess, spec)
     return m, info, layers, extra_flops, sess.provider, list(batches)
 
 
-def _score_compactness(model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset,
-                       provider, tolerance, progress) -> Scores:
+def _score_compactness(model, spec: rdata.DataSpec, tolerance: float, progress) -> Scores:
     from onnxprune.scoring.sensitivity import layer_compactness
 
     if not tolerance > 0:
         raise InputError(f"--tolerance must be positive (percentage points), got {tolerance:g}")
-    m, info, layers, extra_flops, used_provider, batches = _calibration(
-        model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset, provider)
+    m, info, layers, extra_flops, used_provider, batches = _calibration(model, spec)
     t0 = time.perf_counter()
     results, base = layer_compactness(m, info, layers, batches, tolerance, provider=used_provider, progress=progress)
     units = []
@@ -364,14 +342,13 @@ def _score_compactness(model, data, data_loader_script, input_key, label_key, me
                       "importance": max(1.0 - c, 0.01), "criterion": results[layer.name]["criterion"]})
     samples = sum(len(next(iter(f.values()))) for f, _ in batches)
     return Scores(method="compactness", fingerprint=fingerprint(m), units=units, metric="compactness",
-                  options={"tolerance": tolerance, "samples": samples, "offset": offset, "reference": base,
+                  options={"tolerance": tolerance, "samples": samples, "offset": spec.offset, "reference": base,
                            "seconds": round(time.perf_counter() - t0, 3), "provider": used_provider,
                            "definition": "highest sparsity of this layer alone whose drop stays within the "
                                          "tolerance; importance = 1 - compactness (at least 0.01)"})
 
 
-def _score_sensitivity(model, metric, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
-                       offset, provider, grid, at, progress) -> Scores:
+def _score_sensitivity(model, metric: str, spec: rdata.DataSpec, grid, at, progress) -> Scores:
     from onnxprune.scoring.sensitivity import DEFAULT_GRID, layer_sensitivity
 
     if metric not in SENSITIVITY_METRICS:
@@ -379,8 +356,7 @@ def _score_sensitivity(model, metric, data, data_loader_script, input_key, label
     grid = tuple(grid or DEFAULT_GRID)
     if not all(0 <= g < 1 for g in grid):
         raise InputError(f"--grid sparsities must be in (0, 1), got {grid}")
-    m, info, layers, extra_flops, used_provider, batches = _calibration(
-        model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset, provider)
+    m, info, layers, extra_flops, used_provider, batches = _calibration(model, spec)
     if metric == "top1" and any(labels is None for _, labels in batches):
         raise InputError("--metric top1 needs labels in the data; use kl or agreement without labels")
     at_sparsities = None
@@ -403,7 +379,7 @@ def _score_sensitivity(model, metric, data, data_loader_script, input_key, label
         u["importance"] = u["mean_drop"] / top if top > 0 else 1.0
     samples = sum(len(next(iter(f.values()))) for f, _ in batches)
     return Scores(method="sensitivity", fingerprint=fingerprint(m), units=units, metric=metric,
-                  options={"grid": list(grid), "samples": samples, "offset": offset, "seconds": round(seconds, 3),
+                  options={"grid": list(grid), "samples": samples, "offset": spec.offset, "seconds": round(seconds, 3),
                            "provider": used_provider, "reference": base, "at": at_sparsities,
                            "definition": "output drop of the model with only this layer magnitude-pruned"})
 
@@ -434,24 +410,17 @@ def allocate(
     keep_dense: tuple[str, ...] | list[str] = (),
     budget: str = "params",
     force: bool = False,
-    data: str | os.PathLike | None = None,
-    data_loader_script: str | None = None,
-    input_key: str = "x",
-    label_key: str | None = "y",
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-    batch_size: int = 256,
-    limit: int | None = None,
-    offset: int = 0,
-    provider: str = "auto",
+    data: rdata.DataSpec | str | os.PathLike | None = None,
     iterations: int = 150,
     seed: int = 0,
     progress: Callable[[int, int | None], None] | None = None,
+    **data_options,
 ) -> Plan:
     """A plan: a sparsity for every prunable layer so that the budget-weighted total equals the target.
 
-    ``search`` measures whole pruned models on calibration data (``data`` ... ``offset``), see
-    onnxprune.search; every other method is computed from the weights and/or the scores alone.
+    ``search`` measures whole pruned models on calibration data (``data``: an .npz path or a DataSpec, and
+    the DataSpec options as keywords), see onnxprune.search; every other method is computed from the weights
+    and/or the scores alone.
     """
     from onnxprune import allocation
 
@@ -496,9 +465,9 @@ def allocate(
                 entry = sc.by_name().get(u.name)
                 if entry is not None:
                     u.curve = [(float(p["sparsity"]), curve_drop(p, base, sc.metric or "kl")) for p in entry["curve"]]
-        sess = create_session(ir.serde.serialize_model(m).SerializeToString(), provider)
-        batches, _, _ = _batches(m, sess, data, data_loader_script, input_key, label_key, mean, std, batch_size,
-                                 limit, offset)
+        spec = rdata.DataSpec.of(data, **data_options)
+        sess = create_session(ir.serde.serialize_model(m).SerializeToString(), spec.provider)
+        batches, _, _ = _batches(m, sess, spec)
         feeds = [f for f, _ in batches]
         result, search_log = allocation.allocate_measured(
             units, target_sparsity, budget,
@@ -521,7 +490,8 @@ def allocate(
     options = {"min_sparsity": min_sparsity, "max_sparsity": max_sparsity, "keep_dense": list(keep_dense),
                **({"scores_method": sc.method, "scores_metric": sc.metric} if sc else {})}
     if search_log is not None:
-        options["search"] = {**search_log.__dict__, "seed": seed, "calibration_offset": offset, "limit": limit}
+        options["search"] = {**search_log.__dict__, "seed": seed, "calibration_offset": spec.offset,
+                             "limit": spec.limit}
     return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget, options=options)
 
 

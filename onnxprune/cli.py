@@ -20,7 +20,7 @@ from onnxprune import __version__, api
 from onnxprune.errors import InputError, OnnxpruneError
 from onnxprune.io import check_output_path
 from onnxprune.plan import write_json
-from onnxprune.runtime.data import parse_floats
+from onnxprune.runtime.data import DataSpec, parse_floats
 from onnxprune.runtime.session import PROVIDERS
 
 def _capacity_metrics():
@@ -197,7 +197,13 @@ def data_options(fn):
                   help="ONNX Runtime execution provider (auto: CUDA if available, else CPU).")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs)
+        spec = DataSpec(
+            data=kwargs.pop("data"), loader=kwargs.pop("data_loader_script"), input_key=kwargs.pop("input_key"),
+            label_key=kwargs.pop("label_key"), mean=parse_floats(kwargs.pop("mean"), "mean"),
+            std=parse_floats(kwargs.pop("std"), "std"), batch_size=kwargs.pop("batch_size"),
+            limit=kwargs.pop("limit"), offset=kwargs.pop("offset"), provider=kwargs.pop("provider"),
+        )
+        return fn(*args, data_spec=spec, **kwargs)
 
     return wrapper
 
@@ -214,8 +220,7 @@ def _progress() -> Progress:
 @click.argument("model", type=click.Path(path_type=str))
 @data_options
 @common_options
-def eval_cmd(model, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset, provider,
-             as_json):
+def eval_cmd(model, data_spec, as_json):
     """Measure top-1 / top-5 accuracy and throughput of MODEL with ONNX Runtime.
 
     \b
@@ -230,11 +235,7 @@ def eval_cmd(model, data, data_loader_script, input_key, label_key, mean, std, b
         def tick(done, total):
             progress.update(task, completed=done, total=total)
 
-        result = api.evaluate(
-            model, data, data_loader_script=data_loader_script, input_key=input_key, label_key=label_key,
-            mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"), batch_size=batch_size, limit=limit,
-            provider=provider, offset=offset, progress=tick,
-        )
+        result = api.evaluate(model, data_spec, progress=tick)
     _notice(result.notice)
     if as_json:
         _emit_json(result.to_dict())
@@ -275,8 +276,7 @@ def _output_option(help_text: str):
 @data_options
 @_output_option("Where to write scores.json.")
 @common_options
-def score(model, method, metric, grid, at_plan, tolerance, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit,
-          offset, provider, output, as_json):
+def score(model, method, metric, grid, at_plan, tolerance, data_spec, output, as_json):
     """Score the importance of every prunable layer of MODEL.
 
     \b
@@ -290,11 +290,8 @@ def score(model, method, metric, grid, at_plan, tolerance, data, data_loader_scr
     with _progress() as progress:
         task = progress.add_task(f"scoring ({method})", total=None)
         scores = api.score(
-            model, method, metric=metric, data=data, data_loader_script=data_loader_script, input_key=input_key,
-            label_key=label_key, mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"),
-            batch_size=batch_size, limit=limit, offset=offset, provider=provider,
-            grid=parse_floats(grid, "grid"), at=at_plan, tolerance=tolerance,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            model, method, metric=metric, data=data_spec, grid=parse_floats(grid, "grid"), at=at_plan,
+            tolerance=tolerance, progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     write_json(scores.to_dict(), output)
     if as_json:
@@ -329,8 +326,7 @@ def score(model, method, metric, grid, at_plan, tolerance, data, data_loader_scr
 @_output_option("Where to write plan.json.")
 @common_options
 def allocate(model, scores_path, target_sparsity, method, min_sparsity, max_sparsity, keep_dense, budget, force,
-             iterations, seed, data, data_loader_script, input_key, label_key, mean, std, batch_size, limit, offset,
-             provider, output, as_json):
+             iterations, seed, data_spec, output, as_json):
     """Turn scores and a budget into a plan: a sparsity for every layer of MODEL.
 
     \b
@@ -347,10 +343,8 @@ def allocate(model, scores_path, target_sparsity, method, min_sparsity, max_spar
         task = progress.add_task(f"allocating ({method})", total=None)
         plan = api.allocate(
             model, target_sparsity=target_sparsity, method=method, scores=scores_path, min_sparsity=min_sparsity,
-            max_sparsity=max_sparsity, keep_dense=keep_dense, budget=budget, force=force, data=data,
-            data_loader_script=data_loader_script, input_key=input_key, label_key=label_key,
-            mean=parse_floats(mean, "mean"), std=parse_floats(std, "std"), batch_size=batch_size, limit=limit,
-            offset=offset, provider=provider, iterations=iterations, seed=seed,
+            max_sparsity=max_sparsity, keep_dense=keep_dense, budget=budget, force=force, data=data_spec,
+            iterations=iterations, seed=seed,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     write_json(plan.to_dict(), output)

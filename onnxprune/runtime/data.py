@@ -6,6 +6,7 @@ user code runs: the function yields batches as dicts {input name: array}, option
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import zipfile
@@ -27,6 +28,43 @@ _NP_DTYPES = {
     "tensor(int64)": np.int64,
     "tensor(bool)": np.bool_,
 }
+
+
+@dataclass
+class DataSpec:
+    """Where evaluation or calibration data comes from, and how it is fed (the CLI's data options).
+
+    ``data``: an .npz; ``loader``: ``file.py[:func]`` instead. uint8 inputs are scaled to [0, 1], then
+    ``(x - mean) / std`` per channel (mean/std default to the model's metadata). ``offset`` skips samples of
+    the .npz, ``limit`` keeps the first N after it.
+    """
+
+    data: str | os.PathLike | None = None
+    loader: str | None = None
+    input_key: str = "x"
+    label_key: str | None = "y"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    batch_size: int = 256
+    limit: int | None = None
+    offset: int = 0
+    provider: str = "auto"
+
+    @classmethod
+    def of(cls, data: "DataSpec | str | os.PathLike | None" = None, **options) -> "DataSpec":
+        """A spec from a path (or an existing spec) and keyword options; unknown options are an error."""
+        if isinstance(data, DataSpec):
+            return dataclasses.replace(data, **options) if options else data
+        if "data_loader_script" in options:
+            options["loader"] = options.pop("data_loader_script")
+        unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown data option(s): {', '.join(sorted(unknown))}")
+        return cls(data=data, **options)
+
+    @property
+    def given(self) -> bool:
+        return self.data is not None or self.loader is not None
 
 
 @dataclass
