@@ -247,6 +247,9 @@ def score(
     grid: tuple[float, ...] | None = None,
     at: Plan | str | os.PathLike | None = None,
     tolerance: float = 1.0,
+    units: str = "blocks",
+    seed: int = 1,
+    seeds: int = 1,
     progress: Callable[[int, int | None], None] | None = None,
     **data_options,
 ) -> Scores:
@@ -259,6 +262,9 @@ def score(
       sparsity of ``grid`` under magnitude pruning, measured with partial-graph evaluation. With ``at`` (a
       plan), each layer varies while the others stay at the plan's sparsities: curves around that operating
       point, which correct the additivity assumption at high sparsity (score, allocate, score --at, allocate).
+    - ``srinit`` (data): for each residual block (``units="blocks"``) or layer (``"layers"``), the drop
+      (``metric`` top1 | agreement | kl) when its weights are re-initialised (Kaiming normal, zero bias,
+      fresh BatchNorm), over ``seeds`` seeds from ``seed``; see onnxprune.scoring.srinit.
     - ``compactness`` (data): for each layer alone, the highest sparsity whose top-1 drop (agreement drop
       without labels) stays within ``tolerance`` points, by bisection; importance = 1 - compactness, usable
       by ``allocate --method capacity``.
@@ -270,10 +276,12 @@ def score(
         return _score_sensitivity(model, metric or "kl", spec, grid, at, progress)
     if method == "compactness":
         return _score_compactness(model, spec, tolerance, progress)
+    if method == "srinit":
+        return _score_srinit(model, spec, units, metric or "top1", seed, seeds, progress)
     raise InputError(f"unknown scoring method {method!r}; available: {', '.join(SCORE_METHODS)}")
 
 
-SCORE_METHODS = ("capacity", "sensitivity", "compactness")
+SCORE_METHODS = ("capacity", "sensitivity", "compactness", "srinit")
 SENSITIVITY_METRICS = ("kl", "agreement", "top1")
 
 
@@ -348,6 +356,47 @@ def _score_compactness(model, spec: rdata.DataSpec, tolerance: float, progress) 
                                          "tolerance; importance = 1 - compactness (at least 0.01)"})
 
 
+def _score_srinit(model, spec: rdata.DataSpec, units: str, metric: str, seed: int, seeds: int, progress) -> Scores:
+    from onnxprune.scoring.srinit import METRICS, srinit_scores
+
+    if metric not in METRICS:
+        raise InputError(f"unknown SR-init metric {metric!r}; use one of {', '.join(METRICS)}")
+    if units not in ("blocks", "layers"):
+        raise InputError(f"--units must be blocks or layers, got {units!r}")
+    if seeds < 1:
+        raise InputError(f"--seeds must be at least 1, got {seeds}")
+    m, info, layers, extra_flops, used_provider, batches = _calibration(model, spec)
+    if metric == "top1" and any(labels is None for _, labels in batches):
+        raise InputError("--metric top1 needs labels in the data; use agreement or kl without labels")
+    by_name = {layer.name: layer for layer in layers}
+    if units == "blocks":
+        blocks = find_blocks(info, find_layers(info))
+        if not blocks:
+            raise InputError("the model has no residual blocks; use --units layers")
+        unit_defs = [(b.name, b.nodes, [by_name[n] for n in b.layers if n in by_name]) for b in blocks]
+        entries = {b.name: {"name": b.name, "kind": "block", "params": b.params, "flops": b.flops, "skip": b.skip,
+                            "removable": b.removable, "layers": b.layers} for b in blocks}
+    else:
+        unit_defs = [(layer.name, [layer.name], [layer]) for layer in layers]
+        entries = {layer.name: {**_unit_entry(layer, extra_flops), "kind": "layer"} for layer in layers}
+    t0 = time.perf_counter()
+    results, base = srinit_scores(m, info, unit_defs, batches, list(range(seed, seed + seeds)),
+                                  provider=used_provider, progress=progress)
+    seconds = time.perf_counter() - t0
+    out = []
+    for name, _, _ in unit_defs:
+        r = results[name]
+        out.append({**entries[name], "drop": r[metric], "drop_se": r[f"{metric}_se"], "metrics": r,
+                    "importance": r[metric]})
+    top = max((abs(u["importance"]) for u in out), default=0.0)
+    for u in out:
+        u["importance"] = u["importance"] / top if top > 0 else 1.0
+    return Scores(method="srinit", fingerprint=fingerprint(m), units=out, metric=metric, unit_kind=units,
+                  options={"seed": seed, "seeds": seeds, "samples": base["samples"], "offset": spec.offset,
+                           "reference": base, "seconds": round(seconds, 3), "provider": used_provider,
+                           "init": "Kaiming normal (fan_in, ReLU gain), zero bias, fresh BatchNorm"})
+
+
 def _score_sensitivity(model, metric: str, spec: rdata.DataSpec, grid, at, progress) -> Scores:
     from onnxprune.scoring.sensitivity import DEFAULT_GRID, layer_sensitivity
 
@@ -410,6 +459,9 @@ def allocate(
     keep_dense: tuple[str, ...] | list[str] = (),
     budget: str = "params",
     force: bool = False,
+    threshold: float | None = None,
+    remove: int | None = None,
+    target_params: float | None = None,
     data: rdata.DataSpec | str | os.PathLike | None = None,
     iterations: int = 150,
     seed: int = 0,
@@ -426,6 +478,8 @@ def allocate(
 
     if method not in ALLOCATION_METHODS:
         raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(ALLOCATION_METHODS)}")
+    if method == "srinit":
+        return _allocate_blocks(model, scores, threshold, remove, target_params, force)
     if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
         raise InputError(f"need 0 <= --min-sparsity <= --max-sparsity < 1, got {min_sparsity:g} and {max_sparsity:g}")
     m = _as_model(model)
@@ -495,7 +549,61 @@ def allocate(
     return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget, options=options)
 
 
-ALLOCATION_METHODS = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity", "search")
+ALLOCATION_METHODS = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity", "search", "srinit")
+
+
+def _allocate_blocks(model, scores, threshold, remove, target_params, force) -> Plan:
+    """SR-init: choose residual blocks to remove, least sensitive first.
+
+    Candidates: removable blocks with an identity skip (SR-init never removes the first, downsampling block
+    of a stage). Exactly one rule: ``threshold`` (drop <= T), ``remove`` (the K least sensitive) or
+    ``target_params`` (the fewest blocks whose removal takes at least that fraction of the parameters).
+    """
+    if sum(x is not None for x in (threshold, remove, target_params)) != 1:
+        raise InputError("--method srinit needs exactly one of --threshold T, --remove K, --target-params P")
+    m = _as_model(model)
+    fp = fingerprint(m)
+    sc = _scores_arg(scores)
+    if sc is None or sc.method != "srinit" or sc.unit_kind != "blocks":
+        raise InputError("--method srinit needs --scores from onnxprune score --method srinit (--units blocks)")
+    check_fingerprint(sc.fingerprint, fp, "scores", force)
+    info = inspect(m)
+    blocks = {b.name: b for b in info.blocks}
+    candidates = sorted(
+        (u for u in sc.units if u["name"] in blocks and blocks[u["name"]].removable
+         and blocks[u["name"]].skip == "identity"),
+        key=lambda u: (u["drop"], u["name"]),
+    )
+    if remove is not None:
+        if not 0 <= remove <= len(candidates):
+            raise InputError(f"--remove {remove}: there are {len(candidates)} removable blocks")
+        chosen = candidates[:remove]
+    elif threshold is not None:
+        chosen = [u for u in candidates if u["drop"] <= threshold]
+    else:
+        if not 0 < target_params < 1:
+            raise InputError(f"--target-params must be a fraction in (0, 1), got {target_params:g}")
+        chosen, removed = [], 0
+        for u in candidates:
+            if removed >= target_params * info.params:
+                break
+            chosen.append(u)
+            removed += blocks[u["name"]].params
+        if removed < target_params * info.params:
+            raise InputError(f"removing every candidate block takes {removed / info.params:.4f} of the parameters, "
+                             f"less than --target-params {target_params:g}")
+    params = sum(blocks[u["name"]].params for u in chosen)
+    flops = sum(blocks[u["name"]].flops or 0 for u in chosen)
+    entries = [{"name": u["name"], "drop": u["drop"], "drop_se": u.get("drop_se"), "params": blocks[u["name"]].params,
+                "flops": blocks[u["name"]].flops, "layers": blocks[u["name"]].layers} for u in chosen]
+    totals = {"blocks_removed": len(chosen), "blocks": len(blocks), "params_removed": params,
+              "params_fraction": params / info.params if info.params else 0.0, "flops_removed": flops,
+              "flops_fraction": flops / info.flops if info.flops else 0.0, "params_before": info.params,
+              "flops_before": info.flops}
+    rule = {"threshold": threshold, "remove": remove, "target_params": target_params}
+    return Plan(method="srinit", fingerprint=fp, layers=[], blocks=entries, totals=totals, granularity="blocks",
+                options={"rule": {k: v for k, v in rule.items() if v is not None}, "scores_metric": sc.metric,
+                         "candidates": "removable blocks with an identity skip"})
 
 
 @dataclass
@@ -572,9 +680,22 @@ def apply(
     check_output_path(Path(output), input_path=model, force=force)
     m = load_model(model)
     check_fingerprint(pl.fingerprint, fingerprint(m), "plan", force)
+    removed_blocks: list[str] = []
+    before = None
+    if pl.blocks:
+        from onnxprune.passes.remove_blocks import RemoveBlocksPass
+
+        before = inspect(m)
+        by_block = {b.name: b for b in before.blocks}
+        missing = [b["name"] for b in pl.blocks if b["name"] not in by_block]
+        if missing:
+            raise InputError(f"the plan names block(s) not in the model: {missing[:3]}; make a new plan")
+        RemoveBlocksPass([by_block[b["name"]] for b in pl.blocks])(m)
+        removed_blocks = [b["name"] for b in pl.blocks]
     layers, _ = _prunable_units(m)
     by_name = {layer.name: layer for layer in layers}
-    planned = pl.sparsities()
+    gone = {name for b in pl.blocks for name in b.get("layers", [])}
+    planned = {name: sp for name, sp in pl.sparsities().items() if name not in gone}
     unknown = [name for name in planned if name not in by_name]
     if unknown:
         raise InputError(f"the plan names layer(s) not in the model: {unknown[:3]}; make a new plan")
@@ -586,8 +707,14 @@ def apply(
     if granularity == "unstructured" and rep.zeros != targets:
         raise RuntimeError("zeroed weights differ from the plan's counts")
     flops = {name: by_name[name].flops or 0 for name in planned}
-    total_w = sum(sizes.values())
+    total_w = sum(sizes.values()) or 0
     total_f = sum(flops.values())
+    if before is not None:
+        after = inspect(m)
+        block_totals = {"blocks_removed": len(removed_blocks), "params_before": before.params,
+                        "params_after": after.params, "flops_before": before.flops, "flops_after": after.flops,
+                        "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
+                        "flops_fraction_removed": (1 - after.flops / before.flops) if before.flops else 0.0}
     achieved = {
         "params_sparsity": sum(rep.zeros.values()) / total_w if total_w else 0.0,
         "flops_sparsity": (sum(flops[k] * rep.zeros[k] / sizes[k] for k in planned) / total_f) if total_f else 0.0,
@@ -597,6 +724,8 @@ def apply(
     }
     if granularity == "n:m":
         achieved["nm"] = f"{n}:{mm}"
+    if before is not None:
+        achieved.update(block_totals)
     weight_values = {by_name[name].weight for name in planned if rep.zeros.get(name)}
     saved = save_model(m, output, external_data=external_data, input_path=model, force=force,
                        sparse=weight_values if store == "sparse" else None, verify=check_runs if check else None)

@@ -273,10 +273,14 @@ def _output_option(help_text: str):
               help="sensitivity: measure around this plan (the other layers pruned as planned).")
 @click.option("--tolerance", type=float, default=1.0, show_default=True,
               help="compactness: allowed drop in top-1 points (agreement points without labels).")
+@click.option("--units", type=click.Choice(["blocks", "layers"]), default="blocks", show_default=True,
+              help="srinit: re-initialise residual blocks or single layers.")
+@click.option("--seed", type=int, default=1, show_default=True, help="srinit: seed of the fresh initialisation.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="srinit: repeat over K seeds.")
 @data_options
 @_output_option("Where to write scores.json.")
 @common_options
-def score(model, method, metric, grid, at_plan, tolerance, data_spec, output, as_json):
+def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, data_spec, output, as_json):
     """Score the importance of every prunable layer of MODEL.
 
     \b
@@ -285,26 +289,37 @@ def score(model, method, metric, grid, at_plan, tolerance, data_spec, output, as
       onnxprune score build/resnet56.onnx --method sensitivity --data cifar10_test_jpeg_q75.npz \\
           --offset 1017 --limit 512 -o sensitivity.json
       onnxprune score build/resnet56.onnx --method compactness --tolerance 1.0 --data ... -o compactness.json
+      onnxprune score build/resnet56.onnx --method srinit --data cifar10_test_jpeg_q75.npz --offset 1017 -o sr.json
     """
     check_output_path(Path(output))
     with _progress() as progress:
         task = progress.add_task(f"scoring ({method})", total=None)
         scores = api.score(
             model, method, metric=metric, data=data_spec, grid=parse_floats(grid, "grid"), at=at_plan,
-            tolerance=tolerance, progress=lambda done, total: progress.update(task, completed=done, total=total),
+            tolerance=tolerance, units=units, seed=seed, seeds=seeds,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     write_json(scores.to_dict(), output)
     if as_json:
         _emit_json(scores.to_dict())
         return
     table = Table(title=f"{scores.method} scores ({scores.metric}) of {model}", title_justify="left")
-    value_col = f"mean {scores.metric} drop" if scores.method == "sensitivity" else scores.metric
-    for col in ("#", "layer", "op", "params", value_col, "importance"):
-        table.add_column(col, justify="left" if col in ("layer", "op") else "right", overflow="fold")
-    for i, u in enumerate(scores.units):
-        value = u["mean_drop"] if scores.method == "sensitivity" else u["metrics"][scores.metric]
-        table.add_row(str(i), escape(u["name"]), u["op_type"], _fmt_int(u["params"]), f"{value:.4g}",
-                      f"{u['importance']:.3f}")
+    if scores.method == "srinit":
+        for col in ("#", scores.unit_kind[:-1], "params", f"{scores.metric} drop", "+/- (s.e.)", "candidate"):
+            table.add_column(col, justify="left" if col in ("block", "layer", "candidate") else "right",
+                             overflow="fold")
+        for i, u in enumerate(scores.units):
+            table.add_row(str(i), escape(u["name"]), _fmt_int(u["params"]), f"{u['drop']:.3f}",
+                          f"{u['drop_se']:.3f}", "" if "removable" not in u else
+                          ("yes" if u["removable"] and u.get("skip") == "identity" else "no"))
+    else:
+        value_col = f"mean {scores.metric} drop" if scores.method == "sensitivity" else scores.metric
+        for col in ("#", "layer", "op", "params", value_col, "importance"):
+            table.add_column(col, justify="left" if col in ("layer", "op") else "right", overflow="fold")
+        for i, u in enumerate(scores.units):
+            value = u["mean_drop"] if scores.method == "sensitivity" else u["metrics"][scores.metric]
+            table.add_row(str(i), escape(u["name"]), u["op_type"], _fmt_int(u["params"]), f"{value:.4g}",
+                          f"{u['importance']:.3f}")
     out.print(table)
     out.print(f"wrote {escape(output)}")
 
@@ -312,7 +327,11 @@ def score(model, method, metric, grid, at_plan, tolerance, data_spec, output, as
 @main.command()
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--scores", "scores_path", type=click.Path(path_type=str), help="scores.json from onnxprune score.")
-@click.option("--target-sparsity", type=float, required=True, help="Total sparsity S in [0, 1).")
+@click.option("--target-sparsity", type=float, default=None, help="Total sparsity S in [0, 1).")
+@click.option("--threshold", type=float, default=None, help="srinit: remove blocks whose drop is <= T.")
+@click.option("--remove", type=int, default=None, help="srinit: remove the K least sensitive blocks.")
+@click.option("--target-params", type=float, default=None,
+              help="srinit: remove the fewest blocks that take this fraction of the parameters.")
 @click.option("--method", type=click.Choice(list(_allocation_methods())), default="capacity", show_default=True)
 @click.option("--min-sparsity", type=float, default=0.0, show_default=True, help="Lower bound for every layer.")
 @click.option("--max-sparsity", type=float, default=0.99, show_default=True, help="Upper bound for every layer.")
@@ -325,8 +344,8 @@ def score(model, method, metric, grid, at_plan, tolerance, data_spec, output, as
 @data_options
 @_output_option("Where to write plan.json.")
 @common_options
-def allocate(model, scores_path, target_sparsity, method, min_sparsity, max_sparsity, keep_dense, budget, force,
-             iterations, seed, data_spec, output, as_json):
+def allocate(model, scores_path, target_sparsity, threshold, remove, target_params, method, min_sparsity, max_sparsity,
+             keep_dense, budget, force, iterations, seed, data_spec, output, as_json):
     """Turn scores and a budget into a plan: a sparsity for every layer of MODEL.
 
     \b
@@ -339,17 +358,31 @@ def allocate(model, scores_path, target_sparsity, method, min_sparsity, max_spar
           --data cifar10_test_jpeg_q75.npz --offset 1017 --limit 512 -o plan.json
     """
     check_output_path(Path(output))
+    if method != "srinit" and target_sparsity is None:
+        raise InputError(f"--method {method} needs --target-sparsity S")
     with _progress() as progress:
         task = progress.add_task(f"allocating ({method})", total=None)
         plan = api.allocate(
             model, target_sparsity=target_sparsity, method=method, scores=scores_path, min_sparsity=min_sparsity,
             max_sparsity=max_sparsity, keep_dense=keep_dense, budget=budget, force=force, data=data_spec,
-            iterations=iterations, seed=seed,
+            iterations=iterations, seed=seed, threshold=threshold, remove=remove, target_params=target_params,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     write_json(plan.to_dict(), output)
     if as_json:
         _emit_json(plan.to_dict())
+        return
+    if plan.blocks or method == "srinit":
+        table = Table(title=f"srinit plan for {model}: blocks to remove", title_justify="left")
+        for col in ("#", "block", "drop", "params", "FLOPs"):
+            table.add_column(col, justify="left" if col == "block" else "right", overflow="fold")
+        for i, b in enumerate(plan.blocks):
+            table.add_row(str(i), escape(b["name"]), f"{b['drop']:.3f}", _fmt_int(b["params"]), _fmt_flops(b["flops"]))
+        out.print(table)
+        t = plan.totals
+        out.print(f"[bold]Remove[/] {t['blocks_removed']} of {t['blocks']} blocks: {_fmt_int(t['params_removed'])} "
+                  f"parameters ({100 * t['params_fraction']:.2f} %), {_fmt_flops(t['flops_removed'])} FLOPs "
+                  f"({100 * t['flops_fraction']:.2f} %). wrote {escape(output)}")
         return
     table = Table(title=f"{method} plan for {model}", title_justify="left")
     for col in ("#", "layer", "params", "sparsity", "kept"):
@@ -395,15 +428,21 @@ def apply(model, plan, output, granularity, nm, store, external_data, force, no_
         _emit_json(result.to_dict())
         return
     t = result.totals
+    if "blocks_removed" in t:
+        out.print(f"[bold]Removed[/] {t['blocks_removed']} blocks: parameters {_fmt_int(t['params_before'])} -> "
+                  f"{_fmt_int(t['params_after'])} ({100 * t['params_fraction_removed']:.2f} % fewer), FLOPs "
+                  f"{_fmt_flops(t['flops_before'])} -> {_fmt_flops(t['flops_after'])} "
+                  f"({100 * t['flops_fraction_removed']:.2f} % fewer)")
     planned = t.get("planned_params_sparsity")
     if granularity == "n:m":
         against = f"the {t['nm']} pattern on every layer the plan prunes"
     else:
         against = "plan " + ("?" if planned is None else f"{planned:.4f}")
-    out.print(
-        f"[bold]Pruned[/] {_fmt_int(t['zeros'])} of {_fmt_int(t['weights'])} weights: sparsity "
-        f"{t['params_sparsity']:.4f} ({against}), FLOP-weighted {t['flops_sparsity']:.4f}"
-    )
+    if t["zeros"] or not t.get("blocks_removed"):
+        out.print(
+            f"[bold]Pruned[/] {_fmt_int(t['zeros'])} of {_fmt_int(t['weights'])} weights: sparsity "
+            f"{t['params_sparsity']:.4f} ({against}), FLOP-weighted {t['flops_sparsity']:.4f}"
+        )
     out.print(f"file: {result.input_bytes / 1024:,.1f} KiB -> {result.output_bytes / 1024:,.1f} KiB"
               + (f" ({len(result.sparse_initializers)} sparse initializers)" if store == "sparse" else ""))
     out.print(f"wrote {escape(str(result.path))} (checked: {result.checked})")

@@ -95,6 +95,9 @@ class Plan:
             s = entry["sparsity"]
             if not isinstance(s, int | float) or isinstance(s, bool) or not 0.0 <= s < 1.0:
                 raise InputError(f"{source}: layer {entry['name']!r} has sparsity {s!r}; it must be in [0, 1)")
+        blocks = d.get("blocks") or []
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) and "name" in b for b in blocks):
+            raise InputError(f"{source}: 'blocks' must be a list of objects with a 'name'; re-run onnxprune allocate")
         return cls(method=str(d.get("method")), fingerprint=str(d.get("model_fingerprint")), layers=layers,
                    totals=d.get("totals") or {}, budget=d.get("budget", "params"),
                    granularity=d.get("granularity", "unstructured"), blocks=d.get("blocks") or [],
