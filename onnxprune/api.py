@@ -451,7 +451,7 @@ def _scores_arg(scores: Scores | str | os.PathLike | None) -> Scores | None:
 def allocate(
     model: ModelLike,
     *,
-    target_sparsity: float,
+    target_sparsity: float | None = None,
     method: str = "capacity",
     scores: Scores | str | os.PathLike | None = None,
     min_sparsity: float = 0.0,
@@ -480,6 +480,8 @@ def allocate(
         raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(ALLOCATION_METHODS)}")
     if method == "srinit":
         return _allocate_blocks(model, scores, threshold, remove, target_params, force)
+    if target_sparsity is None:
+        raise InputError(f"--method {method} needs --target-sparsity S")
     if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
         raise InputError(f"need 0 <= --min-sparsity <= --max-sparsity < 1, got {min_sparsity:g} and {max_sparsity:g}")
     m = _as_model(model)

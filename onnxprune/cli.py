@@ -358,8 +358,6 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
           --data cifar10_test_jpeg_q75.npz --offset 1017 --limit 512 -o plan.json
     """
     check_output_path(Path(output))
-    if method != "srinit" and target_sparsity is None:
-        raise InputError(f"--method {method} needs --target-sparsity S")
     with _progress() as progress:
         task = progress.add_task(f"allocating ({method})", total=None)
         plan = api.allocate(

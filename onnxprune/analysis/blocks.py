@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
-from onnxprune.analysis.graph import GraphInfo
+from onnxprune.analysis.graph import FLOAT_TYPES, GraphInfo, constant_source
 from onnxprune.analysis.layers import Layer
 
 RESIDUAL_OPS = ("Add", "Sum")
@@ -32,7 +33,7 @@ class Block:
     skip: str  # identity | parameter-free | projection
     removable: bool
     layers: list[str]  # prunable layers of the branch, in graph order
-    params: int
+    params: int  # every learnable parameter of the branch (layers, biases, norms)
     flops: int | None
     fork: str  # the value the branch and the skip path start from
     branch_input: int  # which input of the Add is the branch
@@ -152,7 +153,7 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
                 skip=skip,
                 removable=removable,
                 layers=[layer.name for layer in branch_layers],
-                params=sum(layer.params for layer in branch_layers),
+                params=branch_params(branch_nodes),
                 flops=None if any(f is None for f in flops) else sum(flops),
                 fork=fork.name,
                 branch_input=list(add.inputs).index(ins[branch_idx]),
@@ -162,6 +163,30 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
             )
         )
     return blocks
+
+
+def branch_params(nodes: set[ir.Node]) -> int:
+    """Every learnable parameter the nodes consume (weights, biases, BatchNorm scale and shift, LayerNorm
+    scale and bias...): floating-point constants with more than one element, each counted once; BatchNorm
+    running statistics are not parameters."""
+    seen: set[int] = set()
+    total = 0
+    for node in nodes:
+        inputs = list(node.inputs)
+        if node.op_type == "BatchNormalization":
+            inputs = inputs[:3]
+        for v in inputs:
+            src = constant_source(v) if v is not None else None
+            if src is None or id(src) in seen:
+                continue
+            tensor = src.const_value if isinstance(src, ir.Value) else src.attributes["value"].as_tensor()
+            if tensor is None or tensor.dtype not in FLOAT_TYPES:
+                continue
+            seen.add(id(src))
+            n = int(np.prod(tensor.shape))
+            if n > 1:
+                total += n
+    return total
 
 
 def _removable(
