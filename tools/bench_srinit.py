@@ -95,6 +95,9 @@ def torch_loop(x, y, batch: int) -> tuple[list[float], float]:
             model = load_pretrained(56)  # reload the pretrained weights, as the reference does per block
             torch.manual_seed(1)
             fresh = ResNetCifar(56)
+            for mod in fresh.modules():  # the reference's init: Kaiming normal, fan_in, ReLU gain
+                if isinstance(mod, torch.nn.Conv2d | torch.nn.Linear):
+                    torch.nn.init.kaiming_normal_(mod.weight)
             getattr(model, f"layer{stage}")[i].load_state_dict(getattr(fresh, f"layer{stage}")[i].state_dict())
             drops.append(base - top1(model.eval()))
     return drops, time.perf_counter() - t0
