@@ -123,3 +123,48 @@ def test_block_plan_for_wrong_model_refused(export, tmp_path):
     path = write_json(plan.to_dict(), tmp_path / "plan.json")
     with pytest.raises(InputError, match="made for another model"):
         api.apply(export("transformer-post"), path, tmp_path / "out.onnx")
+
+
+def test_srinit_label_free_and_bad_data(export, digits_npz, tmp_path):
+    path = export("resnet-proj")
+    unlabelled = tmp_path / "x.npz"
+    np.savez(unlabelled, x=np.load(digits_npz)["x"][:100])
+    for metric in ("agreement", "kl"):
+        sc = api.score(path, "srinit", data=unlabelled, metric=metric)
+        assert all(u["drop"] >= 0 and "top1" not in sc.options["reference"] for u in sc.units)
+    with pytest.raises(InputError, match="needs labels"):
+        api.score(path, "srinit", data=unlabelled, metric="top1")
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((10, 3, 8, 8), np.uint8), y=np.zeros(10))
+    with pytest.raises(InputError, match="does not match model input"):
+        api.score(path, "srinit", data=bad)
+    np.savez(bad, x=np.zeros((10, 1, 8, 8), np.uint8), y=np.zeros(4))
+    with pytest.raises(InputError, match="4 labels"):
+        api.score(path, "srinit", data=bad)
+
+
+def test_reinit_touches_exactly_the_units_weights(export):
+    """The fresh values cover every weight, bias (and BN parameter) of the unit's layers and nothing else, and
+    have the Kaiming-normal scale."""
+    from onnxprune.analysis.graph import analyse_graph
+    from onnxprune.analysis.layers import find_layers
+    from onnxprune.scoring.srinit import _param_names, fresh_init
+
+    for name, keep_bn in (("resnet56", True), ("resnet-proj", False)):
+        path = export(name, keep_bn=keep_bn) if keep_bn else export(name)
+        model = ir.load(path)
+        info = analyse_graph(model)
+        nodes = {n.name: n for n in info.graph}
+        layers = {layer.name: layer for layer in find_layers(info)}
+        block = onnxprune.inspect(path).blocks[1]
+        unit_layers = [layers[n] for n in block.layers]
+        init = fresh_init(unit_layers, nodes, seed=1)
+        expected = {k for layer in unit_layers for k in _param_names(layer, nodes)}
+        assert set(init) == expected
+        for layer in unit_layers:
+            w = init[layer.weight]
+            fan_in = int(np.prod(w.shape[1:]))
+            assert np.std(w) == pytest.approx(np.sqrt(2 / fan_in), rel=0.1)
+            if layer.bn:
+                scale, bias, mean, var = (init[v.name] for v in nodes[layer.bn].inputs[1:5])
+                assert np.all(scale == 1) and np.all(bias == 0) and np.all(mean == 0) and np.all(var == 1)
