@@ -25,6 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.allocation import Unit, allocate_sparsities
+from onnxprune.passes.sparsify import magnitude_order, pruned_copy
 from onnxprune.runtime.session import create_session
 from onnxprune.scoring.sensitivity import log_softmax
 from onnxprune.weights import get_weight
@@ -64,7 +65,7 @@ class _Objective:
         self.output = self.session.get_outputs()[0].name
         self.units = units
         self.dense = {u.layer.weight: np.asarray(get_weight(u.layer)) for u in units}
-        self.order = {k: np.argsort(np.abs(w).reshape(-1), kind="stable") for k, w in self.dense.items()}
+        self.order = {k: magnitude_order(w) for k, w in self.dense.items()}
         self.feeds = feeds
         self.ref = [log_softmax(self._run(f, self.dense)) for f in feeds]
         self.evaluations = 0
@@ -73,13 +74,11 @@ class _Objective:
         return self.session.run([self.output], {**feeds, **weights})[0]
 
     def weights(self, sparsities: np.ndarray) -> dict[str, np.ndarray]:
-        out = {}
-        for u, s in zip(self.units, sparsities, strict=True):
-            w = self.dense[u.layer.weight]
-            flat = w.reshape(-1).copy()
-            flat[self.order[u.layer.weight][: int(round(s * w.size))]] = 0
-            out[u.layer.weight] = flat.reshape(w.shape)
-        return out
+        return {
+            u.layer.weight: pruned_copy(self.dense[u.layer.weight], self.order[u.layer.weight],
+                                        int(round(s * self.dense[u.layer.weight].size)))
+            for u, s in zip(self.units, sparsities, strict=True)
+        }
 
     def __call__(self, sparsities: np.ndarray) -> float:
         self.evaluations += 1

@@ -7,7 +7,6 @@ import mmap
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest

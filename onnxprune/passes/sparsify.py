@@ -22,9 +22,20 @@ def magnitude_mask(w: np.ndarray, zeros: int) -> np.ndarray:
     """0/1 mask of w's shape with the ``zeros`` smallest |w| (stable order) set to 0."""
     mask = np.ones(w.size, dtype=bool)
     if zeros > 0:
-        order = np.argsort(np.abs(np.asarray(w).reshape(-1)), kind="stable")
-        mask[order[:zeros]] = False
+        mask[magnitude_order(w)[:zeros]] = False
     return mask.reshape(w.shape)
+
+
+def magnitude_order(w: np.ndarray) -> np.ndarray:
+    """Flat indices of w from smallest to largest |w| (ties by position): computed once, pruned many times."""
+    return np.argsort(np.abs(np.asarray(w)).reshape(-1), kind="stable")
+
+
+def pruned_copy(w: np.ndarray, order: np.ndarray, zeros: int) -> np.ndarray:
+    """A copy of w with its ``zeros`` smallest weights (by ``order``) set to 0."""
+    flat = np.array(w, copy=True).reshape(-1)
+    flat[order[:zeros]] = 0
+    return flat.reshape(w.shape)
 
 
 def nm_mask(w: np.ndarray, n: int, m: int, in_axis: int) -> np.ndarray | None:

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxprune.analysis.graph import GraphInfo, analyse_graph
 from onnxprune.analysis.layers import Layer, find_layers
-from onnxprune.passes.sparsify import magnitude_mask
+from onnxprune.passes.sparsify import magnitude_order, pruned_copy
 from onnxprune.runtime.partial import PartialEvaluator, Unit
 from onnxprune.runtime.session import create_session
 from onnxprune.weights import get_weight, set_weight
@@ -79,20 +79,15 @@ def layer_sensitivity(
         by_name = {layer.name: layer for layer in find_layers(info)}
         for name, sp in at.items():
             w = dense[name]
-            set_weight(by_name[name], np.where(magnitude_mask(w, int(round(sp * w.size))), w, 0).astype(w.dtype))
+            set_weight(by_name[name], pruned_copy(w, magnitude_order(w), int(round(sp * w.size))))
         layers = [by_name[layer.name] for layer in layers]
     evaluator = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in layers],
                                  provider=provider)
     variants: dict[str, list[tuple[float, np.ndarray]]] = {}
     for layer in layers:
         w = dense[layer.name]
-        order = np.argsort(np.abs(w).reshape(-1), kind="stable")
-        pruned = []
-        for sp in grid:
-            flat = w.reshape(-1).copy()
-            flat[order[: int(round(sp * w.size))]] = 0
-            pruned.append((sp, flat.reshape(w.shape)))
-        variants[layer.name] = pruned
+        order = magnitude_order(w)
+        variants[layer.name] = [(sp, pruned_copy(w, order, int(round(sp * w.size)))) for sp in grid]
     acc = {(layer.name, sp): DropAccumulator() for layer in layers for sp in grid}
     ref = DropAccumulator()
     batches = list(batches)
@@ -151,14 +146,13 @@ def layer_compactness(
     results: dict[str, dict] = {}
     for i, layer in enumerate(layers):
         w = np.asarray(get_weight(layer))
-        order = np.argsort(np.abs(w).reshape(-1), kind="stable")
+        order = magnitude_order(w)
 
         def drop(sp: float) -> float:
-            flat = w.reshape(-1).copy()
-            flat[order[: int(round(sp * w.size))]] = 0
+            pruned = pruned_copy(w, order, int(round(sp * w.size)))
             acc = DropAccumulator()
             for acts, labels, logp, top in cached:
-                out = evaluator.run_unit(layer.name, acts, {layer.weight: flat.reshape(w.shape)})[0]
+                out = evaluator.run_unit(layer.name, acts, {layer.weight: pruned})[0]
                 acc.update(logp, top, out, labels)
             r = acc.result()
             return base["top1"] - r["top1"] if use_top1 else 100.0 - r["agreement"]
