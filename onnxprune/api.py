@@ -433,7 +433,7 @@ def _score_sensitivity(model, metric: str, spec: rdata.DataSpec, grid, at, progr
                            "definition": "output drop of the model with only this layer magnitude-pruned"})
 
 
-DEFAULT_CAPACITY_METRIC = "l2"
+DEFAULT_CAPACITY_METRIC = "stable_rank"  # the best capacity metric of the allocation benchmark
 
 
 def search_allocation(*args, **kwargs):
