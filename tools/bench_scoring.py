@@ -127,7 +127,7 @@ def main() -> int:
         "(A random Gaussian matrix has a flat spectrum, the hardest case for the tail approximation.)",
         "",
         f"Peak resident memory of the whole benchmark: {peak:.2f} GiB (includes generating the model once and the "
-        f"exact float64 SVD of one layer; the scoring itself reads the memory map in 16 M-element chunks).",
+        f"exact float64 SVD of one layer; the scoring itself reads the memory map in 1 M-element chunks).",
     ]
     write_section("scoring", "\n".join(lines))
     print("\n".join(lines))
