@@ -226,10 +226,10 @@ def evaluate(
 # score -> allocate -> apply
 
 
-def _prunable_units(m: ir.Model):
-    """Layers with their own weight (shared weights belong to their first user), analysis info, fingerprint."""
-    info = analyse_graph(m)
-    layers = find_layers(info)
+def _prunable_units(m: ir.Model, info=None):
+    """Layers with their own weight (shared weights belong to their first user), and the FLOPs of the other
+    layers that share a weight, by owner. ``info``: an analysis of ``m`` already made, if any."""
+    layers = find_layers(info if info is not None else analyse_graph(m))
     owners = {layer.name: layer for layer in layers if not layer.shared_with}
     extra_flops: dict[str, int] = {}
     for layer in layers:
@@ -326,10 +326,9 @@ def _calibration(model, spec: rdata.DataSpec):
     """Model, analysis, own-weight layers, flops of shared users, session provider and batches (a list)."""
     m = load_model(model) if not isinstance(model, ir.Model) else model
     info = analyse_graph(m)
-    layers = [layer for layer in find_layers(info) if not layer.shared_with]
+    layers, extra_flops = _prunable_units(m, info)
     if not layers:
         raise InputError("the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)")
-    _, extra_flops = _prunable_units(m)
     sess = create_session(ir.serde.serialize_model(m).SerializeToString(), spec.provider)
     batches, _, _ = _batches(m, sess, spec)
     return m, info, layers, extra_flops, sess.provider, list(batches)
