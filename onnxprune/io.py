@@ -170,20 +170,6 @@ def check_output_path(out: Path, *, input_path: str | os.PathLike | None = None,
         raise InputError(f"output {out} is the input model; choose another -o path or pass --force")
 
 
-def tensor_array(value: ir.Value) -> np.ndarray | None:
-    """The constant array behind a value (initializer or Constant node output), or None."""
-    tensor = value.const_value
-    if tensor is None:
-        node = value.producer()
-        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            attr = node.attributes.get("value")
-            if attr is not None:
-                tensor = attr.as_tensor()
-    if tensor is None:
-        return None
-    return tensor.numpy()
-
-
 def fingerprint(model: ir.Model) -> str:
     """A stable hash of the graph structure and of every initializer's name, dtype, shape and bytes.
 
@@ -228,8 +214,3 @@ def _hash_tensor(h: "hashlib._Hash", tensor: ir.TensorProtocol, chunk: int = 64 
     flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
     for start in range(0, flat.size, chunk):
         h.update(flat[start : start + chunk])
-
-
-def to_onnx_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialize to a ModelProto (for small models: checker, ONNX Runtime from bytes)."""
-    return ir.serde.serialize_model(model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.analysis.graph import constant_array
 from onnxprune.analysis.layers import Layer
 from onnxprune.errors import InputError
 
@@ -25,9 +26,8 @@ def _source(layer: Layer) -> ir.Value | ir.Node:
 
 def get_weight(layer: Layer) -> np.ndarray:
     """The layer's weight as a (read-only, possibly memory-mapped) array in its ONNX layout."""
-    src = _source(layer)
-    tensor = src.const_value if isinstance(src, ir.Value) else src.attributes["value"].as_tensor()
-    return tensor.numpy()
+    _source(layer)  # a clear error for weights onnxprune cannot rewrite
+    return constant_array(layer.node.inputs[layer.weight_input])
 
 
 def set_weight(layer: Layer, array: np.ndarray) -> None:

@@ -85,6 +85,15 @@ def constant_source(value: ir.Value) -> ir.Value | ir.Node | None:
     return None
 
 
+def constant_array(value: ir.Value) -> np.ndarray | None:
+    """The array behind a constant value (its initializer or Constant node, through pass-through ops)."""
+    src = constant_source(value)
+    if src is None:
+        return None
+    tensor = src.const_value if isinstance(src, ir.Value) else src.attributes["value"].as_tensor()
+    return None if tensor is None else tensor.numpy()
+
+
 def const_shape(value: ir.Value) -> tuple[int, ...] | None:
     """Shape of a constant value: from its tensor, its Constant node, or its inferred type."""
     if value.const_value is not None:

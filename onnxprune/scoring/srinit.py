@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from onnxprune.analysis.graph import GraphInfo, constant_source
+from onnxprune.analysis.graph import GraphInfo, constant_array
 from onnxprune.analysis.layers import Layer
 from onnxprune.runtime.partial import PartialEvaluator, Unit
 from onnxprune.scoring.sensitivity import log_softmax
@@ -33,6 +33,8 @@ def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int) -> dict[str, n
     """Value name -> fresh array for every layer weight, bias and following BatchNorm parameter."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
+    values = {v.name: v for layer in layers for n in (layer.node, *layer.node.outputs[0].consumers())
+              for v in n.inputs if v is not None}
     for layer in layers:
         w = np.asarray(get_weight(layer))
         _, in_axis = out_in_axes(layer)
@@ -41,27 +43,13 @@ def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int) -> dict[str, n
             fan_in = int(w.shape[in_axis])
         out[layer.weight] = (rng.standard_normal(w.shape) * np.sqrt(2.0 / fan_in)).astype(w.dtype)
         if layer.bias is not None:
-            b = _const(layer.node.graph, layer.bias)
-            out[layer.bias] = np.zeros_like(b)
+            out[layer.bias] = np.zeros_like(constant_array(values[layer.bias]))
         if layer.bn is not None:
             bn = graph_nodes[layer.bn]
             for i, fill in zip(range(1, 5), (1.0, 0.0, 0.0, 1.0), strict=True):
                 v = bn.inputs[i]
-                out[v.name] = np.full_like(_const(layer.node.graph, v.name), fill)
+                out[v.name] = np.full_like(constant_array(v), fill)
     return out
-
-
-def _const(graph, name: str) -> np.ndarray:
-    value = graph.initializers.get(name)
-    if value is not None:
-        return value.const_value.numpy()
-    for node in graph:
-        for o in node.outputs:
-            if o.name == name:
-                src = constant_source(o)
-                t = src.const_value if hasattr(src, "const_value") else src.attributes["value"].as_tensor()
-                return t.numpy()
-    raise KeyError(name)
 
 
 class _Paired:
