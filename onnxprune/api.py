@@ -109,6 +109,11 @@ def inspect(model: ModelLike) -> InspectResult:
     >>> result.to_dict()["totals"]["params"]  # doctest: +SKIP
     """
     m = _as_model(model)
+    return _inspect(m, fingerprint(m))
+
+
+def _inspect(m: ir.Model, model_fingerprint: str) -> InspectResult:
+    """inspect() for a loaded model whose fingerprint the caller already has (hashing reads every weight)."""
     info = analyse_graph(m)
     layers = find_layers(info)
     blocks = find_blocks(info, layers)
@@ -129,7 +134,7 @@ def inspect(model: ModelLike) -> InspectResult:
         params=model_params(info),
         prunable_params=sum(layer.params for layer in layers),
         flops=None if any(f is None for f in flops) else int(sum(flops)),
-        fingerprint=fingerprint(m),
+        fingerprint=model_fingerprint,
         opset=m.opset_imports.get(""),
         shape_error=info.shape_error,
         notes=notes,
@@ -568,7 +573,7 @@ def _allocate_blocks(model, scores, threshold, remove, target_params, force) -> 
     if sc is None or sc.method != "srinit" or sc.unit_kind != "blocks":
         raise InputError("--method srinit needs --scores from onnxprune score --method srinit (--units blocks)")
     check_fingerprint(sc.fingerprint, fp, "scores", force)
-    info = inspect(m)
+    info = _inspect(m, fp)
     blocks = {b.name: b for b in info.blocks}
     candidates = sorted(
         (u for u in sc.units if u["name"] in blocks and blocks[u["name"]].removable
@@ -680,13 +685,14 @@ def apply(
     pl = plan if isinstance(plan, Plan) else load_plan(plan)
     check_output_path(Path(output), input_path=model, force=force)
     m = load_model(model)
-    check_fingerprint(pl.fingerprint, fingerprint(m), "plan", force)
+    fp = fingerprint(m)
+    check_fingerprint(pl.fingerprint, fp, "plan", force)
     removed_blocks: list[str] = []
     before = None
     if pl.blocks:
         from onnxprune.passes.remove_blocks import RemoveBlocksPass
 
-        before = inspect(m)
+        before = _inspect(m, fp)
         by_block = {b.name: b for b in before.blocks}
         missing = [b["name"] for b in pl.blocks if b["name"] not in by_block]
         if missing:
@@ -711,7 +717,7 @@ def apply(
     total_w = sum(sizes.values()) or 0
     total_f = sum(flops.values())
     if before is not None:
-        after = inspect(m)
+        after = _inspect(m, "")  # only its counts are used: no need to hash the pruned weights
         block_totals = {"blocks_removed": len(removed_blocks), "params_before": before.params,
                         "params_after": after.params, "flops_before": before.flops, "flops_after": after.flops,
                         "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
