@@ -255,6 +255,7 @@ def score(
     units: str = "blocks",
     seed: int = 1,
     seeds: int = 1,
+    max_memory: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     **data_options,
 ) -> Scores:
@@ -269,7 +270,8 @@ def score(
       point, which correct the additivity assumption at high sparsity (score, allocate, score --at, allocate).
     - ``srinit`` (data): for each residual block (``units="blocks"``) or layer (``"layers"``), the drop
       (``metric`` top1 | agreement | kl) when its weights are re-initialised (Kaiming normal, zero bias,
-      fresh BatchNorm), over ``seeds`` seeds from ``seed``; see onnxprune.scoring.srinit.
+      fresh BatchNorm), over ``seeds`` seeds from ``seed``; activations cached up to ``max_memory`` bytes
+      (default 2 GiB); see onnxprune.scoring.srinit.
     - ``compactness`` (data): for each layer alone, the highest sparsity whose top-1 drop (agreement drop
       without labels) stays within ``tolerance`` points, by bisection; importance = 1 - compactness, usable
       by ``allocate --method capacity``.
@@ -282,7 +284,7 @@ def score(
     if method == "compactness":
         return _score_compactness(model, spec, tolerance, progress)
     if method == "srinit":
-        return _score_srinit(model, spec, units, metric or "top1", seed, seeds, progress)
+        return _score_srinit(model, spec, units, metric or "top1", seed, seeds, max_memory, progress)
     raise InputError(f"unknown scoring method {method!r}; available: {', '.join(SCORE_METHODS)}")
 
 
@@ -360,8 +362,9 @@ def _score_compactness(model, spec: rdata.DataSpec, tolerance: float, progress) 
                                          "tolerance; importance = 1 - compactness (at least 0.01)"})
 
 
-def _score_srinit(model, spec: rdata.DataSpec, units: str, metric: str, seed: int, seeds: int, progress) -> Scores:
-    from onnxprune.scoring.srinit import METRICS, srinit_scores
+def _score_srinit(model, spec: rdata.DataSpec, units: str, metric: str, seed: int, seeds: int, max_memory: int | None,
+                  progress) -> Scores:
+    from onnxprune.scoring.srinit import DEFAULT_MAX_MEMORY, METRICS, srinit_scores
 
     if metric not in METRICS:
         raise InputError(f"unknown SR-init metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -369,6 +372,9 @@ def _score_srinit(model, spec: rdata.DataSpec, units: str, metric: str, seed: in
         raise InputError(f"--units must be blocks or layers, got {units!r}")
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {seeds}")
+    max_memory = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
+    if max_memory < 1:
+        raise InputError(f"--max-memory must be positive, got {max_memory}")
     m, info, layers, extra_flops, used_provider, batches = _calibration(model, spec)
     if metric == "top1" and any(labels is None for _, labels in batches):
         raise InputError("--metric top1 needs labels in the data; use agreement or kl without labels")
@@ -385,19 +391,23 @@ def _score_srinit(model, spec: rdata.DataSpec, units: str, metric: str, seed: in
         entries = {layer.name: {**_unit_entry(layer, extra_flops), "kind": "layer"} for layer in layers}
     t0 = time.perf_counter()
     results, base = srinit_scores(m, info, unit_defs, batches, list(range(seed, seed + seeds)),
-                                  provider=used_provider, progress=progress)
+                                  provider=used_provider, progress=progress, max_memory=max_memory)
     seconds = time.perf_counter() - t0
+    passes = base.pop("passes")
     out = []
     for name, _, _ in unit_defs:
         r = results[name]
-        out.append({**entries[name], "drop": r[metric], "drop_se": r[f"{metric}_se"], "metrics": r,
-                    "importance": r[metric]})
+        unit_seconds = r.pop("seconds")
+        extra = {"drop_seed_std": r[f"{metric}_seed_std"]} if seeds > 1 else {}
+        out.append({**entries[name], "drop": r[metric], "drop_se": r[f"{metric}_se"], **extra, "metrics": r,
+                    "importance": r[metric], "seconds": unit_seconds})
     top = max((abs(u["importance"]) for u in out), default=0.0)
     for u in out:
         u["importance"] = u["importance"] / top if top > 0 else 1.0
     return Scores(method="srinit", fingerprint=fingerprint(m), units=out, metric=metric, unit_kind=units,
                   options={"seed": seed, "seeds": seeds, "samples": base["samples"], "offset": spec.offset,
                            "reference": base, "seconds": round(seconds, 3), "provider": used_provider,
+                           "passes": passes, "max_memory": max_memory,
                            "init": "Kaiming normal (fan_in, ReLU gain), zero bias, fresh BatchNorm"})
 
 

@@ -20,7 +20,7 @@ from onnxprune import __version__, api
 from onnxprune.errors import InputError, OnnxpruneError
 from onnxprune.io import check_output_path
 from onnxprune.plan import write_json
-from onnxprune.runtime.data import DataSpec, parse_floats
+from onnxprune.runtime.data import DataSpec, parse_floats, parse_size
 from onnxprune.runtime.session import PROVIDERS
 
 def _capacity_metrics():
@@ -277,10 +277,13 @@ def _output_option(help_text: str):
               help="srinit: re-initialise residual blocks or single layers.")
 @click.option("--seed", type=int, default=1, show_default=True, help="srinit: seed of the fresh initialisation.")
 @click.option("--seeds", type=int, default=1, show_default=True, help="srinit: repeat over K seeds.")
+@click.option("--max-memory", default="2GB", show_default=True, metavar="SIZE",
+              help="srinit: bound on the cached activations (e.g. 512MB, 4GB); more data runs in chunks.")
 @data_options
 @_output_option("Where to write scores.json.")
 @common_options
-def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, data_spec, output, as_json):
+def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, max_memory, data_spec, output,
+          as_json):
     """Score the importance of every prunable layer of MODEL.
 
     \b
@@ -292,11 +295,12 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, d
       onnxprune score build/resnet56.onnx --method srinit --data cifar10_test_jpeg_q75.npz --offset 1017 -o sr.json
     """
     check_output_path(Path(output))
+    memory = parse_size(max_memory, "max-memory")
     with _progress() as progress:
         task = progress.add_task(f"scoring ({method})", total=None)
         scores = api.score(
             model, method, metric=metric, data=data_spec, grid=parse_floats(grid, "grid"), at=at_plan,
-            tolerance=tolerance, units=units, seed=seed, seeds=seeds,
+            tolerance=tolerance, units=units, seed=seed, seeds=seeds, max_memory=memory,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     write_json(scores.to_dict(), output)
@@ -305,12 +309,16 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, d
         return
     table = Table(title=f"{scores.method} scores ({scores.metric}) of {model}", title_justify="left")
     if scores.method == "srinit":
-        for col in ("#", scores.unit_kind[:-1], "params", f"{scores.metric} drop", "+/- (s.e.)", "candidate"):
+        several = scores.options["seeds"] > 1
+        cols = ["#", scores.unit_kind[:-1], "params", f"{scores.metric} drop", "+/- (s.e.)"]
+        cols += ["std over seeds"] if several else []
+        for col in (*cols, "seconds", "candidate"):
             table.add_column(col, justify="left" if col in ("block", "layer", "candidate") else "right",
                              overflow="fold")
         for i, u in enumerate(scores.units):
-            table.add_row(str(i), escape(u["name"]), _fmt_int(u["params"]), f"{u['drop']:.3f}",
-                          f"{u['drop_se']:.3f}", "" if "removable" not in u else
+            row = [str(i), escape(u["name"]), _fmt_int(u["params"]), f"{u['drop']:.3f}", f"{u['drop_se']:.3f}"]
+            row += [f"{u['drop_seed_std']:.3f}"] if several else []
+            table.add_row(*row, f"{u['seconds']:.1f}", "" if "removable" not in u else
                           ("yes" if u["removable"] and u.get("skip") == "identity" else "no"))
     else:
         value_col = f"mean {scores.metric} drop" if scores.method == "sensitivity" else scores.metric
@@ -321,6 +329,11 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, d
             table.add_row(str(i), escape(u["name"]), u["op_type"], _fmt_int(u["params"]), f"{value:.4g}",
                           f"{u['importance']:.3f}")
     out.print(table)
+    if scores.method == "srinit":
+        ref = scores.options["reference"]
+        out.print(f"{scores.options['samples']:,} samples, reference "
+                  + (f"top-1 {ref['top1']:.2f} %, " if "top1" in ref else "")
+                  + f"{scores.options['seconds']:.1f} s on {scores.options['provider']}")
     out.print(f"wrote {escape(output)}")
 
 

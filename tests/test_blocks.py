@@ -70,13 +70,17 @@ def test_sr_init_reference_blocks_on_resnet56(export, cifar_lossless, tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
-def test_srinit_scores_equal_naive_full_runs(export, digits_npz):
-    """Partial-graph SR-init drops equal those of full runs of the model with the block re-initialised."""
+@pytest.mark.parametrize("units,max_memory", [("blocks", None), ("layers", None), ("blocks", 3 << 20)])
+def test_srinit_scores_equal_naive_full_runs(export, digits_npz, units, max_memory):
+    """Partial-graph SR-init drops equal those of full runs of the model with the unit re-initialised, also
+    when the memory bound splits the suffix sessions into groups (one pass of the data per group)."""
     from onnxprune.analysis.graph import analyse_graph
     from onnxprune.scoring.srinit import fresh_init
 
     path = export("resnet-proj")
-    sc = api.score(path, "srinit", data=digits_npz, metric="top1", seed=1)
+    sc = api.score(path, "srinit", data=digits_npz, metric="top1", seed=1, units=units, max_memory=max_memory,
+                   batch_size=256)
+    assert (sc.options["passes"] == 1) == (max_memory is None)
     d = np.load(digits_npz)
     x, y = d["x"].astype(np.float32) / 255, d["y"]
     base = np.mean(ort.InferenceSession(str(path)).run(None, {"input": x})[0].argmax(1) == y) * 100
@@ -84,13 +88,15 @@ def test_srinit_scores_equal_naive_full_runs(export, digits_npz):
     info = analyse_graph(model)
     layers = {layer.name: layer for layer in onnxprune.api.find_layers(info)}
     all_block_layers = [layers[n] for b in onnxprune.inspect(path).blocks for n in b.layers]
-    init = fresh_init(all_block_layers, {n.name: n for n in info.graph}, seed=1)
+    unit_layers = all_block_layers if units == "blocks" else list(layers.values())
+    init = fresh_init(unit_layers, {n.name: n for n in info.graph}, seed=1)
     proto = onnx.load(str(path))
     for unit in sc.units:
         p = onnx.ModelProto()
         p.CopyFrom(proto)
         for t in p.graph.initializer:
-            names = {k for n in unit["layers"] for k in (layers[n].weight, layers[n].bias) if k}
+            own = unit["layers"] if units == "blocks" else [unit["name"]]
+            names = {k for n in own for k in (layers[n].weight, layers[n].bias) if k}
             if t.name in names:
                 t.CopyFrom(onnx.numpy_helper.from_array(init[t.name], t.name))
         top1 = np.mean(ort.InferenceSession(p.SerializeToString()).run(None, {"input": x})[0].argmax(1) == y) * 100
@@ -141,6 +147,8 @@ def test_srinit_label_free_and_bad_data(export, digits_npz, tmp_path):
     np.savez(bad, x=np.zeros((10, 1, 8, 8), np.uint8), y=np.zeros(4))
     with pytest.raises(InputError, match="4 labels"):
         api.score(path, "srinit", data=bad)
+    with pytest.raises(InputError, match="over --max-memory"):
+        api.score(path, "srinit", data=digits_npz, max_memory=1000)
 
 
 def test_reinit_touches_exactly_the_units_weights(export):

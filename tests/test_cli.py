@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from onnxprune.errors import InputError
+
 CLI = [sys.executable, "-m", "onnxprune.cli"]
 
 
@@ -51,15 +53,32 @@ def test_eval_json_contract(export, cifar_lossless):
         (["eval", "{mlp}"], "exactly one of --data"),
         (["eval", "{mlp}", "--data", "{digits}", "--mean", "a,b"], "comma-separated"),
         (["eval", "{mlp}", "--data", "{digits}", "--batch-size", "0"], "at least 1"),
+        (["score", "{mlp}", "--method", "srinit", "--data", "{digits}", "--max-memory", "lots", "-o", "{out}"],
+         "must be a positive size"),
+        (["score", "{mlp}", "--method", "srinit", "--data", "{digits}", "-o", "{out}"], "no residual blocks"),
     ],
 )
-def test_bad_input_one_line_exit_2(export, digits_npz, args, fragment):
-    args = [a.format(mlp=export("mlp"), digits=digits_npz) for a in args]
+def test_bad_input_one_line_exit_2(export, digits_npz, tmp_path, args, fragment):
+    out = tmp_path / "scores.json"
+    args = [a.format(mlp=export("mlp"), digits=digits_npz, out=out) for a in args]
     proc = run(*args, check_rc=2)
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert proc.stdout == ""
+    assert not out.exists()
+
+
+def test_parse_size():
+    from onnxprune.runtime.data import parse_size
+
+    assert parse_size("2GB", "max-memory") == 2 << 30
+    assert parse_size("512 MiB", "max-memory") == 512 << 20
+    assert parse_size("1.5g", "max-memory") == 3 << 29
+    assert parse_size("4096", "max-memory") == 4096
+    for bad in ("0", "-1GB", "GB", "2XB"):
+        with pytest.raises(InputError, match="positive size"):
+            parse_size(bad, "max-memory")
 
 
 def test_debug_shows_traceback():

@@ -23,16 +23,19 @@ def _cifar(path, start, n):
     return (x - np.array(CIFAR_MEAN, np.float32)[:, None, None]) / np.array(CIFAR_STD, np.float32)[:, None, None]
 
 
-@pytest.mark.parametrize("name", ["resnet56", "transformer-pre"])
-def test_partial_evaluation_equals_full_model(export, cifar_lossless, digits_npz, name):
-    """Oracle: replacing one layer's weight in the suffix session gives the same outputs as a full run of the
-    model with that weight replaced (ONNX Runtime both ways)."""
+@pytest.mark.parametrize("name,inject", [("resnet56", "inputs"), ("resnet56", "initializers"),
+                                         ("transformer-pre", "inputs"), ("transformer-pre", "initializers")])
+def test_partial_evaluation_equals_full_model(export, cifar_lossless, digits_npz, name, inject):
+    """Oracle: replacing one layer's weight in the suffix session (fed as an input, or injected as an
+    initializer when the session is made) gives the same outputs as a full run of the model with that weight
+    replaced (ONNX Runtime both ways)."""
     path = export(name)
     model = ir.load(path)
     info = analyse_graph(model)
     layers = find_layers(info)
     chosen = layers[:: max(1, len(layers) // 6)]
-    pe = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in chosen])
+    pe = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in chosen],
+                          inject=inject)
     if name == "resnet56":
         x = _cifar(cifar_lossless, 0, 32)
     else:

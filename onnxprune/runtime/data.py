@@ -122,6 +122,26 @@ def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
         raise InputError(f"--{what} must be comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
 
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str | None, what: str) -> int | None:
+    """A memory size such as 512MB, 2GB, 1.5GiB or a plain byte count (binary units: 1 GB = 2**30 bytes)."""
+    if text is None or text == "":
+        return None
+    t = text.strip().lower().replace(" ", "")
+    digits = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(digits):]
+    try:
+        value = float(digits)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not value > 0:
+        raise InputError(f"--{what} must be a positive size such as 512MB or 2GB, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
 def load_npz(path: str | os.PathLike, input_key: str = "x", label_key: str | None = "y") -> tuple[np.ndarray, np.ndarray | None]:
     """Inputs and (if present) labels from an .npz file, without pickle."""
     p = Path(path)

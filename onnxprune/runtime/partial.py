@@ -1,17 +1,26 @@
 """Partial-graph evaluation: run the unmodified model once, keep the activations entering each unit, and
-evaluate only the part of the graph from the unit to the outputs, with the unit's weights fed as inputs.
+evaluate only the part of the graph from the unit to the outputs with other weights for the unit.
 
 A *unit* is a set of nodes whose weights get replaced (one layer, or every layer of a residual block). For
 a unit whose first node sits at position p of the topological order, the *cut* is every run-time value
 produced before p and used at or after p (for a layer inside a residual block this includes the block's
 skip value). The prefix session is the whole model with every cut value as an extra output; each unit's
-suffix session holds nodes p.. of the graph, takes the cut values and the unit's weights as inputs, and is
-built once: trying another weight is one ``run`` with other arrays, never a re-serialised model.
+suffix graph holds nodes p.. of the graph and takes the cut values as inputs. It is serialised once; other
+weights for the unit never re-serialise it. Two ways to inject them:
+
+- ``inject="inputs"``: the unit's weights are inputs of one suffix session per unit, so trying another
+  weight is one ``run`` with other arrays. Right for many weight variants on little data (sensitivity
+  curves, search), but ONNX Runtime cannot pre-pack weights that are inputs (on x86 its blocked NCHWc
+  convolutions need constant weights), so each run is slower: about 1.8x on ResNet-56.
+- ``inject="initializers"``: the unit's weights are initializers whose bytes are supplied when a session is
+  made (``SessionOptions.add_external_initializers``: no copy of the model, no serialisation), one session
+  per weight set (:meth:`PartialEvaluator.bind`). Each run is as fast as the unmodified model's. Right for
+  a few weight sets on much data (SR-init: one per seed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,6 +29,8 @@ from onnx import helper
 
 from onnxprune.analysis.graph import GraphInfo
 from onnxprune.runtime.session import Session, create_session
+
+INJECTED = "onnxprune-injected-weights"  # external-data location of weights supplied at session creation
 
 
 @dataclass
@@ -34,8 +45,27 @@ class _Suffix:
     unit: Unit
     position: int
     cut: list[str]
-    session: Session
-    weight_inputs: list[str] = field(default_factory=list)
+    model: bytes  # the serialised suffix graph
+    session: Session | None = None  # inject="inputs": the one session of this unit
+
+
+class Bound:
+    """A suffix session with one set of the unit's weights built in (or fed on each run)."""
+
+    def __init__(self, suffix: _Suffix, session: Session, outputs: list[str], feeds: dict | None = None,
+                 keep: list | None = None):
+        self.suffix, self.session, self.outputs = suffix, session, outputs
+        self._feeds = feeds or {}
+        self._keep = keep  # OrtValues whose memory the session uses
+
+    @property
+    def cut(self) -> list[str]:
+        return self.suffix.cut
+
+    def run(self, acts: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = {v: acts[v] for v in self.suffix.cut}
+        feeds.update(self._feeds)
+        return self.session.run(feeds, self.outputs)
 
 
 def _elem_type(info: GraphInfo, value: ir.Value) -> int:
@@ -45,54 +75,79 @@ def _elem_type(info: GraphInfo, value: ir.Value) -> int:
 
 class PartialEvaluator:
     def __init__(self, model: ir.Model, info: GraphInfo, units: list[Unit], provider: str = "cpu",
-                 threads: int | None = None):
-        self.info = info
+                 threads: int | None = None, inject: str = "inputs"):
+        if inject not in ("inputs", "initializers"):
+            raise ValueError(f"inject must be inputs or initializers, got {inject!r}")
+        self.info, self.provider, self.threads, self.inject = info, provider, threads, inject
         proto = ir.serde.serialize_model(model)
+        self._proto = proto
         graph = proto.graph
-        nodes = list(graph.node)
+        self._nodes = nodes = list(graph.node)
         position = {n.name: i for i, n in enumerate(nodes)}
-        const_nodes = {o: n for n in nodes if n.op_type == "Constant" for o in n.output}
-        initializers = {t.name: t for t in graph.initializer}
-        produced_at: dict[str, int] = {i.name: -1 for i in graph.input}
+        self._const_nodes = {o: n for n in nodes if n.op_type == "Constant" for o in n.output}
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._produced_at: dict[str, int] = {i.name: -1 for i in graph.input}
         for i, n in enumerate(nodes):
             for o in n.output:
-                produced_at[o] = i
-        values = {v.name: v for v in _all_values(model)}
-        graph_outputs = [o.name for o in graph.output]
-        self.output_names = graph_outputs
+                self._produced_at[o] = i
+        self._values = {v.name: v for v in _all_values(model)}
+        self.output_names = [o.name for o in graph.output]
         self.suffixes: dict[str, _Suffix] = {}
         needed_cut: set[str] = set()
         for unit in units:
             p = min(position[n] for n in unit.nodes)
-            weights = set(unit.weights)
-            suffix_nodes = [n for n in nodes[p:] if not (n.op_type == "Constant" and set(n.output) & weights)]
-            used = {i for n in suffix_nodes for i in n.input if i} | set(graph_outputs)
-            cut = sorted(
-                v for v in used
-                if v in produced_at and produced_at[v] < p and v not in const_nodes and v not in weights
-            )
-            moved_consts = [const_nodes[v] for v in used if v in const_nodes and produced_at[v] < p and v not in weights]
-            inputs = [helper.make_tensor_value_info(v, _elem_type(info, values[v]), None) for v in cut]
-            w_inputs = []
-            for w in unit.weights:
-                arr_type, shape = _weight_type(initializers, const_nodes, w)
-                w_inputs.append(helper.make_tensor_value_info(w, arr_type, shape))
-            inits = [initializers[v] for v in used if v in initializers and v not in weights]
-            sub = helper.make_model(
-                helper.make_graph(moved_consts + suffix_nodes, f"suffix_{unit.name}", inputs + w_inputs,
-                                  list(graph.output), initializer=inits),
-                opset_imports=list(proto.opset_import), ir_version=proto.ir_version,
-            )
-            for fn in proto.functions:
-                sub.functions.append(fn)
-            session = create_session(sub.SerializeToString(), provider, threads)
-            self.suffixes[unit.name] = _Suffix(unit, p, cut, session, list(unit.weights))
+            model_bytes, cut = self._slice(p, len(nodes), self.output_names, unit.weights)
+            suffix = _Suffix(unit, p, cut, model_bytes)
+            if inject == "inputs":
+                suffix.session = create_session(suffix.model, provider, threads, spin=False)
+            self.suffixes[unit.name] = suffix
             needed_cut.update(cut)
-        extra = sorted(needed_cut - set(graph_outputs) - {i.name for i in graph.input})
-        for v in extra:
-            graph.output.append(helper.make_tensor_value_info(v, _elem_type(info, values[v]), None))
-        self.prefix = create_session(proto.SerializeToString(), provider, threads)
-        self.prefix_outputs = graph_outputs + extra
+        self._prefix_extra = sorted(needed_cut - set(self.output_names) - {i.name for i in graph.input})
+        self._prefix: Session | None = None
+
+    def _slice(self, start: int, end: int, outputs: list[str], weights: list[str] = ()) -> tuple[bytes, list[str]]:
+        """Nodes [start, end) as a model: inputs are the run-time values made before ``start`` that they use,
+        ``weights`` (if any) become inputs or injected initializers. Returns (model bytes, input names)."""
+        weight_set = set(weights)
+        const_nodes, produced_at, info = self._const_nodes, self._produced_at, self.info
+        body = [n for n in self._nodes[start:end] if not (n.op_type == "Constant" and set(n.output) & weight_set)]
+        used = {i for n in body for i in n.input if i} | set(outputs)
+        cut = sorted(v for v in used if v in produced_at and produced_at[v] < start and v not in const_nodes
+                     and v not in weight_set)
+        moved = [const_nodes[v] for v in used if v in const_nodes and produced_at[v] < start and v not in weight_set]
+        inputs = [helper.make_tensor_value_info(v, _elem_type(info, self._values[v]), None) for v in cut]
+        inits = [self._initializers[v] for v in used if v in self._initializers and v not in weight_set]
+        for w in weights:
+            data_type, shape = _weight_type(self._initializers, const_nodes, w)
+            if self.inject == "inputs":
+                inputs.append(helper.make_tensor_value_info(w, data_type, shape))
+            else:
+                inits.append(_placeholder(w, data_type, shape))
+        outs = [helper.make_tensor_value_info(v, _elem_type(info, self._values[v]), None) for v in outputs]
+        proto = self._proto
+        sub = helper.make_model(
+            helper.make_graph(moved + body, f"slice_{start}_{end}", inputs, outs, initializer=inits),
+            opset_imports=list(proto.opset_import), ir_version=proto.ir_version,
+        )
+        for fn in proto.functions:
+            sub.functions.append(fn)
+        return sub.SerializeToString(), cut
+
+    @property
+    def prefix(self) -> Session:
+        """The whole model with every cut value as an extra output (built on first use)."""
+        if self._prefix is None:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(self._proto)
+            for v in self._prefix_extra:
+                proto.graph.output.append(
+                    helper.make_tensor_value_info(v, _elem_type(self.info, self._values[v]), None))
+            self._prefix = create_session(proto.SerializeToString(), self.provider, self.threads, spin=False)
+        return self._prefix
+
+    @property
+    def prefix_outputs(self) -> list[str]:
+        return self.output_names + self._prefix_extra
 
     def run_prefix(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The unmodified model's outputs and every cut activation, for one batch."""
@@ -101,12 +156,52 @@ class PartialEvaluator:
         acts.update(feeds)
         return acts
 
+    def weight_bytes(self, unit: str) -> int:
+        """About the bytes of weights a session of ``unit``'s suffix holds."""
+        suffix = self.suffixes[unit]
+        own = sum(int(np.prod(_weight_type(self._initializers, self._const_nodes, w)[1], dtype=np.int64))
+                  * _itemsize(_weight_type(self._initializers, self._const_nodes, w)[0]) for w in suffix.unit.weights)
+        return len(suffix.model) + (own if self.inject == "initializers" else 0)
+
+    def bind(self, unit: str, weights: dict[str, np.ndarray]) -> Bound:
+        """A runnable suffix of ``unit`` with these weights (every weight of the unit, by value name)."""
+        suffix = self.suffixes[unit]
+        missing = set(suffix.unit.weights) - set(weights)
+        if missing:
+            raise ValueError(f"weights for unit {unit!r} miss {sorted(missing)}")
+        if self.inject == "inputs":
+            return Bound(suffix, suffix.session, self.output_names, feeds=dict(weights))
+        names = list(suffix.unit.weights)
+        arrays = [np.ascontiguousarray(weights[n]) for n in names]
+        values = [_ort().OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        session = create_session(suffix.model, self.provider, self.threads, spin=False,
+                                 external=dict(zip(names, values, strict=True)))
+        return Bound(suffix, session, self.output_names, keep=arrays + values)
+
     def run_unit(self, unit: str, acts: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The model outputs with ``unit``'s weights replaced, from the cached activations of one batch."""
-        suffix = self.suffixes[unit]
-        feeds = {v: acts[v] for v in suffix.cut}
-        feeds.update(weights)
-        return suffix.session.run(feeds, self.output_names)
+        return self.bind(unit, weights).run(acts)
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _placeholder(name: str, data_type: int, shape: list[int]) -> onnx.TensorProto:
+    """An initializer whose bytes come at session creation (external data that is never read from disk)."""
+    t = onnx.TensorProto(name=name, data_type=data_type, dims=shape)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", INJECTED), ("offset", "0"),
+                       ("length", str(int(np.prod(shape, dtype=np.int64)) * _itemsize(data_type)))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _itemsize(data_type: int) -> int:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
 
 
 def _weight_type(initializers: dict, const_nodes: dict, name: str) -> tuple[int, list[int]]:

@@ -16,12 +16,14 @@ from its first node on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
 
 from onnxprune.analysis.graph import GraphInfo, constant_array
 from onnxprune.analysis.layers import Layer
+from onnxprune.errors import InputError
 from onnxprune.runtime.partial import PartialEvaluator, Unit
 from onnxprune.scoring.sensitivity import log_softmax
 from onnxprune.weights import get_weight, out_in_axes
@@ -73,44 +75,77 @@ class _Paired:
         return mean * scale, np.sqrt(var / count) * scale
 
 
+DEFAULT_MAX_MEMORY = 2 << 30  # bytes: suffix sessions alive at once plus one batch of cached activations
+
+
 def srinit_scores(
     model, info: GraphInfo, units: list[tuple[str, list[str], list[Layer]]], batches: list,
     seeds: list[int], provider: str = "cpu", progress: Callable[[int, int], None] | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> tuple[dict[str, dict], dict]:
-    """units: (name, node names, layers). Returns per unit {metric: drop, metric_se, (metric_seed_std)} and
-    the baseline metrics."""
+    """units: (name, node names, layers). Returns per unit {metric: drop, metric_se, (metric_seed_std),
+    seconds} and the baseline metrics, and the number of passes over the data.
+
+    Each (unit, seed) gets a suffix session with that seed's weights built in (injected when the session is
+    made, never serialised), so it runs as fast as the unmodified graph. For each batch the unmodified model
+    runs once and keeps the activations entering every unit; every suffix session then runs on them and the
+    batch's activations are dropped. The sessions are made once and kept while they fit in ``max_memory``
+    (with the batch's activations); when they do not, they are taken in groups that fit, and the data is
+    passed once per group.
+    """
     nodes = {n.name: n for n in info.graph}
     all_layers = [layer for _, _, layers in units for layer in layers]
     inits = {seed: fresh_init(all_layers, nodes, seed) for seed in seeds}
     weight_names = {name: sorted({k for layer in layers for k in _param_names(layer, nodes)})
                     for name, _, layers in units}
     evaluator = PartialEvaluator(model, info, [Unit(name, node_names, weight_names[name])
-                                               for name, node_names, _ in units], provider=provider)
-    acc = {(name, seed): _Paired() for name, _, _ in units for seed in seeds}
-    base_correct, n, labelled = 0, 0, 0
-    total, done = len(batches) * len(units), 0
-    for feeds, labels in batches:
-        acts = evaluator.run_prefix(feeds)
-        ref_logp = log_softmax(acts[evaluator.output_names[0]])
-        ref_top = ref_logp.argmax(axis=1)
-        ref_ok = None if labels is None else (ref_top == labels.reshape(-1)).astype(np.float64)
-        n += len(ref_top)
-        if ref_ok is not None:
-            base_correct += int(ref_ok.sum())
-            labelled += len(ref_ok)
-        for name, _, _ in units:
-            for seed in seeds:
-                weights = {k: inits[seed][k] for k in weight_names[name]}
-                logp = log_softmax(evaluator.run_unit(name, acts, weights)[0])
+                                               for name, node_names, _ in units],
+                                 provider=provider, inject="initializers")
+    pairs = [(name, seed) for name, _, _ in units for seed in seeds]
+    first = evaluator.run_prefix(batches[0][0]) if batches else {}
+    acts_bytes = sum(a.nbytes for a in first.values())
+    if acts_bytes >= max_memory:
+        raise InputError(f"one batch of activations takes {acts_bytes / 2**20:.0f} MiB, over --max-memory "
+                         f"({max_memory / 2**20:.0f} MiB); lower --batch-size or raise --max-memory")
+    groups = _groups(pairs, {name: evaluator.weight_bytes(name) for name, _, _ in units},
+                     max_memory - acts_bytes)
+    acc = {pair: _Paired() for pair in pairs}
+    seconds = {name: 0.0 for name, _, _ in units}
+    state = {"n": 0, "labelled": 0, "correct": 0, "done": 0}
+    total = len(batches) * len(pairs)
+    for g, group in enumerate(groups):
+        sessions = {}
+        for name, seed in group:
+            t0 = time.perf_counter()
+            sessions[(name, seed)] = evaluator.bind(name, {k: inits[seed][k] for k in weight_names[name]})
+            seconds[name] += time.perf_counter() - t0
+        for b, (feeds, labels) in enumerate(batches):
+            acts = first if g == 0 and b == 0 else evaluator.run_prefix(feeds)
+            ref_logp = log_softmax(acts[evaluator.output_names[0]])
+            ref_top = ref_logp.argmax(axis=1)
+            ref_ok = None if labels is None else (ref_top == labels.reshape(-1)).astype(np.float64)
+            if g == 0:
+                state["n"] += len(ref_top)
+                if ref_ok is not None:
+                    state["correct"] += int(ref_ok.sum())
+                    state["labelled"] += len(ref_ok)
+            for (name, seed), bound in sessions.items():
+                t0 = time.perf_counter()
+                logp = log_softmax(bound.run(acts)[0])
                 top = logp.argmax(axis=1)
                 p = acc[(name, seed)]
                 p.add("agreement", (top != ref_top).astype(np.float64))
                 p.add("kl", np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=1))
                 if ref_ok is not None:
                     p.add("top1", ref_ok - (top == labels.reshape(-1)))
-            done += 1
-            if progress:
-                progress(done, total)
+                seconds[name] += time.perf_counter() - t0
+                state["done"] += 1
+                if progress:
+                    progress(state["done"], total)
+            del acts
+            first = {}
+        sessions.clear()
+    n, labelled = state["n"], state["labelled"]
     results = {}
     for name, _, _ in units:
         r: dict = {}
@@ -122,11 +157,26 @@ def srinit_scores(
             r[f"{metric}_se"] = float(np.mean([se for _, se in per_seed]))
             if len(seeds) > 1:
                 r[f"{metric}_seed_std"] = float(np.std([m for m, _ in per_seed], ddof=1))
+        r["seconds"] = round(seconds[name], 3)
         results[name] = r
-    base = {"samples": n, "agreement": 100.0, "kl": 0.0}
+    base = {"samples": n, "agreement": 100.0, "kl": 0.0, "passes": len(groups)}
     if labelled:
-        base["top1"] = 100.0 * base_correct / labelled
+        base["top1"] = 100.0 * state["correct"] / labelled
     return results, base
+
+
+def _groups(pairs: list, weight_bytes: dict[str, int], budget: int) -> list[list]:
+    """(unit, seed) pairs in consecutive groups whose sessions fit in ``budget`` bytes (at least one each).
+    A session holds its suffix's weights and about as much again for ONNX Runtime's pre-packed copies."""
+    groups, current, used = [], [], 0
+    for pair in pairs:
+        need = 2 * weight_bytes[pair[0]]
+        if current and used + need > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(pair)
+        used += need
+    return groups + [current] if current else groups
 
 
 def _param_names(layer: Layer, nodes: dict) -> list[str]:
