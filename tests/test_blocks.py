@@ -176,3 +176,20 @@ def test_reinit_touches_exactly_the_units_weights(export):
             if layer.bn:
                 scale, bias, mean, var = (init[v.name] for v in nodes[layer.bn].inputs[1:5])
                 assert np.all(scale == 1) and np.all(bias == 0) and np.all(mean == 0) and np.all(var == 1)
+
+
+def test_reinit_resets_the_layernorm_inside_a_transformer_block(export):
+    """A pre-norm transformer block holds its LayerNorm: fresh means scale 1, shift 0 (as a new model), and
+    nothing outside the block's nodes is touched."""
+    from onnxprune.analysis.graph import analyse_graph
+    from onnxprune.scoring.srinit import fresh_norms
+
+    path = export("transformer-pre")
+    info = analyse_graph(ir.load(path))
+    nodes = {n.name: n for n in info.graph}
+    block = onnxprune.inspect(path).blocks[0]
+    fresh = fresh_norms(nodes[n] for n in block.nodes)
+    norm = next(nodes[n] for n in block.nodes if nodes[n].op_type == "LayerNormalization")
+    assert set(fresh) == {norm.inputs[1].name, norm.inputs[2].name}
+    assert np.all(fresh[norm.inputs[1].name] == 1) and np.all(fresh[norm.inputs[2].name] == 0)
+    assert not np.all(norm.inputs[1].const_value.numpy() == 1)  # the trained scale really changes

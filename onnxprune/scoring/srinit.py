@@ -4,7 +4,8 @@ Each unit's weights are replaced by a fresh initialisation, as a newly built mod
 would have it (Tang et al. 2023, reference code checked): conv / linear weights Kaiming-normal (fan_in, ReLU
 gain: std = sqrt(2 / fan_in)), biases zero (in an ONNX export BatchNorm is usually folded into the conv, so
 that is the fresh-init equivalent), and a BatchNormalization still in the graph gets its fresh state (scale
-1, shift 0, mean 0, variance 1). One seeded generator draws every layer's weights in graph order, as one
+1, shift 0, mean 0, variance 1), as do other normalisations inside the unit (a transformer block's
+LayerNorm: scale 1, shift 0). One seeded generator draws every layer's weights in graph order, as one
 fresh model would; ``seeds`` > 1 repeats with the next seeds.
 
 The drop is baseline - re-initialised on the same samples: ``top1`` (points, needs labels), ``agreement``
@@ -54,6 +55,27 @@ def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int) -> dict[str, n
     return out
 
 
+_NORM_FILLS = {  # op -> fresh value of inputs 1.. (scale 1, shift 0; BatchNorm: mean 0, variance 1)
+    "BatchNormalization": (1.0, 0.0, 0.0, 1.0),
+    "LayerNormalization": (1.0, 0.0),
+    "InstanceNormalization": (1.0, 0.0),
+    "GroupNormalization": (1.0, 0.0),
+}
+
+
+def fresh_norms(nodes) -> dict[str, np.ndarray]:
+    """Value name -> fresh array for the constant parameters of the normalisation nodes among ``nodes``
+    (a LayerNorm inside a transformer block, a BatchNorm kept in the graph): what a new model starts with."""
+    out: dict[str, np.ndarray] = {}
+    for node in nodes:
+        for v, fill in zip(node.inputs[1:], _NORM_FILLS.get(node.op_type, ()), strict=False):
+            direct = v is not None and (v.const_value is not None
+                                        or (v.producer() is not None and v.producer().op_type == "Constant"))
+            if direct:
+                out[v.name] = np.full_like(constant_array(v), fill)
+    return out
+
+
 class _Paired:
     """Per-sample paired differences against the baseline, summed for mean and standard error."""
 
@@ -95,8 +117,12 @@ def srinit_scores(
     """
     nodes = {n.name: n for n in info.graph}
     all_layers = [layer for _, _, layers in units for layer in layers]
+    norms = {name: fresh_norms(nodes[n] for n in node_names if n in nodes) for name, node_names, _ in units}
     inits = {seed: fresh_init(all_layers, nodes, seed) for seed in seeds}
-    weight_names = {name: sorted({k for layer in layers for k in _param_names(layer, nodes)})
+    for seed in seeds:
+        for fresh in norms.values():
+            inits[seed].update(fresh)
+    weight_names = {name: sorted({k for layer in layers for k in _param_names(layer, nodes)} | set(norms[name]))
                     for name, _, layers in units}
     evaluator = PartialEvaluator(model, info, [Unit(name, node_names, weight_names[name])
                                                for name, node_names, _ in units],
