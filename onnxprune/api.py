@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from onnxprune import __version__
 from onnxprune.analysis.blocks import Block, find_blocks
-from onnxprune.analysis.graph import analyse_graph
+from onnxprune.analysis.graph import analyse_graph, fold_small_constants
 from onnxprune.analysis.layers import Layer, find_layers, model_params
 from onnxprune.errors import InputError
 from onnxprune.io import check_output_path, fingerprint, load_model, save_model
@@ -681,12 +681,19 @@ def apply(
     force: bool = False,
     external_data: bool | None = None,
     check: bool = True,
+    criterion: str = "l2",
+    round_to: int = 1,
 ) -> ApplyResult:
-    """Rewrite the model per the plan and write a checked model to ``output``."""
+    """Rewrite the model per the plan and write a checked model to ``output``.
+
+    ``granularity``: ``unstructured`` (zero the smallest weights), ``n:m`` (N of every M), or ``channel``
+    (remove whole output channels, each layer's planned sparsity taken as its fraction of channels; coupled
+    channels go together, chosen by the ``criterion`` l1 | l2 norm of their filters; kept counts multiples of
+    ``round_to``)."""
     from onnxprune.passes.sparsify import SparsifyPass
 
-    if granularity not in ("unstructured", "n:m"):
-        raise InputError(f"unknown granularity {granularity!r}; use unstructured or n:m")
+    if granularity not in GRANULARITIES:
+        raise InputError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
     if store not in ("dense", "sparse"):
         raise InputError(f"unknown --store {store!r}; use dense or sparse")
     n, mm = nm
@@ -709,6 +716,8 @@ def apply(
             raise InputError(f"the plan names block(s) not in the model: {missing[:3]}; make a new plan")
         RemoveBlocksPass([by_block[b["name"]] for b in pl.blocks])(m)
         removed_blocks = [b["name"] for b in pl.blocks]
+    if granularity == "channel":
+        return _apply_channels(m, fp, pl, model, output, criterion, round_to, force, external_data, check)
     layers, _ = _prunable_units(m)
     by_name = {layer.name: layer for layer in layers}
     gone = {name for b in pl.blocks for name in b.get("layers", [])}
@@ -751,6 +760,63 @@ def apply(
     return ApplyResult(path=saved.path, layers=per_layer, totals=achieved, input_bytes=_model_bytes(Path(model)),
                        output_bytes=saved.size_bytes, sparse_initializers=saved.sparse_initializers,
                        skipped=rep.skipped, checked=_check_description(check, bool(saved.sparse_initializers)))
+
+
+GRANULARITIES = ("unstructured", "n:m", "channel")
+
+
+def _apply_channels(m: ir.Model, fp: str, pl: Plan, model, output, criterion: str, round_to: int, force: bool,
+                    external_data, check: bool) -> ApplyResult:
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from onnxprune.analysis.channels import channel_graph
+    from onnxprune.passes.shrink import CRITERIA, choose, shrink
+
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown --criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+    if round_to < 1:
+        raise InputError(f"--round-to must be at least 1, got {round_to}")
+    if pl.blocks:
+        raise InputError("a block plan removes whole blocks; apply it without --granularity channel")
+    before = _inspect(m, fp)
+    # small constant sub-graphs (the pads of an exported option-A shortcut) become constants the rewrite can edit
+    m = ir.serde.deserialize_model(fold_small_constants(ir.serde.serialize_model(m)))
+    info = analyse_graph(m)
+    layers = find_layers(info)
+    by_name = {layer.name: layer for layer in layers}
+    planned = pl.sparsities()
+    unknown = [name for name in planned if name not in by_name]
+    if unknown:
+        raise InputError(f"the plan names layer(s) not in the model: {unknown[:3]}; make a new plan")
+    cg = channel_graph(info, layers)
+    remove, choices = choose(cg, planned, criterion, round_to)
+    out_before = {name: len(elems) for name, elems in cg.produced.items()}
+    out_after = {name: sum(cg.find(e) not in remove for e in elems) for name, elems in cg.produced.items()}
+    shrink(m, cg, remove)
+    RemoveUnusedNodesPass()(m)
+    after = _inspect(m, "")
+    blocked = [g for g in cg.groups() if not g["prunable"] and any(planned.get(n, 0) > 0 for n in g["layers"])]
+    totals = {
+        "granularity": "channel", "criterion": criterion, "round_to": round_to,
+        "params_before": before.params, "params_after": after.params,
+        "flops_before": before.flops, "flops_after": after.flops,
+        "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
+        "flops_fraction_removed": 1 - after.flops / before.flops if before.flops else 0.0,
+        "channels_removed": sum(c.removed for c in choices),
+        "groups": len(choices), "groups_blocked": len(blocked),
+        "planned_params_sparsity": pl.totals.get("params_sparsity"),
+        "planned_flops_sparsity": pl.totals.get("flops_sparsity"),
+    }
+    saved = save_model(m, output, external_data=external_data, input_path=model, force=force,
+                       verify=check_runs if check else None)
+    per_layer = [{"name": name, "planned_sparsity": planned.get(name, 0.0), "channels": out_before[name],
+                  "channels_after": out_after[name],
+                  "sparsity": 1 - out_after[name] / out_before[name] if out_before[name] else 0.0}
+                 for name in out_before]
+    skipped = {", ".join(g["layers"][:3]) + (" ..." if len(g["layers"]) > 3 else ""): g["reason"] for g in blocked}
+    return ApplyResult(path=saved.path, layers=per_layer, totals=totals, input_bytes=_model_bytes(Path(model)),
+                       output_bytes=saved.size_bytes, sparse_initializers=[], skipped=skipped,
+                       checked=_check_description(check, False))
 
 
 def _check_description(check: bool, sparse: bool) -> str:

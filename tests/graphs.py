@@ -46,3 +46,24 @@ def add_to_sum(src: Path, dst: Path) -> Path:
             node.op_type = "Sum"
     onnx.save(model, str(dst))
     return dst
+
+
+def mask_channels(model: onnx.ModelProto, masks: dict[str, tuple[str, int, np.ndarray]]) -> onnx.ModelProto:
+    """Oracle for channel removal: ``masks`` maps a value name to (its rank, channel axis, 0/1 mask); each
+    consumer of the value reads value * mask (broadcast on that axis) instead."""
+    q = onnx.ModelProto()
+    q.CopyFrom(model)
+    nodes = list(q.graph.node)
+    for value, (rank, axis, mask) in masks.items():
+        masked = f"{value}__masked"
+        shape = [len(mask)] + [1] * (rank - 1 - axis)
+        q.graph.initializer.append(numpy_helper.from_array(mask.astype(np.float32).reshape(shape), f"{value}__mask"))
+        for n in nodes:
+            for k, i in enumerate(n.input):
+                if i == value:
+                    n.input[k] = masked
+        producer = next(i for i, n in enumerate(nodes) if value in n.output)
+        nodes.insert(producer + 1, helper.make_node("Mul", [value, f"{value}__mask"], [masked]))
+    del q.graph.node[:]
+    q.graph.node.extend(nodes)
+    return q

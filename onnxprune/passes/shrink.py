@@ -1,0 +1,163 @@
+"""Remove whole channels: choose them per coupled group, then shrink every tensor that holds them.
+
+The channel dependency analysis (onnxprune.analysis.channels) says which channels are tied together; this
+pass picks, in each prunable group, the channels to remove (the lowest by the L1 or L2 norm of their
+filters, summed over the group's layers after dividing by each layer's mean norm, as every layer of a group
+loses the same channels), and rewrites the layer weights (output and input axes), depthwise group counts,
+BatchNorm parameters, per-channel constants, channel pads and flattening reshapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.analysis.channels import ChannelGraph, Edit
+from onnxprune.analysis.graph import constant_array
+from onnxprune.weights import get_weight, out_in_axes
+
+CRITERIA = ("l1", "l2")
+
+
+@dataclass
+class GroupChoice:
+    layers: list[str]
+    channels: int
+    removed: int
+    ratio: float  # the planned fraction for the group (before rounding)
+
+
+def filter_norms(layer, criterion: str) -> np.ndarray:
+    w = np.asarray(get_weight(layer), np.float64)
+    axis = out_in_axes(layer)[0]
+    m = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    return np.abs(m).sum(1) if criterion == "l1" else np.sqrt((m ** 2).sum(1))
+
+
+def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", round_to: int = 1
+           ) -> tuple[set[int], list[GroupChoice]]:
+    """The class roots to remove and what was chosen per group. ``ratios``: layer name -> fraction of its
+    output channels to remove (from a plan's per-layer sparsities). A group takes the mean of its layers'
+    ratios weighted by their parameters; its kept channel count is rounded to a multiple of ``round_to``
+    (never below it, never above the group's size)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}")
+    norms: dict[str, np.ndarray] = {}
+    for name, elems in cg.produced.items():
+        n = filter_norms(cg.layers[name], criterion)
+        mean = float(n.mean()) or 1.0
+        norms[name] = n / mean
+    remove: set[int] = set()
+    choices = []
+    members = cg.classes()
+    for g in cg.groups():
+        if not g["prunable"]:
+            continue
+        weights = np.array([cg.layers[n].params for n in g["layers"]], np.float64)
+        rs = np.array([ratios.get(n, 0.0) for n in g["layers"]], np.float64)
+        ratio = float((weights * rs).sum() / weights.sum()) if weights.sum() else float(rs.mean())
+        n = g["channels"]
+        kept = n - int(np.floor(ratio * n + 1e-9))
+        if round_to > 1:
+            kept = int(round(kept / round_to)) * round_to
+            kept = max(kept, round_to)
+        kept = min(max(kept, 1), n)
+        if kept == n:
+            choices.append(GroupChoice(g["layers"], n, 0, ratio))
+            continue
+        score = {}
+        for root in g["roots"]:
+            total = 0.0
+            for e in members[root]:
+                kind, name, idx = cg.owners[e]
+                if kind == "layer" and name in norms:
+                    total += norms[name][idx]
+            score[root] = total
+        ordered = sorted(g["roots"], key=lambda r: (score[r], r))
+        remove.update(ordered[: n - kept])
+        choices.append(GroupChoice(g["layers"], n, n - kept, ratio))
+    return remove, choices
+
+
+def _kept(cg: ChannelGraph, elems: list[int], remove: set[int]) -> list[int]:
+    return [i for i, e in enumerate(elems) if cg.find(e) not in remove]
+
+
+def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    name, k = f"{base}_shrunk", 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}_shrunk{k}"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
+    """Rewrite the graph without the channels of the ``remove`` classes. Returns the number of edits."""
+    graph = model.graph
+    weight_keep: dict[ir.Node, dict[int, list[int]]] = {}
+    done = 0
+    for edit in cg.edits:
+        keep = _kept(cg, edit.elems, remove)
+        if edit.kind in ("weight_out", "weight_in"):
+            weight_keep.setdefault(edit.node, {})[edit.axis] = keep
+        elif len(keep) == len(edit.elems) and edit.kind != "pad":
+            continue
+        elif edit.kind == "param":
+            _param(graph, edit, keep)
+        elif edit.kind == "group":
+            edit.node.attributes["group"] = ir.AttrInt64("group", len(keep))
+        elif edit.kind == "pad":
+            _pad(graph, cg, edit, remove)
+        elif edit.kind == "reshape":
+            target = np.array(edit.extra["target"], copy=True)
+            if target[edit.axis] > 0:
+                target[edit.axis] = len(keep)
+                edit.node.replace_input_with(1, _new_initializer(graph, edit.node.inputs[1].name, target))
+        done += 1
+    layers_by_node = {layer.node: layer for layer in cg.layers.values()}
+    for node, axes in weight_keep.items():
+        layer = layers_by_node[node]
+        w = np.asarray(get_weight(layer))
+        new = w
+        for axis, keep in axes.items():
+            if len(keep) != w.shape[axis]:
+                new = np.take(new, keep, axis=axis)
+        if new is not w:
+            src = node.inputs[layer.weight_input]
+            node.replace_input_with(layer.weight_input, _new_initializer(graph, src.name, np.ascontiguousarray(new)))
+            done += 1
+    _forget_shapes(graph)
+    return done
+
+
+def _param(graph: ir.Graph, edit: Edit, keep: list[int]) -> None:
+    src = edit.node.inputs[edit.input_index]
+    arr = constant_array(src)
+    new = np.ascontiguousarray(np.take(arr, keep, axis=edit.axis))
+    edit.node.replace_input_with(edit.input_index, _new_initializer(graph, src.name, new))
+
+
+def _pad(graph: ir.Graph, cg: ChannelGraph, edit: Edit, remove: set[int]) -> None:
+    before = len(_kept(cg, edit.extra["before"], remove))
+    after = len(_kept(cg, edit.extra["after"], remove))
+    axes, pads = edit.extra["axes"], list(edit.extra["pads"])
+    k = axes.index(edit.axis)
+    if pads[k] == before and pads[len(axes) + k] == after:
+        return
+    pads[k], pads[len(axes) + k] = before, after
+    src = edit.node.inputs[1]
+    edit.node.replace_input_with(1, _new_initializer(graph, src.name, np.array(pads, np.int64)))
+
+
+def _forget_shapes(graph: ir.Graph) -> None:
+    """Intermediate shapes are stale after shrinking: drop them (shape inference recomputes them)."""
+    keep = set(graph.inputs) | set(graph.outputs)
+    for node in graph:
+        for v in node.outputs:
+            if v not in keep:
+                v.shape = None
