@@ -14,7 +14,8 @@ import onnx_ir as ir
 
 from onnxprune import __version__
 from onnxprune.analysis.blocks import Block, find_blocks
-from onnxprune.analysis.graph import analyse_graph, fold_small_constants
+from onnxprune.analysis.channels import channel_graph
+from onnxprune.analysis.graph import analyse_graph
 from onnxprune.analysis.layers import Layer, find_layers, model_params
 from onnxprune.errors import InputError
 from onnxprune.io import check_output_path, fingerprint, load_model, save_model
@@ -43,6 +44,7 @@ class InspectResult:
     opset: int | None
     shape_error: str | None = None
     notes: list[str] = field(default_factory=list)
+    groups: list[dict] = field(default_factory=list)  # channel dependency groups (onnxprune.analysis.channels)
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +53,7 @@ class InspectResult:
             "opset": self.opset,
             "layers": [layer.to_dict() for layer in self.layers],
             "blocks": [block.to_dict() for block in self.blocks],
+            "groups": self.groups,
             "totals": {
                 "params": self.params,
                 "prunable_params": self.prunable_params,
@@ -58,6 +61,8 @@ class InspectResult:
                 "layers": len(self.layers),
                 "blocks": len(self.blocks),
                 "removable_blocks": sum(b.removable for b in self.blocks),
+                "channel_groups": len(self.groups),
+                "prunable_channel_groups": sum(g["prunable"] for g in self.groups),
             },
             "notes": self.notes,
         }
@@ -109,11 +114,12 @@ def inspect(model: ModelLike) -> InspectResult:
     >>> result.to_dict()["totals"]["params"]  # doctest: +SKIP
     """
     m = _as_model(model)
-    return _inspect(m, fingerprint(m))
+    return _inspect(m, fingerprint(m), groups=True)
 
 
-def _inspect(m: ir.Model, model_fingerprint: str) -> InspectResult:
-    """inspect() for a loaded model whose fingerprint the caller already has (hashing reads every weight)."""
+def _inspect(m: ir.Model, model_fingerprint: str, groups: bool = False) -> InspectResult:
+    """inspect() for a loaded model whose fingerprint the caller already has (hashing reads every weight);
+    ``groups``: also the channel dependency groups."""
     info = analyse_graph(m)
     layers = find_layers(info)
     blocks = find_blocks(info, layers)
@@ -138,6 +144,7 @@ def _inspect(m: ir.Model, model_fingerprint: str) -> InspectResult:
         opset=m.opset_imports.get(""),
         shape_error=info.shape_error,
         notes=notes,
+        groups=channel_graph(info, layers).describe() if groups else [],
     )
 
 
@@ -479,10 +486,19 @@ def allocate(
     data: rdata.DataSpec | str | os.PathLike | None = None,
     iterations: int = 150,
     seed: int = 0,
+    granularity: str = "unstructured",
+    criterion: str = "l2",
+    round_to: int = 1,
     progress: Callable[[int, int | None], None] | None = None,
     **data_options,
 ) -> Plan:
     """A plan: a sparsity for every prunable layer so that the budget-weighted total equals the target.
+
+    With ``granularity="channel"`` each layer's sparsity is the fraction of its output channels to remove,
+    and the target is the fraction of the model's parameters (``budget="params"``) or FLOPs (``"flops"``)
+    that removing those channels takes away, counted with the channel dependency analysis (a removed channel
+    also shrinks the layers that read it, so 30 % of the channels remove about half the FLOPs): the method's
+    allocation is scaled by bisection until the predicted reduction meets the target.
 
     ``search`` measures whole pruned models on calibration data (``data``: an .npz path or a DataSpec, and
     the DataSpec options as keywords), see onnxprune.search; every other method is computed from the weights
@@ -496,6 +512,13 @@ def allocate(
         return _allocate_blocks(model, scores, threshold, remove, target_params, force)
     if target_sparsity is None:
         raise InputError(f"--method {method} needs --target-sparsity S")
+    if granularity not in ("unstructured", "channel"):
+        raise InputError(f"allocate --granularity must be unstructured or channel, got {granularity!r}")
+    if granularity == "channel" and method == "search":
+        raise InputError("--method search measures unstructured sparsity; "
+                         "use another method with --granularity channel")
+    if not 0.0 <= target_sparsity < 1.0:
+        raise InputError(f"--target-sparsity must be in [0, 1), got {target_sparsity:g}")
     if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
         raise InputError(f"need 0 <= --min-sparsity <= --max-sparsity < 1, got {min_sparsity:g} and {max_sparsity:g}")
     m = _as_model(model)
@@ -544,6 +567,11 @@ def allocate(
             lambda s_units, target, weights: search_allocation(m, s_units, target, weights, feeds,
                                                               iterations=iterations, seed=seed,
                                                               provider=sess.provider, progress=progress))
+    elif granularity == "channel":
+        return _allocate_channels(m, fp, units, method, target_sparsity, budget, criterion, round_to,
+                                  {"min_sparsity": min_sparsity, "max_sparsity": max_sparsity,
+                                   "keep_dense": list(keep_dense),
+                                   **({"scores_method": sc.method, "scores_metric": sc.metric} if sc else {})})
     else:
         result = allocation.allocate(units, method, target_sparsity, budget)
     plan_layers = [
@@ -563,6 +591,69 @@ def allocate(
         options["search"] = {**search_log.__dict__, "seed": seed, "calibration_offset": spec.offset,
                              "limit": spec.limit}
     return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget, options=options)
+
+
+def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, budget: str, criterion: str,
+                       round_to: int, options: dict) -> Plan:
+    from onnxprune import allocation
+    from onnxprune.analysis.channels import channel_graph
+    from onnxprune.passes.shrink import CRITERIA, choose, kept_fractions, predict
+
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown --criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+    if round_to < 1:
+        raise InputError(f"--round-to must be at least 1, got {round_to}")
+    before = _inspect(m, fp)
+    info = analyse_graph(m)
+    cg = channel_graph(info, find_layers(info))
+    total = before.flops if budget == "flops" else before.params
+    if not total:
+        raise InputError(f"the model has no {budget} to remove")
+
+    def achieved(t: float):
+        result = allocation.allocate(units, method, t, "params") if t > 0 else None
+        ratios = result.sparsities if result else {}
+        remove, choices = choose(cg, ratios, criterion, round_to)
+        params, flops = predict(cg, remove)
+        return (flops if budget == "flops" else params) / total, ratios, remove, choices, params, flops
+
+    lo, hi = 0.0, max(u.hi for u in units) if units else 0.0
+    best = achieved(0.0)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        cur = achieved(mid)
+        if abs(cur[0] - target) < abs(best[0] - target):
+            best = cur
+        if cur[0] < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-5:
+            break
+    frac, ratios, remove, choices, params, flops = best
+    kept = kept_fractions(cg, remove)
+    plan_layers = []
+    for u in units:
+        elems = cg.produced.get(u.name, [])
+        after = sum(cg.find(e) not in remove for e in elems)
+        plan_layers.append({"name": u.name, "sparsity": (1 - after / len(elems)) if elems else 0.0,
+                            "granularity": "channel", "method": method, "weight": u.layer.weight,
+                            "channels": len(elems), "channels_after": after,
+                            "input_kept": kept.get(u.name, (1.0, 1.0))[0], "params": u.n, "flops": u.flops,
+                            "allocated_sparsity": ratios.get(u.name, 0.0)})
+    blocked = [g for g in cg.groups() if not g["prunable"]]
+    totals = {"target": target, "budget": budget, "sparsity": frac,
+              "params_fraction_removed": params / before.params if before.params else 0.0,
+              "flops_fraction_removed": flops / before.flops if before.flops else 0.0,
+              "params_before": before.params, "params_after": before.params - params,
+              "flops_before": before.flops, "flops_after": before.flops - flops,
+              "channels_removed": sum(c.removed for c in choices), "groups": len(choices),
+              "groups_blocked": len(blocked)}
+    options = {**options, "criterion": criterion, "round_to": round_to,
+               "blocked": {", ".join(g["layers"][:3]) + (" ..." if len(g["layers"]) > 3 else ""): g["reason"]
+                           for g in blocked}}
+    return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget,
+                granularity="channel", options=options)
 
 
 ALLOCATION_METHODS = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity", "search", "srinit")
@@ -675,23 +766,26 @@ def apply(
     plan: Plan | str | os.PathLike,
     output: str | os.PathLike,
     *,
-    granularity: str = "unstructured",
+    granularity: str | None = None,
     nm: tuple[int, int] = (2, 4),
     store: str = "dense",
     force: bool = False,
     external_data: bool | None = None,
     check: bool = True,
-    criterion: str = "l2",
-    round_to: int = 1,
+    criterion: str | None = None,
+    round_to: int | None = None,
 ) -> ApplyResult:
     """Rewrite the model per the plan and write a checked model to ``output``.
 
     ``granularity``: ``unstructured`` (zero the smallest weights), ``n:m`` (N of every M), or ``channel``
     (remove whole output channels, each layer's planned sparsity taken as its fraction of channels; coupled
     channels go together, chosen by the ``criterion`` l1 | l2 norm of their filters; kept counts multiples of
-    ``round_to``)."""
+    ``round_to``). By default the plan's granularity, criterion and rounding."""
     from onnxprune.passes.sparsify import SparsifyPass
 
+    pl = plan if isinstance(plan, Plan) else load_plan(plan)
+    if granularity is None:
+        granularity = "channel" if pl.granularity == "channel" else "unstructured"
     if granularity not in GRANULARITIES:
         raise InputError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
     if store not in ("dense", "sparse"):
@@ -699,7 +793,6 @@ def apply(
     n, mm = nm
     if not 0 < n < mm:
         raise InputError(f"--nm must be N:M with 0 < N < M, got {n}:{mm}")
-    pl = plan if isinstance(plan, Plan) else load_plan(plan)
     check_output_path(Path(output), input_path=model, force=force)
     m = load_model(model)
     fp = fingerprint(m)
@@ -717,6 +810,8 @@ def apply(
         RemoveBlocksPass([by_block[b["name"]] for b in pl.blocks])(m)
         removed_blocks = [b["name"] for b in pl.blocks]
     if granularity == "channel":
+        criterion = criterion or pl.options.get("criterion", "l2")
+        round_to = round_to or pl.options.get("round_to", 1)
         return _apply_channels(m, fp, pl, model, output, criterion, round_to, force, external_data, check)
     layers, _ = _prunable_units(m)
     by_name = {layer.name: layer for layer in layers}
@@ -779,12 +874,12 @@ def _apply_channels(m: ir.Model, fp: str, pl: Plan, model, output, criterion: st
     if pl.blocks:
         raise InputError("a block plan removes whole blocks; apply it without --granularity channel")
     before = _inspect(m, fp)
-    # small constant sub-graphs (the pads of an exported option-A shortcut) become constants the rewrite can edit
-    m = ir.serde.deserialize_model(fold_small_constants(ir.serde.serialize_model(m)))
     info = analyse_graph(m)
     layers = find_layers(info)
     by_name = {layer.name: layer for layer in layers}
     planned = pl.sparsities()
+    if pl.granularity == "channel":  # reproduce the plan's choice: the ratios it gave the groups
+        planned = {entry["name"]: float(entry.get("allocated_sparsity", entry["sparsity"])) for entry in pl.layers}
     unknown = [name for name in planned if name not in by_name]
     if unknown:
         raise InputError(f"the plan names layer(s) not in the model: {unknown[:3]}; make a new plan")

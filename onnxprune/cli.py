@@ -354,11 +354,19 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
 @click.option("--force", is_flag=True, help="Use scores made for another model.")
 @click.option("--iterations", type=int, default=150, show_default=True, help="search: mutations to try.")
 @click.option("--seed", type=int, default=0, show_default=True, help="search: random seed.")
+@click.option("--granularity", type=click.Choice(["unstructured", "channel"]), default="unstructured",
+              show_default=True, help="channel: plan whole output channels; the target is the fraction of "
+                                      "parameters (or FLOPs with --budget flops) their removal takes away.")
+@click.option("--criterion", type=click.Choice(["l1", "l2"]), default="l2", show_default=True,
+              help="channel: the norm that ranks channels.")
+@click.option("--round-to", type=int, default=1, show_default=True,
+              help="channel: keep channel counts multiples of N.")
 @data_options
 @_output_option("Where to write plan.json.")
 @common_options
 def allocate(model, scores_path, target_sparsity, threshold, remove, target_params, method, min_sparsity, max_sparsity,
-             keep_dense, budget, force, iterations, seed, data_spec, output, as_json):
+             keep_dense, budget, force, iterations, seed, granularity, criterion, round_to, data_spec, output,
+             as_json):
     """Turn scores and a budget into a plan: a sparsity for every layer of MODEL.
 
     \b
@@ -369,6 +377,8 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
       onnxprune allocate build/resnet56.onnx --scores scores.json --target-sparsity 0.7 --method capacity -o plan.json
       onnxprune allocate build/resnet56.onnx --method search --target-sparsity 0.7 \\
           --data cifar10_test_jpeg_q75.npz --offset 1017 --limit 512 -o plan.json
+      onnxprune allocate build/resnet56.onnx --method uniform --granularity channel --budget flops \\
+          --target-sparsity 0.5 -o channels.json
     """
     check_output_path(Path(output))
     with _progress() as progress:
@@ -377,6 +387,7 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
             model, target_sparsity=target_sparsity, method=method, scores=scores_path, min_sparsity=min_sparsity,
             max_sparsity=max_sparsity, keep_dense=keep_dense, budget=budget, force=force, data=data_spec,
             iterations=iterations, seed=seed, threshold=threshold, remove=remove, target_params=target_params,
+            granularity=granularity, criterion=criterion, round_to=round_to,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     write_json(plan.to_dict(), output)
@@ -395,6 +406,22 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
                   f"parameters ({100 * t['params_fraction']:.2f} %), {_fmt_flops(t['flops_removed'])} FLOPs "
                   f"({100 * t['flops_fraction']:.2f} %). wrote {escape(output)}")
         return
+    if plan.granularity == "channel":
+        table = Table(title=f"{method} channel plan for {model}", title_justify="left")
+        for col in ("#", "layer", "channels", "kept", "removed"):
+            table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+        for i, entry in enumerate(plan.layers):
+            table.add_row(str(i), escape(entry["name"]), str(entry["channels"]), str(entry["channels_after"]),
+                          f"{entry['sparsity']:.3f}")
+        out.print(table)
+        t = plan.totals
+        for names, why in plan.options.get("blocked", {}).items():
+            _notice(f"channels of {names} stay: {why}")
+        out.print(f"[bold]Predicted:[/] parameters {_fmt_int(t['params_before'])} -> {_fmt_int(t['params_after'])} "
+                  f"({100 * t['params_fraction_removed']:.2f} % fewer), FLOPs {_fmt_flops(t['flops_before'])} -> "
+                  f"{_fmt_flops(t['flops_after'])} ({100 * t['flops_fraction_removed']:.2f} % fewer); target "
+                  f"{t['target']:g} by {t['budget']}. wrote {escape(output)}")
+        return
     table = Table(title=f"{method} plan for {model}", title_justify="left")
     for col in ("#", "layer", "params", "sparsity", "kept"):
         table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
@@ -412,7 +439,12 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("plan", type=click.Path(path_type=str))
 @_output_option("Where to write the pruned model.")
-@click.option("--granularity", type=click.Choice(["unstructured", "n:m"]), default="unstructured", show_default=True)
+@click.option("--granularity", type=click.Choice(["unstructured", "n:m", "channel"]), default=None,
+              help="unstructured (zero weights), n:m, or channel (remove whole channels). Default: the plan's.")
+@click.option("--criterion", type=click.Choice(["l1", "l2"]), default=None,
+              help="channel: the norm that ranks channels. Default: the plan's, else l2.")
+@click.option("--round-to", type=int, default=None, help="channel: keep channel counts multiples of N. "
+                                                          "Default: the plan's, else 1.")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --granularity n:m.")
 @click.option("--store", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True,
               help="sparse: write pruned weights as ONNX sparse initializers, so the file shrinks.")
@@ -420,32 +452,42 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
 @click.option("--force", is_flag=True, help="Apply a plan made for another model; allow -o equal to MODEL.")
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker and the ONNX Runtime test run of the output.")
 @common_options
-def apply(model, plan, output, granularity, nm, store, external_data, force, no_check, as_json):
+def apply(model, plan, output, granularity, criterion, round_to, nm, store, external_data, force, no_check, as_json):
     """Rewrite MODEL per PLAN and write a checked, deployable model.
 
     \b
     Example:
       onnxprune apply build/resnet56.onnx plan.json -o build/resnet56_pruned.onnx
+      onnxprune apply build/resnet56.onnx channels.json -o build/resnet56_small.onnx --granularity channel
     """
     try:
         n, m = (int(v) for v in nm.split(":"))
     except ValueError:
         raise InputError(f"--nm must look like 2:4, got {nm!r}") from None
     result = api.apply(model, plan, output, granularity=granularity, nm=(n, m), store=store, force=force,
-                       external_data=external_data, check=not no_check)
+                       external_data=external_data, check=not no_check, criterion=criterion, round_to=round_to)
+    t = result.totals
     for name, why in result.skipped.items():
-        _notice(f"layer {name} left dense: {why}")
+        _notice(f"channels of {name} stay: {why}" if t.get("granularity") == "channel"
+                else f"layer {name} left dense: {why}")
     if as_json:
         _emit_json(result.to_dict())
         return
-    t = result.totals
+    if t.get("granularity") == "channel":
+        out.print(f"[bold]Removed[/] {t['channels_removed']} channels in {t['groups']} groups: parameters "
+                  f"{_fmt_int(t['params_before'])} -> {_fmt_int(t['params_after'])} "
+                  f"({100 * t['params_fraction_removed']:.2f} % fewer), FLOPs {_fmt_flops(t['flops_before'])} -> "
+                  f"{_fmt_flops(t['flops_after'])} ({100 * t['flops_fraction_removed']:.2f} % fewer)")
+        out.print(f"file: {result.input_bytes / 1024:,.1f} KiB -> {result.output_bytes / 1024:,.1f} KiB")
+        out.print(f"wrote {escape(str(result.path))} (checked: {result.checked})")
+        return
     if "blocks_removed" in t:
         out.print(f"[bold]Removed[/] {t['blocks_removed']} blocks: parameters {_fmt_int(t['params_before'])} -> "
                   f"{_fmt_int(t['params_after'])} ({100 * t['params_fraction_removed']:.2f} % fewer), FLOPs "
                   f"{_fmt_flops(t['flops_before'])} -> {_fmt_flops(t['flops_after'])} "
                   f"({100 * t['flops_fraction_removed']:.2f} % fewer)")
     planned = t.get("planned_params_sparsity")
-    if granularity == "n:m":
+    if t.get("granularity") == "n:m":
         against = f"the {t['nm']} pattern on every layer the plan prunes"
     else:
         against = "plan " + ("?" if planned is None else f"{planned:.4f}")

@@ -7,14 +7,17 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import helper
 
 import onnxprune
 from onnxprune import api
 from onnxprune.analysis.channels import channel_graph
-from onnxprune.analysis.graph import analyse_graph, fold_small_constants
+from onnxprune.analysis.graph import analyse_graph
 from onnxprune.analysis.layers import find_layers
 from onnxprune.passes.shrink import choose, shrink
-from tests.graphs import mask_channels
+from tests.graphs import make_model, mask_channels, tensor, weights
 
 
 def _tail(layer, model: ir.Model, info) -> tuple[str, int, int]:
@@ -30,7 +33,6 @@ def _tail(layer, model: ir.Model, info) -> tuple[str, int, int]:
 
 def shrink_vs_mask(proto: onnx.ModelProto, ratios, criterion="l2", round_to=1):
     """(shrunk model bytes, masked original bytes, channels removed)."""
-    proto = fold_small_constants(proto)
     m = ir.serde.deserialize_model(proto)
     info = analyse_graph(m)
     layers = find_layers(info)
@@ -38,10 +40,13 @@ def shrink_vs_mask(proto: onnx.ModelProto, ratios, criterion="l2", round_to=1):
     remove, _ = choose(cg, ratios if isinstance(ratios, dict) else {layer.name: ratios for layer in layers},
                        criterion, round_to)
     masks = {}
-    for name, elems in cg.produced.items():
-        mask = np.array([cg.find(e) not in remove for e in elems], np.float32)
+    by_node = {layer.node: layer for layer in cg.layers.values()}
+    for edit in cg.edits:  # every layer that outputs channels: producers and depthwise layers alike
+        if edit.kind != "weight_out":
+            continue
+        mask = np.array([cg.find(e) not in remove for e in edit.elems], np.float32)
         if mask.min() < 1:
-            value, rank, axis = _tail(cg.layers[name], m, info)
+            value, rank, axis = _tail(by_node[edit.node], m, info)
             masks[value] = (rank, axis, mask)
     masked = mask_channels(ir.serde.serialize_model(m), masks)
     shrink(m, cg, remove)
@@ -90,3 +95,90 @@ def test_round_to_keeps_multiples(export, tmp_path):
     plan = api.allocate(path, method="uniform", target_sparsity=0.3)
     out = api.apply(path, plan, tmp_path / "ch8.onnx", granularity="channel", round_to=8)
     assert all(layer["channels_after"] % 8 == 0 for layer in out.layers if layer["channels_after"] != layer["channels"])
+
+
+@st.composite
+def random_graphs(draw) -> onnx.ModelProto:
+    """A CNN mixing Conv, depthwise and grouped Conv, BatchNorm, Relu, residual Add, Concat, MaxPool and
+    Flatten -> Gemm, with random widths (multiples of 2)."""
+
+    nodes, inits = [], []
+    rng_seed = draw(st.integers(0, 10_000))
+    k = [0]
+
+    def name(prefix):
+        k[0] += 1
+        return f"{prefix}{k[0]}"
+
+    def conv(x, cin, cout, group=1, ksize=3):
+        w = name("w")
+        inits.append(weights(w, cout, cin // group, ksize, ksize, seed=rng_seed + k[0]))
+        b = name("b")
+        inits.append(weights(b, cout, seed=rng_seed + 7 * k[0]))
+        y = name("conv")
+        nodes.append(helper.make_node("Conv", [x, w, b], [y], name=y, pads=[ksize // 2] * 4, group=group))
+        return y
+
+    def bn(x, c):
+        names = [name(p) for p in ("s", "sh", "m", "v")]
+        rng = np.random.default_rng(rng_seed + k[0])
+        for n_, arr in zip(names, (rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
+                                   rng.uniform(0.5, 1.5, c)), strict=True):
+            inits.append(onnx.numpy_helper.from_array(arr.astype(np.float32), n_))
+        y = name("bn")
+        nodes.append(helper.make_node("BatchNormalization", [x, *names], [y], name=y))
+        return y
+
+    def relu(x):
+        y = name("relu")
+        nodes.append(helper.make_node("Relu", [x], [y], name=y))
+        return y
+
+    c = 2 * draw(st.integers(2, 6))
+    x = relu(conv("input", 3, c))
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["plain", "bn", "residual", "depthwise", "grouped", "concat", "pool"]))
+        if kind == "plain":
+            c2 = 2 * draw(st.integers(2, 6))
+            x, c = relu(conv(x, c, c2)), c2
+        elif kind == "bn":
+            x = relu(bn(conv(x, c, c), c))
+        elif kind == "residual":
+            y = conv(relu(conv(x, c, c)), c, c)
+            s = name("add")
+            nodes.append(helper.make_node("Add", [x, y], [s], name=s))
+            x = relu(s)
+        elif kind == "depthwise":
+            x = relu(conv(x, c, c, group=c))
+        elif kind == "grouped":
+            x = relu(conv(x, c, c, group=2))
+        elif kind == "concat":
+            c2 = 2 * draw(st.integers(1, 4))
+            a, b_ = relu(conv(x, c, c2)), relu(conv(x, c, c2, ksize=1))
+            y = name("cat")
+            nodes.append(helper.make_node("Concat", [a, b_, x], [y], name=y, axis=1))
+            x, c = y, 2 * c2 + c
+        else:
+            y = name("pool")
+            nodes.append(helper.make_node("MaxPool", [x], [y], name=y, kernel_shape=[2, 2], strides=[2, 2]))
+            x = y
+    f = name("flat")
+    nodes.append(helper.make_node("Flatten", [x], [f], name=f, axis=1))
+    side = 8
+    for n in nodes:
+        if n.op_type == "MaxPool":
+            side //= 2
+    w = name("fcw")
+    inits.append(weights(w, c * side * side, 5, seed=rng_seed))
+    nodes.append(helper.make_node("Gemm", [f, w], ["logits"], name="fc"))
+    return make_model(nodes, [tensor("input", "N", 3, 8, 8)], [tensor("logits", "N", 5)], inits)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_graphs(), st.floats(0.1, 0.8), st.sampled_from(["l1", "l2"]), st.sampled_from([1, 2]))
+def test_random_graphs_shrink_exactly(proto, ratio, criterion, round_to):
+    """Property: on generated graphs every shrunk model passes onnx.checker (full) and ONNX Runtime, and
+    equals the original with the removed channels zeroed after their layers."""
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    shrunk, masked, _ = shrink_vs_mask(proto, ratio, criterion, round_to)
+    np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-4, rtol=1e-4)

@@ -93,6 +93,29 @@ class ChannelGraph:
             g["roots"].append(root)
         return sorted(by_sig.values(), key=lambda g: (g["layers"][0], not g["prunable"]))
 
+    def describe(self) -> list[dict]:
+        """The groups for users: coupled layers, channel count, prunable or why not, and every constant
+        tensor that shrinks with the group as (tensor, axis, indices)."""
+        out = []
+        for g in self.groups():
+            roots = set(g["roots"])
+            members = []
+            for edit in self.edits:
+                idx = [i for i, e in enumerate(edit.elems) if self.find(e) in roots]
+                if not idx or edit.kind == "group":
+                    continue
+                if edit.kind in ("weight_out", "weight_in"):
+                    layer = next(lay for lay in self.layers.values() if lay.node is edit.node)
+                    tensor = layer.weight
+                elif edit.kind == "param":
+                    tensor = edit.node.inputs[edit.input_index].name
+                else:
+                    tensor = f"{edit.node.name} ({edit.kind})"
+                members.append({"tensor": tensor, "axis": edit.axis, "indices": idx})
+            out.append({"layers": g["layers"], "channels": g["channels"], "prunable": g["prunable"],
+                        "reason": g["reason"], "members": members})
+        return out
+
 
 class _Builder:
     def __init__(self, info: GraphInfo, layers: list[Layer]):
@@ -135,8 +158,12 @@ class _Builder:
         return None if s is None else len(s)
 
     def const(self, v: ir.Value | None) -> np.ndarray | None:
+        """A constant input's value: an initializer, a Constant node, or a small computation of constants
+        (folded by the analysis; the rewrite then writes a new initializer in its place)."""
         if v is None:
             return None
+        if v.name in self.info.folded:
+            return self.info.folded[v.name]
         if v.const_value is None and (v.producer() is None or v.producer().op_type != "Constant"):
             return None
         return constant_array(v)
@@ -298,16 +325,17 @@ class _Builder:
         if arr.shape[axis] != len(t.elems):
             self.block(t.elems, f"{node.op_type} node {node.name!r}: input {index} does not match the channels")
             return
-        self.cg.edits.append(Edit("param", node, t.elems, axis=axis, input_index=index))
+        self.cg.edits.append(Edit("param", node, t.elems, axis=axis, input_index=index, extra={"value": arr}))
 
     def binary(self, node: ir.Node, ins: list[Track | None]) -> None:
         out = node.outputs[0]
         out_rank = self.rank(out)
-        tracked = [(i, t) for i, t in enumerate(ins) if t is not None]
-        first = tracked[0][1]
-        for i, t in tracked[1:]:
+        tracked = [t for t in ins if t is not None]
+        first = tracked[0]
+        for t in tracked[1:]:
             if t.axis != first.axis or len(t.elems) != len(first.elems):
-                self.block(first.elems + t.elems, f"{node.op_type} node {node.name!r}: inputs carry channels differently")
+                self.block(first.elems + t.elems,
+                           f"{node.op_type} node {node.name!r}: inputs carry channels differently")
                 return
             for a, b in zip(first.elems, t.elems, strict=True):
                 self.union(a, b)

@@ -34,6 +34,7 @@ class GraphInfo:
     dtypes: dict[str, ir.DataType] = field(default_factory=dict)  # inferred element types
     shape_error: str | None = None
     batch: int = 1  # a fixed batch dimension of the first input, divided out of FLOPs
+    folded: dict[str, np.ndarray] = field(default_factory=dict)  # node outputs computed from small constants
 
     @property
     def graph(self) -> ir.Graph:
@@ -124,22 +125,29 @@ def ensure_node_names(graph: ir.Graph) -> None:
             used.add(name)
 
 
-def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataType], str | None]:
+def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataType], str | None,
+                                           dict[str, np.ndarray]]:
     """ONNX shape inference with the large initializers left out (works for models over 2 GB).
 
     Returns value name -> shape tuple (int, or str for a symbolic dim, or None for an unknown one), value
-    name -> element type, and an error message when inference failed (shapes then stay as declared).
+    name -> element type, an error message when inference failed (shapes then stay as declared), and the
+    values of the node outputs that small constant folding computed (e.g. the pads of an option-A shortcut).
     """
     shapes: dict[str, tuple] = {}
     dtypes: dict[str, ir.DataType] = {}
+    folded: dict[str, np.ndarray] = {}
     error = None
+    made = {v.name for node in model.graph for v in node.outputs}
+
+    def infer(p: onnx.ModelProto) -> onnx.ModelProto:
+        p = fold_small_constants(p)
+        for t in p.graph.initializer:
+            if t.name in made:
+                folded[t.name] = onnx.numpy_helper.to_array(t)
+        return onnx.shape_inference.infer_shapes(p, check_type=False, strict_mode=False, data_prop=True)
+
     try:
-        proto = _c_api_utils.call_onnx_api(
-            lambda p: onnx.shape_inference.infer_shapes(
-                fold_small_constants(p), check_type=False, strict_mode=False, data_prop=True
-            ),
-            model,
-        )
+        proto = _c_api_utils.call_onnx_api(infer, model)
         for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 dtypes[vi.name] = ir.DataType(vi.type.tensor_type.elem_type)
@@ -158,7 +166,7 @@ def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataTy
         for v in node.outputs:
             if v.name not in shapes and v.shape is not None:
                 shapes[v.name] = tuple(_dim(d) for d in v.shape)
-    return shapes, dtypes, error
+    return shapes, dtypes, error, folded
 
 
 _FOLD_LIMIT = 65536  # elements: only shape-sized computations are folded
@@ -227,13 +235,14 @@ def analyse_graph(model: ir.Model) -> GraphInfo:
     """Name nodes, order them, infer shapes."""
     ensure_node_names(model.graph)
     order = {node: i for i, node in enumerate(model.graph)}
-    shapes, dtypes, error = infer_shapes(model)
+    shapes, dtypes, error, folded = infer_shapes(model)
     batch = 1
     if model.graph.inputs:
         first = shapes.get(model.graph.inputs[0].name)
         if first and isinstance(first[0], int) and first[0] > 1:
             batch = first[0]
-    return GraphInfo(model=model, order=order, shapes=shapes, dtypes=dtypes, shape_error=error, batch=batch)
+    return GraphInfo(model=model, order=order, shapes=shapes, dtypes=dtypes, shape_error=error, batch=batch,
+                     folded=folded)
 
 
 def per_sample_count(shape: tuple | None, batch: int) -> int | None:

@@ -45,7 +45,7 @@ def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", ro
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}")
     norms: dict[str, np.ndarray] = {}
-    for name, elems in cg.produced.items():
+    for name in cg.produced:
         n = filter_norms(cg.layers[name], criterion)
         mean = float(n.mean()) or 1.0
         norms[name] = n / mean
@@ -79,6 +79,31 @@ def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", ro
         remove.update(ordered[: n - kept])
         choices.append(GroupChoice(g["layers"], n, n - kept, ratio))
     return remove, choices
+
+
+def kept_fractions(cg: ChannelGraph, remove: set[int]) -> dict[str, tuple[float, float]]:
+    """Layer name -> (fraction of input channels kept, fraction of output channels kept) after removing
+    ``remove``: a layer's weights and FLOPs scale with their product (a depthwise layer's with one of them)."""
+    by_node = {layer.node: name for name, layer in cg.layers.items()}
+    out: dict[str, list[float]] = {}
+    for edit in cg.edits:
+        if edit.kind not in ("weight_out", "weight_in") or edit.node not in by_node:
+            continue
+        frac = len(_kept(cg, edit.elems, remove)) / len(edit.elems) if edit.elems else 1.0
+        entry = out.setdefault(by_node[edit.node], [1.0, 1.0])
+        entry[0 if edit.kind == "weight_in" else 1] = frac
+    return {name: (kin, kout) for name, (kin, kout) in out.items()}
+
+
+def predict(cg: ChannelGraph, remove: set[int]) -> tuple[int, int]:
+    """(parameters removed, FLOPs per sample removed) from the layers, without rewriting anything."""
+    params = flops = 0.0
+    for name, (kin, kout) in kept_fractions(cg, remove).items():
+        layer = cg.layers[name]
+        w = float(np.prod(layer.weight_shape))
+        params += w * (1 - kin * kout) + (layer.params - w) * (1 - kout)
+        flops += (layer.flops or 0) * (1 - kin * kout)
+    return int(round(params)), int(round(flops))
 
 
 def _kept(cg: ChannelGraph, elems: list[int], remove: set[int]) -> list[int]:
@@ -137,7 +162,8 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
 
 def _param(graph: ir.Graph, edit: Edit, keep: list[int]) -> None:
     src = edit.node.inputs[edit.input_index]
-    arr = constant_array(src)
+    arr = edit.extra.get("value")
+    arr = constant_array(src) if arr is None else arr
     new = np.ascontiguousarray(np.take(arr, keep, axis=edit.axis))
     edit.node.replace_input_with(edit.input_index, _new_initializer(graph, src.name, new))
 
