@@ -21,8 +21,9 @@ def tensor(name: str, *shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
-def weights(name: str, *shape, seed: int = 0) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32), name)
+def weights(name: str, *shape, seed: int = 0, scale: float = 1.0) -> onnx.TensorProto:
+    return numpy_helper.from_array((scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32),
+                                   name)
 
 
 def initializers_to_constants(src: Path, dst: Path) -> Path:

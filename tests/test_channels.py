@@ -63,7 +63,8 @@ def _run(model_bytes, x):
 
 
 @pytest.mark.parametrize("name,keep_bn", [("resnet56", False), ("resnet56", True), ("resnet-proj", False),
-                                          ("cnn", False), ("mlp", False), ("transformer-pre", False)])
+                                          ("cnn", False), ("mlp", False), ("transformer-pre", False),
+                                          ("transformer-post", False)])
 def test_shrunk_equals_masked_original(export, cifar_lossless, digits_npz, name, keep_bn):
     path = export(name, keep_bn=keep_bn) if keep_bn else export(name)
     if name.startswith("resnet56"):
@@ -100,7 +101,8 @@ def test_round_to_keeps_multiples(export, tmp_path):
 @st.composite
 def random_graphs(draw) -> onnx.ModelProto:
     """A CNN mixing Conv, depthwise and grouped Conv, BatchNorm, Relu, residual Add, Concat, MaxPool and
-    Flatten -> Gemm, with random widths (multiples of 2)."""
+    Flatten -> Gemm, with random widths (multiples of 2), weights at He scale (activations of order 1, as in
+    a trained network, so that 1e-4 is float32 round-off and not a scale effect)."""
 
     nodes, inits = [], []
     rng_seed = draw(st.integers(0, 10_000))
@@ -112,7 +114,8 @@ def random_graphs(draw) -> onnx.ModelProto:
 
     def conv(x, cin, cout, group=1, ksize=3):
         w = name("w")
-        inits.append(weights(w, cout, cin // group, ksize, ksize, seed=rng_seed + k[0]))
+        inits.append(weights(w, cout, cin // group, ksize, ksize, seed=rng_seed + k[0],
+                             scale=np.sqrt(2 / (cin // group * ksize * ksize))))
         b = name("b")
         inits.append(weights(b, cout, seed=rng_seed + 7 * k[0]))
         y = name("conv")
@@ -169,7 +172,7 @@ def random_graphs(draw) -> onnx.ModelProto:
         if n.op_type == "MaxPool":
             side //= 2
     w = name("fcw")
-    inits.append(weights(w, c * side * side, 5, seed=rng_seed))
+    inits.append(weights(w, c * side * side, 5, seed=rng_seed, scale=np.sqrt(1 / (c * side * side))))
     nodes.append(helper.make_node("Gemm", [f, w], ["logits"], name="fc"))
     return make_model(nodes, [tensor("input", "N", 3, 8, 8)], [tensor("logits", "N", 5)], inits)
 
@@ -182,3 +185,28 @@ def test_random_graphs_shrink_exactly(proto, ratio, criterion, round_to):
     x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
     shrunk, masked, _ = shrink_vs_mask(proto, ratio, criterion, round_to)
     np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["transformer-pre", "transformer-post"])
+def test_attention_heads_go_whole(export, digits_npz, tmp_path, name):
+    """q, k and v of a layer form one group of 4 heads (each head's 8 features tied); removing half the
+    heads rewrites the reshape targets (head count and merged width), shrinks q/k/v outputs and the output
+    projection's input, and the model still runs; the MLP hidden width is its own group."""
+    path = export(name)
+    groups = {tuple(g["layers"]): g for g in onnxprune.inspect(path).groups}
+    for i in range(2):
+        qkv = tuple(f"/layers.{i}/attn/{p}/MatMul" for p in ("k", "q", "v"))
+        assert groups[qkv]["prunable"] and groups[qkv]["channels"] == 4
+        assert groups[(f"/layers.{i}/fc1/MatMul",)]["channels"] == 64
+    plan = api.allocate(path, method="uniform", target_sparsity=0.5)
+    out = api.apply(path, plan, tmp_path / "heads.onnx", granularity="channel")
+    by = {layer["name"]: layer for layer in out.layers}
+    for i in range(2):
+        for p in ("q", "k", "v"):
+            assert by[f"/layers.{i}/attn/{p}/MatMul"]["channels_after"] == 16  # 2 of 4 heads of 8
+    shrunk = onnx.load(str(out.path))
+    w = {t.name: t.dims for t in shrunk.graph.initializer}
+    out_proj = next(n for n in shrunk.graph.node if n.name == "/layers.0/attn/out/MatMul")
+    assert list(w[out_proj.input[1]]) == [16, 32]
+    x = np.load(digits_npz)["x"][:5].astype(np.float32) / 255
+    assert _run(shrunk.SerializeToString(), x).shape == (5, 10)

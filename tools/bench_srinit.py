@@ -188,6 +188,9 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=2000, help="JPEG images used for the speed comparison")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the ranking-stability check")
     parser.add_argument("--batch-size", type=int, default=125)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of onnxprune / naive / PyTorch for the speed ratios")
+    parser.add_argument("--speed-only", action="store_true", help="only the speed part (section srinit-speed)")
     parser.add_argument("--full-limit", type=int, default=None, help="images for the per-block table (default all)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--transformers-only", action="store_true",
@@ -196,13 +199,14 @@ def main(argv=None) -> int:
     folder = ROOT / "build" / "bench"
     folder.mkdir(parents=True, exist_ok=True)
     cmd = f"Command: `python -m tools.bench_srinit {' '.join(argv or sys.argv[1:])}`  "
-    tlines = ["## SR-init on transformers (issue 4)", "", cmd, f"Machine: {machine()}  ", f"Date: {today()}",
-              *transformers(folder)[1:]]
-    if not args.no_write:
-        write_section("srinit-transformers", "\n".join(tlines))
-    print("\n".join(tlines))
-    if args.transformers_only:
-        return 0
+    if not args.speed_only:
+        tlines = ["## SR-init on transformers (issue 4)", "", cmd, f"Machine: {machine()}  ", f"Date: {today()}",
+                  *transformers(folder)[1:]]
+        if not args.no_write:
+            write_section("srinit-transformers", "\n".join(tlines))
+        print("\n".join(tlines))
+        if args.transformers_only:
+            return 0
     path = folder / "resnet56.onnx"
     if not path.exists():
         from models.export import build, export_onnx
@@ -211,30 +215,47 @@ def main(argv=None) -> int:
         export_onnx(model, example, path, metadata=meta)
     x, y = images(args.limit)
     jpeg = cifar_data("jpeg")
-    t0 = time.perf_counter()
-    ours = api.score(path, "srinit", data=jpeg, limit=args.limit, batch_size=args.batch_size, seed=1)
-    t_ours = time.perf_counter() - t0
-    naive_drops, t_naive = naive(path, x, y, args.batch_size)
-    torch_drops, t_torch = torch_loop(x, y, args.batch_size, reference=True)
+    # onnxprune, the naive way and the reference PyTorch loop take turns, --repeat rounds: the machine is
+    # shared, so each ratio is taken within a round (all three under the same load) and its median reported
+    rounds = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        ours = api.score(path, "srinit", data=jpeg, limit=args.limit, batch_size=args.batch_size, seed=1)
+        t_ours = time.perf_counter() - t0
+        naive_drops, t_naive = naive(path, x, y, args.batch_size)
+        torch_drops, t_torch = torch_loop(x, y, args.batch_size, reference=True)
+        rounds.append((t_ours, t_naive, t_torch))
     lean_drops, t_lean = torch_loop(x, y, args.batch_size, reference=False)
+    t_ours, t_naive, t_torch = (float(np.median([r[k] for r in rounds])) for k in range(3))
+    naive_ratio = float(np.median([r[1] / r[0] for r in rounds]))
+    torch_ratio = float(np.median([r[2] / r[0] for r in rounds]))
     identical = all(abs(u["drop"] - naive_drops[u["name"]]) < 1e-9 for u in ours.units)
     same_torch = max(abs(a - b) for a, b in zip(torch_drops, lean_drops, strict=True))
-    lines = [
-        "## SR-init: speed and reproduction on ResNet-56 (issue 4)", "",
-        f"Command: `python -m tools.bench_srinit {' '.join(argv or sys.argv[1:])}`  ", f"Machine: {machine()}  ",
-        f"Date: {today()}", "",
-        f"27 blocks, top-1 drop on the first {args.limit} JPEG images, batch {args.batch_size}, seed 1:", "",
+    speed = [
+        "## SR-init speed on ResNet-56 (issue 4)", "", cmd, f"Machine: {machine()}  ", f"Date: {today()}", "",
+        f"27 blocks, top-1 drop on the first {args.limit} JPEG images, batch {args.batch_size}, seed 1, CPU. "
+        f"{args.repeat} rounds, each running onnxprune, the naive way and the reference PyTorch loop in turn; "
+        f"median seconds, and the median of the per-round ratios (ratios per round: naive "
+        f"{', '.join(f'{r[1] / r[0]:.2f}x' for r in rounds)}; PyTorch "
+        f"{', '.join(f'{r[2] / r[0]:.2f}x' for r in rounds)}). The lean loop ran once, after the rounds.", "",
         "| way | seconds | onnxprune is faster by |", "|---|---|---|",
         f"| onnxprune score --method srinit (partial graph) | {t_ours:.1f} | |",
-        f"| naive ONNX Runtime (one full pass per block, same weights) | {t_naive:.1f} | {t_naive / t_ours:.2f}x |",
+        f"| naive ONNX Runtime (one full pass per block, same weights) | {t_naive:.1f} | {naive_ratio:.2f}x |",
         f"| PyTorch loop as the reference code runs it (reload, re-init one block, DataLoader with per-image "
-        f"ToTensor/Normalize, loss, top-1/top-5) | {t_torch:.1f} | {t_torch / t_ours:.2f}x |",
+        f"ToTensor/Normalize, loss, top-1/top-5) | {t_torch:.1f} | {torch_ratio:.2f}x |",
         f"| lean PyTorch loop (same, on pre-normalised tensors, top-1 only) | {t_lean:.1f} | {t_lean / t_ours:.2f}x |",
         "", f"onnxprune and naive drops identical: {identical} (onnxprune: {ours.options['passes']} pass(es) of the "
         f"unmodified model, one suffix session per block with its fresh weights injected at creation). The two "
-        f"PyTorch loops' drops differ by at most {same_torch:.2f} points. Spearman rank correlation of the drops, onnxprune "
-        f"(numpy seed 1) vs the PyTorch loop (torch seed 1): {spearman([u['drop'] for u in ours.units], torch_drops):.3f}.",
+        f"PyTorch loops' drops differ by at most {same_torch:.2f} points. Spearman rank correlation of the drops, "
+        f"onnxprune (numpy seed 1) vs the PyTorch loop (torch seed 1): "
+        f"{spearman([u['drop'] for u in ours.units], torch_drops):.3f}.",
     ]
+    if not args.no_write:
+        write_section("srinit-speed", "\n".join(speed))
+    print("\n".join(speed))
+    if args.speed_only:
+        return 0
+    lines = ["## SR-init: reproduction on ResNet-56 (issue 4)", "", cmd, f"Machine: {machine()}  ", f"Date: {today()}"]
     per_seed = [[u["drop"] for u in ours.units]]
     for s in range(2, args.seeds + 1):
         sc = api.score(path, "srinit", data=jpeg, limit=args.limit, batch_size=args.batch_size, seed=s)

@@ -30,10 +30,12 @@ from onnxprune.analysis.layers import Layer
 UNARY = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
     "Softsign", "Clip", "Gelu", "Erf", "Mish", "Identity", "Dropout", "Cast", "Abs", "Neg", "Sqrt", "Exp", "Log",
-    "Floor", "Ceil", "Round", "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Shrink", "Swish",
+    "Floor", "Ceil", "Round", "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Shrink", "Swish", "IsNaN", "IsInf",
+    "Not", "Sign",
 }
 POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
-BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where", "Equal", "Greater", "Less",
+          "GreaterOrEqual", "LessOrEqual", "And", "Or"}
 
 
 @dataclass
@@ -222,8 +224,16 @@ class _Builder:
                 perm = list(reversed(range(self.rank(node.inputs[0]) or 0)))
             self.tracks[out] = Track(list(perm).index(ins[0].axis), ins[0].elems)
             return
+        if op == "Reshape" and self.heads(node, ins):
+            return
+        if op == "Shape":
+            self.shape_of(node, ins[0])
+            return
         if op in ("Flatten", "Reshape"):
             self.flatten(node, ins)
+            return
+        if op == "MatMul":  # two run-time tensors (a constant weight makes a layer): attention products
+            self.matmul(node, ins)
             return
         if op in ("Softmax", "LogSoftmax"):
             axis = node.attributes.get_int("axis", -1) % (self.rank(out) or 1)
@@ -447,6 +457,152 @@ class _Builder:
                 return
             self.cg.edits.append(Edit("reshape", node, elems, axis=1, extra={"target": target}))
         self.tracks[out] = Track(axis, elems)
+
+    # attention heads -----------------------------------------------------------------------------------
+    def heads(self, node: ir.Node, ins: list[Track | None]) -> bool:
+        """A Reshape that splits a channel axis into (heads, head size), or merges (heads, head size) back.
+
+        Split: the channels of each head are tied (only whole heads go), and the new tensor carries one
+        element per head on the head axis. Merge: each head's element is repeated over its head size. The
+        reshape target (a constant, or a Concat of one-element pieces as exporters write ``view(b, t, h, d)``)
+        gets the kept head count (split) or the kept width (merge) written in when heads are removed; the
+        head size is written as a constant too, so that it never depends on a tensor that shrinks. Returns
+        False when the Reshape is not of that form (the caller then tries the flattening rules)."""
+        t = ins[0]
+        shape, out_shape = self.info.shape(node.inputs[0]), self.info.shape(node.outputs[0])
+        if t is None or shape is None or out_shape is None or ins[1] is not None:
+            return False
+        a, c = t.axis, len(t.elems)
+        if len(out_shape) == len(shape) + 1 and a == len(shape) - 1:  # (.., C) -> (.., H, D)
+            h, d = out_shape[a], out_shape[a + 1]
+            if isinstance(h, int) and h > 1 and c % h == 0:
+                d = c // h
+            elif isinstance(d, int) and d > 0 and c % d == 0 and d < c:
+                h = c // d
+            else:
+                return False
+            if not self._same_lead(shape[:a], out_shape[:a]):
+                return False
+            spots = self._target_spots(node.inputs[1], len(out_shape))
+            if spots is None:
+                self.block(t.elems, f"Reshape node {node.name!r}: splits channels into heads with a target shape "
+                                    "it cannot rewrite")
+                return True
+            reps = []
+            for k in range(h):
+                head = t.elems[k * d:(k + 1) * d]
+                for e in head[1:]:
+                    self.union(head[0], e)
+                reps.append(head[0])
+            self.cg.edits.append(Edit("heads", node, reps, axis=a, extra={"spots": spots, "mode": "split", "d": d}))
+            self.tracks[node.outputs[0]] = Track(a, reps)
+            return True
+        if len(out_shape) == len(shape) and a < len(shape) - 1:  # heads stay where they are: (B, H, T, D) again
+            spots = self._target_spots(node.inputs[1], len(out_shape))
+            if spots is None or self._spot_value(spots, a) not in (-1, c):
+                return False
+            self.cg.edits.append(Edit("heads", node, t.elems, axis=a,
+                                      extra={"spots": spots, "mode": "keep" if self._spot_value(spots, a) == c
+                                             else "none", "d": 1}))
+            self.tracks[node.outputs[0]] = t
+            return True
+        if len(out_shape) == len(shape) - 1 and a == len(shape) - 2:  # (.., H, D) -> (.., H * D)
+            width, d = out_shape[a], shape[a + 1]
+            if not isinstance(d, int):
+                if not isinstance(width, int) or width % c:
+                    return False
+                d = width // c
+            if not self._same_lead(shape[:a], out_shape[:a]):
+                return False
+            spots = self._target_spots(node.inputs[1], len(out_shape))
+            if spots is None:
+                self.block(t.elems, f"Reshape node {node.name!r}: merges heads with a target shape it cannot "
+                                    "rewrite")
+                return True
+            self.cg.edits.append(Edit("heads", node, t.elems, axis=a, extra={"spots": spots, "mode": "merge", "d": d}))
+            self.tracks[node.outputs[0]] = Track(a, [e for e in t.elems for _ in range(d)])
+            return True
+        return False
+
+    @staticmethod
+    def _same_lead(a: tuple, b: tuple) -> bool:
+        return all(x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a, b, strict=True))
+
+    def _target_spots(self, target: ir.Value, rank: int) -> list | None:
+        """Where each entry of a Reshape target comes from, to rewrite entries: ("const", None) for a constant
+        target (with its value), or ("concat", node) when it is a Concat of ``rank`` one-element pieces; None otherwise."""
+        arr = self.const(target)
+        if arr is not None:
+            return ["const", arr] if arr.size == rank else None
+        node = target.producer()
+        if node is None or node.op_type != "Concat" or len(node.inputs) != rank:
+            return None
+        for v in node.inputs:
+            arr = self.const(v)
+            if (arr.size if arr is not None else self.info.shape(v)) not in (1, (1,), ()):
+                return None
+        return ["concat", node]
+
+    def _spot_value(self, spots: list, k: int) -> int | None:
+        """Entry k of a Reshape target found by _target_spots, when it is a constant."""
+        kind, source = spots
+        if kind == "const":
+            return int(np.asarray(source).reshape(-1)[k])
+        arr = self.const(source.inputs[k])
+        return None if arr is None else int(arr.reshape(-1)[0])
+
+    def shape_of(self, node: ir.Node, t: Track | None) -> None:
+        """Shape of a tensor that carries channels: harmless when only entries off the channel axis are read
+        (exporters take batch and sequence length this way); otherwise the shape would change under them."""
+        rank = self.rank(node.inputs[0])
+        if t is None:
+            return
+        if rank is None or "start" in node.attributes or "end" in node.attributes:
+            self.block_inputs(node, "reads a shape that changes when channels go")
+            return
+        for use in node.outputs[0].uses():
+            reader = use.node
+            index = self.const(reader.inputs[1]) if reader.op_type == "Gather" and len(reader.inputs) > 1 else None
+            if index is None or index.size != 1 or int(index.reshape(-1)[0]) % rank == t.axis:
+                self.block_inputs(node, "reads a shape that changes when channels go")
+                return
+
+    def matmul(self, node: ir.Node, ins: list[Track | None]) -> None:
+        """A product of two run-time tensors (attention scores, weighted values): channels on a shared
+        leading (batch) axis, like attention heads, pass through and tie the two inputs; channels on the
+        multiplied axes block."""
+        ranks = [self.rank(v) for v in node.inputs]
+        out_rank = self.rank(node.outputs[0])
+        if None in ranks or out_rank is None:
+            self.block_inputs(node, "multiplies tensors of unknown rank")
+            return
+        axes = set()
+        for t, r in zip(ins, ranks, strict=True):
+            if t is None:
+                continue
+            if t.axis >= r - 2:
+                self.block_inputs(node, "multiplies along channels it cannot follow")
+                return
+            axes.add(t.axis + out_rank - r)
+        if len(axes) != 1:
+            self.block_inputs(node, "inputs carry channels on different axes")
+            return
+        axis = axes.pop()
+        tracked = [t for t in ins if t is not None]
+        for t in tracked[1:]:
+            if len(t.elems) != len(tracked[0].elems):
+                self.block_inputs(node, "inputs carry different channel counts")
+                return
+            for x, y in zip(tracked[0].elems, t.elems, strict=True):
+                self.union(x, y)
+        for v, t, r in zip(node.inputs, ins, ranks, strict=True):
+            if t is None:
+                s = self.info.shape(v)
+                k = axis - (out_rank - r)
+                if k >= 0 and (s is None or s[k] != 1):
+                    self.block_inputs(node, "multiplies channels with a tensor whose channels cannot shrink")
+                    return
+        self.tracks[node.outputs[0]] = Track(axis, tracked[0].elems)
 
     def reduce(self, node: ir.Node, ins: list[Track | None]) -> None:
         t = ins[0]

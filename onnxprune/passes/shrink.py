@@ -138,6 +138,8 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
             edit.node.attributes["group"] = ir.AttrInt64("group", len(keep))
         elif edit.kind == "pad":
             _pad(graph, cg, edit, remove)
+        elif edit.kind == "heads":
+            _heads(graph, edit, len(keep))
         elif edit.kind == "reshape":
             target = np.array(edit.extra["target"], copy=True)
             if target[edit.axis] > 0:
@@ -166,6 +168,24 @@ def _param(graph: ir.Graph, edit: Edit, keep: list[int]) -> None:
     arr = constant_array(src) if arr is None else arr
     new = np.ascontiguousarray(np.take(arr, keep, axis=edit.axis))
     edit.node.replace_input_with(edit.input_index, _new_initializer(graph, src.name, new))
+
+
+def _heads(graph: ir.Graph, edit: Edit, heads: int) -> None:
+    """Write the kept head count (split) or kept width (merge) into a Reshape target, and the head size as a
+    constant (never computed from a tensor that shrinks)."""
+    kind, source = edit.extra["spots"]
+    d, a, mode = edit.extra["d"], edit.axis, edit.extra["mode"]
+    values = {"split": {a: heads, a + 1: d}, "merge": {a: heads * d}, "keep": {a: heads}, "none": {}}[mode]
+    node = edit.node
+    if kind == "const":
+        target = np.array(source, np.int64).reshape(-1)
+        for k, v in values.items():
+            target[k] = v
+        node.replace_input_with(1, _new_initializer(graph, node.inputs[1].name, target))
+        return
+    for k, v in values.items():
+        src = source.inputs[k]
+        source.replace_input_with(k, _new_initializer(graph, src.name, np.array([v], np.int64)))
 
 
 def _pad(graph: ir.Graph, cg: ChannelGraph, edit: Edit, remove: set[int]) -> None:
