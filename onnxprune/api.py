@@ -489,6 +489,7 @@ def allocate(
     granularity: str = "unstructured",
     criterion: str = "l2",
     round_to: int = 1,
+    coupled: str = "prune",
     progress: Callable[[int, int | None], None] | None = None,
     **data_options,
 ) -> Plan:
@@ -498,7 +499,10 @@ def allocate(
     and the target is the fraction of the model's parameters (``budget="params"``) or FLOPs (``"flops"``)
     that removing those channels takes away, counted with the channel dependency analysis (a removed channel
     also shrinks the layers that read it, so 30 % of the channels remove about half the FLOPs): the method's
-    allocation is scaled by bisection until the predicted reduction meets the target.
+    allocation is scaled by bisection until the predicted reduction meets the target; with ``round_to`` N the
+    groups' channel counts are then rounded to multiples of N so that the target is still met (ONNX Runtime's
+    fast CPU convolutions work on blocks of 8 channels with AVX2, 16 with AVX-512). ``coupled="keep"`` leaves
+    the channels written by several layers (residual streams) whole and prunes only single-producer groups.
 
     ``search`` measures whole pruned models on calibration data (``data``: an .npz path or a DataSpec, and
     the DataSpec options as keywords), see onnxprune.search; every other method is computed from the weights
@@ -568,7 +572,7 @@ def allocate(
                                                               iterations=iterations, seed=seed,
                                                               provider=sess.provider, progress=progress))
     elif granularity == "channel":
-        return _allocate_channels(m, fp, units, method, target_sparsity, budget, criterion, round_to,
+        return _allocate_channels(m, fp, units, method, target_sparsity, budget, criterion, round_to, coupled,
                                   {"min_sparsity": min_sparsity, "max_sparsity": max_sparsity,
                                    "keep_dense": list(keep_dense),
                                    **({"scores_method": sc.method, "scores_metric": sc.metric} if sc else {})})
@@ -594,10 +598,10 @@ def allocate(
 
 
 def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, budget: str, criterion: str,
-                       round_to: int, options: dict) -> Plan:
+                       round_to: int, coupled: str, options: dict) -> Plan:
     from onnxprune import allocation
     from onnxprune.analysis.channels import channel_graph
-    from onnxprune.passes.shrink import CRITERIA, choose, kept_fractions, predict
+    from onnxprune.passes.shrink import CRITERIA, choose, kept_fractions, predict, rounded_counts
 
     if criterion not in CRITERIA:
         raise InputError(f"unknown --criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
@@ -610,12 +614,19 @@ def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, 
     if not total:
         raise InputError(f"the model has no {budget} to remove")
 
-    def achieved(t: float):
-        result = allocation.allocate(units, method, t, "params") if t > 0 else None
-        ratios = result.sparsities if result else {}
-        remove, choices = choose(cg, ratios, criterion, round_to)
+    if coupled not in ("prune", "keep"):
+        raise InputError(f"--coupled must be prune or keep, got {coupled!r}")
+    if coupled == "keep":
+        cg.keep_coupled()
+
+    def outcome(ratios: dict[str, float], counts: dict | None = None):
+        remove, choices = choose(cg, ratios, criterion, 1, counts)
         params, flops = predict(cg, remove)
         return (flops if budget == "flops" else params) / total, ratios, remove, choices, params, flops
+
+    def achieved(t: float):
+        result = allocation.allocate(units, method, t, "params") if t > 0 else None
+        return outcome(result.sparsities if result else {})
 
     lo, hi = 0.0, max(u.hi for u in units) if units else 0.0
     best = achieved(0.0)
@@ -630,7 +641,14 @@ def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, 
             hi = mid
         if hi - lo < 1e-5:
             break
+    if round_to > 1:  # the continuous allocation, then counts rounded so that the target is still met
+        ratios = best[1]
+        best = outcome(ratios, rounded_counts(cg, ratios, round_to,
+                                              lambda c: outcome(ratios, c)[0] >= target - 1e-9))
     frac, ratios, remove, choices, params, flops = best
+    blocked_layers = {n for g in cg.groups() if not g["prunable"] for n in g["layers"]} - {
+        n for g in cg.groups() if g["prunable"] for n in g["layers"]}
+    ratios = {name: (0.0 if name in blocked_layers else r) for name, r in ratios.items()}
     kept = kept_fractions(cg, remove)
     plan_layers = []
     for u in units:
@@ -649,7 +667,9 @@ def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, 
               "flops_before": before.flops, "flops_after": before.flops - flops,
               "channels_removed": sum(c.removed for c in choices), "groups": len(choices),
               "groups_blocked": len(blocked)}
-    options = {**options, "criterion": criterion, "round_to": round_to,
+    options = {**options, "criterion": criterion, "round_to": round_to, "coupled": coupled,
+               "group_removed": [{"layers": c.layers, "channels": c.channels, "removed": c.removed}
+                                 for c in choices],
                "blocked": {", ".join(g["layers"][:3]) + (" ..." if len(g["layers"]) > 3 else ""): g["reason"]
                            for g in blocked}}
     return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget,
@@ -774,13 +794,20 @@ def apply(
     check: bool = True,
     criterion: str | None = None,
     round_to: int | None = None,
+    data: rdata.DataSpec | str | os.PathLike | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    **data_options,
 ) -> ApplyResult:
     """Rewrite the model per the plan and write a checked model to ``output``.
 
     ``granularity``: ``unstructured`` (zero the smallest weights), ``n:m`` (N of every M), or ``channel``
     (remove whole output channels, each layer's planned sparsity taken as its fraction of channels; coupled
     channels go together, chosen by the ``criterion`` l1 | l2 norm of their filters; kept counts multiples of
-    ``round_to``). By default the plan's granularity, criterion and rounding."""
+    ``round_to``). By default the plan's granularity, criterion and rounding.
+
+    ``data`` (channel granularity): calibration data (an .npz path or a DataSpec, DataSpec options as
+    keywords); every layer that loses input channels is then refit by least squares to reproduce its original
+    output (onnxprune.passes.reconstruct), which recovers much of the accuracy without training."""
     from onnxprune.passes.sparsify import SparsifyPass
 
     pl = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -812,7 +839,12 @@ def apply(
     if granularity == "channel":
         criterion = criterion or pl.options.get("criterion", "l2")
         round_to = round_to or pl.options.get("round_to", 1)
-        return _apply_channels(m, fp, pl, model, output, criterion, round_to, force, external_data, check)
+        spec = rdata.DataSpec.of(data, **data_options) if data is not None or data_options.get(
+            "data_loader_script") else None
+        return _apply_channels(m, fp, pl, model, output, criterion, round_to, force, external_data, check, spec,
+                               progress)
+    if data is not None:
+        raise InputError("--data calibrates channel removal only; drop it or use --granularity channel")
     layers, _ = _prunable_units(m)
     by_name = {layer.name: layer for layer in layers}
     gone = {name for b in pl.blocks for name in b.get("layers", [])}
@@ -861,7 +893,7 @@ GRANULARITIES = ("unstructured", "n:m", "channel")
 
 
 def _apply_channels(m: ir.Model, fp: str, pl: Plan, model, output, criterion: str, round_to: int, force: bool,
-                    external_data, check: bool) -> ApplyResult:
+                    external_data, check: bool, spec: rdata.DataSpec | None = None, progress=None) -> ApplyResult:
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     from onnxprune.analysis.channels import channel_graph
@@ -884,7 +916,19 @@ def _apply_channels(m: ir.Model, fp: str, pl: Plan, model, output, criterion: st
     if unknown:
         raise InputError(f"the plan names layer(s) not in the model: {unknown[:3]}; make a new plan")
     cg = channel_graph(info, layers)
-    remove, choices = choose(cg, planned, criterion, round_to)
+    if pl.options.get("coupled") == "keep":
+        cg.keep_coupled()
+    counts = None
+    if pl.granularity == "channel" and pl.options.get("group_removed") and round_to == pl.options.get("round_to", 1):
+        counts = {tuple(e["layers"]): int(e["removed"]) for e in pl.options["group_removed"]}  # the plan's counts
+    remove, choices = choose(cg, planned, criterion, round_to, counts)
+    refit = None
+    if spec is not None:
+        from onnxprune.passes.reconstruct import reconstruct
+
+        sess = create_session(ir.serde.serialize_model(m).SerializeToString(), spec.provider)
+        batches, _, _ = _batches(m, sess, spec)
+        refit = reconstruct(m, cg, remove, [f for f, _ in batches], provider=sess.provider, progress=progress)
     out_before = {name: len(elems) for name, elems in cg.produced.items()}
     out_after = {name: sum(cg.find(e) not in remove for e in elems) for name, elems in cg.produced.items()}
     shrink(m, cg, remove)
@@ -902,6 +946,10 @@ def _apply_channels(m: ir.Model, fp: str, pl: Plan, model, output, criterion: st
         "planned_params_sparsity": pl.totals.get("params_sparsity"),
         "planned_flops_sparsity": pl.totals.get("flops_sparsity"),
     }
+    if refit is not None:
+        totals["refit"] = {"layers": len(refit.refit), "samples": refit.samples, "skipped": refit.skipped,
+                           "mean_error_before": float(np.mean(list(refit.error_before.values()) or [0.0])),
+                           "mean_error_after": float(np.mean(list(refit.error_after.values()) or [0.0]))}
     saved = save_model(m, output, external_data=external_data, input_path=model, force=force,
                        verify=check_runs if check else None)
     per_layer = [{"name": name, "planned_sparsity": planned.get(name, 0.0), "channels": out_before[name],

@@ -210,3 +210,67 @@ def test_attention_heads_go_whole(export, digits_npz, tmp_path, name):
     assert list(w[out_proj.input[1]]) == [16, 32]
     x = np.load(digits_npz)["x"][:5].astype(np.float32) / 255
     assert _run(shrunk.SerializeToString(), x).shape == (5, 10)
+
+
+@pytest.mark.parametrize("coupled", ["prune", "keep"])
+def test_round_to_meets_flop_target_and_apply_matches_plan(export, tmp_path, coupled):
+    """--round-to 8 still reaches the FLOP target (counts rounded group by group, not all at once), apply
+    removes exactly the plan's counts, and --coupled keep leaves the residual streams whole."""
+    path = export("resnet56")
+    plan = api.allocate(path, method="uniform", granularity="channel", budget="flops", target_sparsity=0.5,
+                        round_to=8, coupled=coupled)
+    assert plan.totals["flops_fraction_removed"] >= 0.5
+    out = api.apply(path, plan, tmp_path / f"r8_{coupled}.onnx")
+    assert out.totals["flops_after"] == plan.totals["flops_after"]
+    assert out.totals["params_after"] == plan.totals["params_after"]
+    assert all(layer["channels_after"] % 8 == 0 for layer in out.layers if layer["sparsity"] > 0)
+    stream_writers = [layer for layer in out.layers if layer["name"].endswith("conv2/Conv")]
+    if coupled == "keep":
+        assert stream_writers and all(layer["sparsity"] == 0 for layer in stream_writers)
+
+
+def test_patches_reproduce_conv():
+    """The refit's least-squares rows (im2col) times the weight matrix equal ONNX Runtime's Conv, with stride
+    and asymmetric pads."""
+    from onnxprune.passes import reconstruct as rc
+
+    w = weights("w", 6, 4, 3, 3, seed=1)
+    b = weights("b", 6, seed=2)
+    node = helper.make_node("Conv", ["input", "w", "b"], ["y"], name="conv", strides=[2, 2], pads=[1, 0, 1, 1])
+    proto = make_model([node], [tensor("input", 2, 4, 9, 9)], [tensor("y", 2, 6, 5, 4)], [w, b])
+    m = ir.serde.deserialize_model(proto)
+    layer = find_layers(analyse_graph(m))[0]
+    x = np.random.default_rng(0).standard_normal((2, 4, 9, 9)).astype(np.float32)
+    y = _run(proto.SerializeToString(), x)
+    wa = onnx.numpy_helper.to_array(w)
+    pred = rc._patches(x, layer) @ rc._matrix(wa, layer) + onnx.numpy_helper.to_array(b)
+    np.testing.assert_allclose(pred, rc._targets(y, layer), atol=1e-4)
+    np.testing.assert_array_equal(rc._unmatrix(rc._matrix(wa, layer), layer, wa.shape), wa)
+
+
+def test_refit_recovers_accuracy(export, cifar_lossless, cifar_jpeg, tmp_path):
+    """ResNet-56 at half its FLOPs (inner channels, multiples of 8): one-shot removal leaves ~10 % top-1; the
+    least-squares refit on 64 calibration images (JPEG 1017.., disjoint from the lossless test images) lowers
+    every refit layer's output error and brings top-1 far up, with the same shapes and FLOPs."""
+    path = export("resnet56")
+    plan = api.allocate(path, method="uniform", granularity="channel", budget="flops", target_sparsity=0.5,
+                        round_to=8, coupled="keep")
+    plain = api.apply(path, plan, tmp_path / "plain.onnx")
+    refit = api.apply(path, plan, tmp_path / "refit.onnx", data=cifar_jpeg, offset=1017, limit=64)
+    r = refit.totals["refit"]
+    assert r["layers"] == 27 and r["samples"] == 64 and not r["skipped"]
+    assert r["mean_error_after"] < 0.6 * r["mean_error_before"]
+    assert refit.totals["flops_after"] == plain.totals["flops_after"]
+    before = onnxprune.eval(plain.path, cifar_lossless, limit=256).top1
+    after = onnxprune.eval(refit.path, cifar_lossless, limit=256).top1
+    assert before < 30 and after > before + 30, (before, after)
+
+
+def test_calibration_data_only_for_channels(export, digits_npz, tmp_path):
+    from onnxprune.errors import InputError
+
+    path = export("mlp")
+    plan = api.allocate(path, method="uniform", target_sparsity=0.5)
+    with pytest.raises(InputError, match="calibrates channel removal only"):
+        api.apply(path, plan, tmp_path / "x.onnx", granularity="unstructured", data=digits_npz)
+    assert not (tmp_path / "x.onnx").exists()

@@ -95,6 +95,13 @@ class ChannelGraph:
             g["roots"].append(root)
         return sorted(by_sig.values(), key=lambda g: (g["layers"][0], not g["prunable"]))
 
+    def keep_coupled(self) -> None:
+        """Block every group written by several layers (residual streams): only single-producer channels go."""
+        for g in self.groups():
+            if len(g["layers"]) > 1 and g["prunable"]:
+                for root in g["roots"]:
+                    self.blocked[self.find(root)] = "kept whole (--coupled keep): written by several layers"
+
     def describe(self) -> list[dict]:
         """The groups for users: coupled layers, channel count, prunable or why not, and every constant
         tensor that shrinks with the group as (tensor, axis, indices)."""
@@ -483,10 +490,8 @@ class _Builder:
                 return False
             if not self._same_lead(shape[:a], out_shape[:a]):
                 return False
-            spots = self._target_spots(node.inputs[1], len(out_shape))
+            spots = self._rewritable_target(node, t, len(out_shape), "splits channels into heads")
             if spots is None:
-                self.block(t.elems, f"Reshape node {node.name!r}: splits channels into heads with a target shape "
-                                    "it cannot rewrite")
                 return True
             reps = []
             for k in range(h):
@@ -514,15 +519,20 @@ class _Builder:
                 d = width // c
             if not self._same_lead(shape[:a], out_shape[:a]):
                 return False
-            spots = self._target_spots(node.inputs[1], len(out_shape))
+            spots = self._rewritable_target(node, t, len(out_shape), "merges heads")
             if spots is None:
-                self.block(t.elems, f"Reshape node {node.name!r}: merges heads with a target shape it cannot "
-                                    "rewrite")
                 return True
             self.cg.edits.append(Edit("heads", node, t.elems, axis=a, extra={"spots": spots, "mode": "merge", "d": d}))
             self.tracks[node.outputs[0]] = Track(a, [e for e in t.elems for _ in range(d)])
             return True
         return False
+
+    def _rewritable_target(self, node: ir.Node, t: Track, rank: int, what: str) -> list | None:
+        """The Reshape's target spots, or None after blocking the channels when the target cannot be rewritten."""
+        spots = self._target_spots(node.inputs[1], rank)
+        if spots is None:
+            self.block(t.elems, f"Reshape node {node.name!r}: {what} with a target shape it cannot rewrite")
+        return spots
 
     @staticmethod
     def _same_lead(a: tuple, b: tuple) -> bool:

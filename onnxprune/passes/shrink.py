@@ -9,6 +9,7 @@ BatchNorm parameters, per-channel constants, channel pads and flattening reshape
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,12 +37,13 @@ def filter_norms(layer, criterion: str) -> np.ndarray:
     return np.abs(m).sum(1) if criterion == "l1" else np.sqrt((m ** 2).sum(1))
 
 
-def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", round_to: int = 1
-           ) -> tuple[set[int], list[GroupChoice]]:
+def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", round_to: int = 1,
+           counts: dict[tuple, int] | None = None) -> tuple[set[int], list[GroupChoice]]:
     """The class roots to remove and what was chosen per group. ``ratios``: layer name -> fraction of its
     output channels to remove (from a plan's per-layer sparsities). A group takes the mean of its layers'
     ratios weighted by their parameters; its kept channel count is rounded to a multiple of ``round_to``
-    (never below it, never above the group's size)."""
+    (never below it, never above the group's size). ``counts`` (group layers -> channels to remove), where it
+    names a group, overrides the ratios (a plan's rounded counts)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}")
     norms: dict[str, np.ndarray] = {}
@@ -55,12 +57,12 @@ def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", ro
     for g in cg.groups():
         if not g["prunable"]:
             continue
-        weights = np.array([cg.layers[n].params for n in g["layers"]], np.float64)
-        rs = np.array([ratios.get(n, 0.0) for n in g["layers"]], np.float64)
-        ratio = float((weights * rs).sum() / weights.sum()) if weights.sum() else float(rs.mean())
+        ratio = group_ratio(cg, g, ratios)
         n = g["channels"]
         kept = n - int(np.floor(ratio * n + 1e-9))
-        if round_to > 1:
+        if counts is not None and tuple(g["layers"]) in counts:
+            kept = n - counts[tuple(g["layers"])]
+        elif round_to > 1:
             kept = int(round(kept / round_to)) * round_to
             kept = max(kept, round_to)
         kept = min(max(kept, 1), n)
@@ -79,6 +81,37 @@ def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", ro
         remove.update(ordered[: n - kept])
         choices.append(GroupChoice(g["layers"], n, n - kept, ratio))
     return remove, choices
+
+
+def group_ratio(cg: ChannelGraph, group: dict, ratios: dict[str, float]) -> float:
+    """A group's fraction of channels to remove: its layers' planned fractions, weighted by their parameters."""
+    weights = np.array([cg.layers[n].params for n in group["layers"]], np.float64)
+    rs = np.array([ratios.get(n, 0.0) for n in group["layers"]], np.float64)
+    return float((weights * rs).sum() / weights.sum()) if weights.sum() else float(rs.mean())
+
+
+def rounded_counts(cg: ChannelGraph, ratios: dict[str, float], round_to: int, reached: Callable[[dict], bool]
+                   ) -> dict[tuple, int]:
+    """Channels to remove per group (group layers -> count), multiples of ``round_to`` (keeping at least
+    ``round_to``), that still meet the budget: each group starts at its planned removal rounded down, then
+    the group with the largest shortfall against its plan removes ``round_to`` more, one step at a time,
+    until ``reached(counts)`` holds (or nothing more can go). Rounding every group the same way at once
+    would move the total in coarse jumps (every 16-channel group from 16 to 8 together) and miss the target."""
+    groups = [g for g in cg.groups() if g["prunable"]]
+    want = [group_ratio(cg, g, ratios) * g["channels"] for g in groups]
+    removed = [min(int(w // round_to) * round_to, max(g["channels"] - round_to, 0))
+               for g, w in zip(groups, want, strict=True)]
+
+    def counts() -> dict[tuple, int]:
+        return {tuple(g["layers"]): r for g, r in zip(groups, removed, strict=True)}
+
+    while not reached(counts()):
+        room = [k for k, g in enumerate(groups) if removed[k] + round_to <= g["channels"] - round_to]
+        if not room:
+            break
+        k = max(room, key=lambda k: (want[k] - removed[k], -k))
+        removed[k] += round_to
+    return counts()
 
 
 def kept_fractions(cg: ChannelGraph, remove: set[int]) -> dict[str, tuple[float, float]]:

@@ -1,0 +1,260 @@
+"""Calibrated channel removal: refit the layers that lose input channels, by least squares on real data.
+
+Removing channels takes their contribution out of every layer that reads them. With calibration data that
+loss can be mostly won back without training (He et al. 2017, "Channel Pruning for Accelerating Very Deep
+Neural Networks"; Luo et al. 2017, ThiNet): for each such *consumer* layer, in graph order, find the weights
+on its kept input channels (and its bias) that best reproduce its original output
+
+    min over W', b'  || X'_kept W' + b' - Y ||^2  (+ a small ridge term)
+
+where Y is the layer's output in the unmodified model and X' its input in the pruned model, so the error
+that earlier layers leave behind is corrected too. The pruned model is evaluated without rewriting it: the
+original graph with every consumer's removed input channels multiplied by 0 right before it (which computes
+exactly what the shrunk graph computes) and the consumers' weights fed as inputs, so each refit is one run.
+
+Conv (group 1, no dilation, explicit or no padding), Gemm and MatMul (2-D constant weight on the right)
+consumers are refit; others keep their weights (named in the report).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper, numpy_helper
+
+from onnxprune.analysis.channels import ChannelGraph
+from onnxprune.analysis.graph import constant_array
+from onnxprune.analysis.layers import Layer
+from onnxprune.runtime.session import create_session
+from onnxprune.weights import get_weight, out_in_axes, set_weight
+
+
+@dataclass
+class ReconstructReport:
+    refit: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    error_before: dict[str, float] = field(default_factory=dict)  # relative output error, removal only
+    error_after: dict[str, float] = field(default_factory=dict)  # after the refit
+    samples: int = 0
+
+
+def _kept_inputs(cg: ChannelGraph, remove: set[int]) -> dict[ir.Node, tuple[int, np.ndarray]]:
+    """Consumer node -> (weight input axis, 0/1 mask of its input channels) for layers that lose inputs."""
+    out = {}
+    for edit in cg.edits:
+        if edit.kind != "weight_in":
+            continue
+        mask = np.array([cg.find(e) not in remove for e in edit.elems], np.float32)
+        if mask.min() < 1:
+            out[edit.node] = (edit.axis, mask)
+    return out
+
+
+def _why_not(layer: Layer) -> str | None:
+    node = layer.node
+    if layer.op_type == "Conv":
+        if node.attributes.get_int("group", 1) != 1:
+            return "grouped convolution"
+        if any(d != 1 for d in node.attributes.get_ints("dilations", [1])):
+            return "dilated convolution"
+        if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "auto_pad"
+        if len(layer.weight_shape) != 4:
+            return "not a 2-D convolution"
+        return None
+    if layer.op_type in ("Gemm", "MatMul") and layer.weight_input == 1 and len(layer.weight_shape) == 2:
+        if layer.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            return "transposed input"
+        return None
+    return f"{layer.op_type} layers are not refit"
+
+
+def _patches(x: np.ndarray, layer: Layer) -> np.ndarray:
+    """Rows of the least-squares problem: im2col of a Conv input (columns in the weight's (C, kh, kw) order),
+    or the flattened features of a Gemm / MatMul input."""
+    if layer.op_type != "Conv":
+        return x.reshape(-1, x.shape[-1])
+    node = layer.node
+    kh, kw = layer.weight_shape[2:]
+    sh, sw = node.attributes.get_ints("strides", [1, 1])
+    pads = node.attributes.get_ints("pads", [0, 0, 0, 0])
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+    n, c, ho, wo = win.shape[:4]
+    return np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(n * ho * wo, c * kh * kw)
+
+
+def _targets(y: np.ndarray, layer: Layer) -> np.ndarray:
+    if layer.op_type == "Conv":
+        return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+    return y.reshape(-1, y.shape[-1])
+
+
+def _matrix(w: np.ndarray, layer: Layer) -> np.ndarray:
+    """(inputs, outputs) matrix of a weight, rows in the order of _patches' columns."""
+    if layer.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    out_axis, _ = out_in_axes(layer)
+    return w.T if out_axis == 0 else w
+
+
+def _unmatrix(m: np.ndarray, layer: Layer, shape: tuple) -> np.ndarray:
+    if layer.op_type == "Conv":
+        return m.T.reshape(shape)
+    out_axis, _ = out_in_axes(layer)
+    return (m.T if out_axis == 0 else m).reshape(shape)
+
+
+def _bias_value(layer: Layer) -> ir.Value | None:
+    """The constant added to the layer's raw output that the refit may change: a Conv's or Gemm's bias input
+    (MatMul: None, its bias Add stays and the refit targets the raw product)."""
+    node = layer.node
+    if layer.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        v = node.inputs[2]
+        if v.const_value is not None and len(v.shape or ()) == 1:
+            return v
+    return None
+
+
+def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: list[dict[str, np.ndarray]],
+                provider: str = "cpu", ridge: float = 1e-3,
+                progress: Callable[[int, int], None] | None = None) -> ReconstructReport:
+    """Refit, in place, the weights (and biases) of the layers of ``model`` that lose input channels when the
+    classes ``remove`` go, so that their outputs on ``batches`` stay as close as possible to the original.
+    Call before shrinking: the shrink then keeps the refit values of the kept channels."""
+    report = ReconstructReport(samples=sum(len(next(iter(b.values()))) for b in batches))
+    consumers = _kept_inputs(cg, remove)
+    layers = {layer.node: layer for layer in cg.layers.values()}
+    order = {node: i for i, node in enumerate(model.graph)}
+    todo = []
+    for node in sorted(consumers, key=order.get):
+        layer = layers[node]
+        why = _why_not(layer)
+        if why:
+            report.skipped[layer.name] = why
+        else:
+            todo.append(layer)
+    if not todo or not batches:
+        return report
+    proto = ir.serde.serialize_model(model)
+    reference = _with_outputs(proto, [layer.node.outputs[0].name for layer in todo])
+    masked, feeds_of = _masked(proto, consumers, todo, layers)
+    ref_sess = create_session(reference.SerializeToString(), provider).session
+    sess = create_session(masked.SerializeToString(), provider).session
+    weights = {layer.name: np.array(get_weight(layer), np.float32) for layer in todo}
+    biases = {layer.name: (np.array(constant_array(b), np.float32) if (b := _bias_value(layer)) is not None
+                           else None) for layer in todo}
+    for k, layer in enumerate(todo):
+        x_name = feeds_of[layer.name][0]
+        mask = consumers[layer.node][1]
+        kept = np.flatnonzero(mask)
+        w = weights[layer.name]
+        wm = _matrix(w, layer)  # (inputs * kernel, outputs)
+        per_in = wm.shape[0] // len(mask)
+        rows = (kept[:, None] * per_in + np.arange(per_in)).reshape(-1)
+        has_bias = biases[layer.name] is not None
+        dim = len(rows) + has_bias
+        gram = np.zeros((dim, dim))
+        cross = np.zeros((dim, wm.shape[1]))
+        y_norm = err_norm = y2 = 0.0
+        for feeds in batches:
+            y = _targets(ref_sess.run([layer.node.outputs[0].name], feeds)[0], layer).astype(np.float64)
+            x = sess.run([x_name], {**feeds, **_weight_feeds(weights, biases, feeds_of)})[0]
+            a = _patches(x, layer)[:, rows].astype(np.float64)
+            pred = a @ wm[rows].astype(np.float64) + (biases[layer.name] if has_bias else 0.0)
+            err_norm += float(((pred - y) ** 2).sum())
+            y_norm += float(((y - y.mean(0)) ** 2).sum())
+            y2 += float((y ** 2).sum())
+            if has_bias:
+                a = np.hstack([a, np.ones((len(a), 1))])
+            gram += a.T @ a
+            cross += a.T @ y
+        lam = ridge * np.trace(gram) / dim
+        sol = np.linalg.solve(gram + lam * np.eye(dim), cross)
+        new = np.zeros_like(wm, dtype=np.float64)
+        new[rows] = sol[:len(rows)]
+        weights[layer.name] = _unmatrix(new, layer, w.shape).astype(np.float32)
+        if has_bias:
+            biases[layer.name] = sol[-1].astype(np.float32)
+        # the refit's own error on the data, relative to the output's variance
+        resid = float(np.trace(sol.T @ gram @ sol - 2 * sol.T @ cross)) + y2
+        report.error_before[layer.name] = err_norm / max(y_norm, 1e-30)
+        report.error_after[layer.name] = max(resid, 0.0) / max(y_norm, 1e-30)
+        report.refit.append(layer.name)
+        if progress:
+            progress(k + 1, len(todo))
+    for layer in todo:
+        set_weight(layer, weights[layer.name])
+        b = _bias_value(layer)
+        if b is not None:
+            b.const_value = ir.tensor(biases[layer.name], name=b.name)
+            for edit in cg.edits:  # the analysis cached constant values it will cut: give it the refit ones
+                if edit.kind == "param" and edit.node.inputs[edit.input_index] is b:
+                    edit.extra["value"] = biases[layer.name]
+    return report
+
+
+def _weight_feeds(weights: dict, biases: dict, feeds_of: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (_, w_name, b_name) in feeds_of.items():
+        out[w_name] = weights[name]
+        if b_name is not None:
+            out[b_name] = biases[name]
+    return out
+
+
+def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    have = {o.name for o in p.graph.output}
+    for name in names:
+        if name not in have:
+            p.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            have.add(name)
+    return p
+
+
+def _masked(proto: onnx.ModelProto, consumers: dict, todo: list[Layer], layers: dict
+            ) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str | None]]]:
+    """The original graph computing what the pruned one does: each consumer reads its data input times the
+    0/1 mask of its kept input channels; the refit layers' weights and biases are graph inputs. Returns the
+    model and, per refit layer, (masked input name, weight input name, bias input name or None)."""
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    nodes = list(p.graph.node)
+    new_nodes = []
+    feeds_of = {}
+    refit = {layer.node.name: layer for layer in todo}
+    for n in nodes:
+        layer_node = next((ln for ln in consumers if ln.name == n.name), None)
+        if layer_node is not None:
+            layer = layers[layer_node]
+            _, mask = consumers[layer_node]
+            data_index = 0 if layer.op_type == "Conv" or layer.weight_input == 1 else 1
+            x = n.input[data_index]
+            m = mask.reshape(1, -1, 1, 1) if layer.op_type == "Conv" else mask  # channels on axis 1 / last
+            mname, out = f"{n.name}__inmask", f"{x}__masked_for_{n.name}"
+            p.graph.initializer.append(numpy_helper.from_array(m.astype(np.float32), mname))
+            new_nodes.append(helper.make_node("Mul", [x, mname], [out], name=f"{n.name}__mask"))
+            n.input[data_index] = out
+            if n.name in refit:
+                w_name = f"{n.name}__refit_w"
+                n.input[layer.weight_input] = w_name
+                p.graph.input.append(helper.make_tensor_value_info(w_name, onnx.TensorProto.FLOAT,
+                                                                   list(layer.weight_shape)))
+                b_name = None
+                if _bias_value(layer) is not None:
+                    b_name = f"{n.name}__refit_b"
+                    n.input[2] = b_name
+                    outputs = layer.weight_shape[out_in_axes(layer)[0]]
+                    p.graph.input.append(helper.make_tensor_value_info(b_name, onnx.TensorProto.FLOAT, [outputs]))
+                feeds_of[layer.name] = (out, w_name, b_name)
+                p.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        new_nodes.append(n)
+    del p.graph.node[:]
+    p.graph.node.extend(new_nodes)
+    return p, feeds_of
