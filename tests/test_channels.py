@@ -298,3 +298,16 @@ def test_real_bert_heads_and_mlp_shrink_exactly(minilm):
         return ort.InferenceSession(b, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
     np.testing.assert_allclose(run(shrunk), run(masked), atol=1e-4, rtol=1e-4)
+
+
+def test_round_to_counts_whole_heads(export, tmp_path):
+    """--round-to 8 on a transformer: a head of 8 features is already a multiple of 8, so heads still go
+    (one at a time), and every pruned width is a multiple of 8."""
+    path = export("transformer-pre")
+    plan = api.allocate(path, method="uniform", granularity="channel", budget="flops", target_sparsity=0.4,
+                        round_to=8)
+    out = api.apply(path, plan, tmp_path / "r8.onnx")
+    qkv = [layer for layer in out.layers if "/attn/" in layer["name"] and not layer["name"].endswith("out/MatMul")]
+    assert any(layer["channels_after"] < layer["channels"] for layer in qkv)
+    assert all(layer["channels_after"] % 8 == 0 for layer in out.layers if layer["sparsity"] > 0)
+    assert plan.totals["flops_fraction_removed"] >= 0.4

@@ -539,8 +539,8 @@ class _Builder:
         return all(x == y or not isinstance(x, int) or not isinstance(y, int) for x, y in zip(a, b, strict=True))
 
     def _target_spots(self, target: ir.Value, rank: int) -> list | None:
-        """Where each entry of a Reshape target comes from, to rewrite entries: ("const", None) for a constant
-        target (with its value), or ("concat", node) when it is a Concat of ``rank`` one-element pieces; None otherwise."""
+        """Where each entry of a Reshape target comes from, to rewrite entries: ("const", value) for a constant
+        target, or ("concat", node) when it is a Concat of ``rank`` one-element pieces; None otherwise."""
         arr = self.const(target)
         if arr is not None:
             return ["const", arr] if arr.size == rank else None

@@ -9,6 +9,7 @@ BatchNorm parameters, per-channel constants, channel pads and flattening reshape
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,8 +64,9 @@ def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", ro
         if counts is not None and tuple(g["layers"]) in counts:
             kept = n - counts[tuple(g["layers"])]
         elif round_to > 1:
-            kept = int(round(kept / round_to)) * round_to
-            kept = max(kept, round_to)
+            step = group_step(cg, g, round_to, members)
+            kept = int(round(kept / step)) * step
+            kept = max(kept, step)
         kept = min(max(kept, 1), n)
         if kept == n:
             choices.append(GroupChoice(g["layers"], n, 0, ratio))
@@ -90,6 +92,14 @@ def group_ratio(cg: ChannelGraph, group: dict, ratios: dict[str, float]) -> floa
     return float((weights * rs).sum() / weights.sum()) if weights.sum() else float(rs.mean())
 
 
+def group_step(cg: ChannelGraph, group: dict, round_to: int, members: dict[int, list[int]]) -> int:
+    """How many of a group's removable units make a multiple of ``round_to`` channels: a unit is one channel,
+    or a whole attention head of D features (then round_to / gcd(round_to, D) heads, 1 when D is a multiple)."""
+    root, layer = group["roots"][0], group["layers"][0]
+    width = sum(1 for e in members[root] if cg.owners[e][:2] == ("layer", layer)) or 1
+    return max(1, round_to // math.gcd(round_to, width))
+
+
 def rounded_counts(cg: ChannelGraph, ratios: dict[str, float], round_to: int, reached: Callable[[dict], bool]
                    ) -> dict[tuple, int]:
     """Channels to remove per group (group layers -> count), multiples of ``round_to`` (keeping at least
@@ -98,19 +108,20 @@ def rounded_counts(cg: ChannelGraph, ratios: dict[str, float], round_to: int, re
     until ``reached(counts)`` holds (or nothing more can go). Rounding every group the same way at once
     would move the total in coarse jumps (every 16-channel group from 16 to 8 together) and miss the target."""
     groups = [g for g in cg.groups() if g["prunable"]]
+    members = cg.classes()
+    steps = [group_step(cg, g, round_to, members) for g in groups]
     want = [group_ratio(cg, g, ratios) * g["channels"] for g in groups]
-    removed = [min(int(w // round_to) * round_to, max(g["channels"] - round_to, 0))
-               for g, w in zip(groups, want, strict=True)]
+    removed = [min(int(w // st) * st, max(g["channels"] - st, 0)) for g, w, st in zip(groups, want, steps, strict=True)]
 
     def counts() -> dict[tuple, int]:
         return {tuple(g["layers"]): r for g, r in zip(groups, removed, strict=True)}
 
     while not reached(counts()):
-        room = [k for k, g in enumerate(groups) if removed[k] + round_to <= g["channels"] - round_to]
+        room = [k for k, g in enumerate(groups) if removed[k] + steps[k] <= g["channels"] - steps[k]]
         if not room:
             break
         k = max(room, key=lambda k: (want[k] - removed[k], -k))
-        removed[k] += round_to
+        removed[k] += steps[k]
     return counts()
 
 
