@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration", type=int, default=256,
                         help="JPEG images 1017.. used to refit layers (disjoint from the lossless 1,017)")
     parser.add_argument("--limit", type=int, default=None, help="JPEG images for top-1 (default all 10,000)")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds over all models")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     folder = ROOT / "build" / "bench"
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
         row["flops"], row["params"] = info.flops, info.params
         row["lossless"] = onnxprune.eval(row["path"], cifar_data("lossless")).top1
         row["jpeg"] = onnxprune.eval(row["path"], cifar_data("jpeg"), limit=args.limit).top1
-    lat = latency({k: r["path"] for k, r in rows.items()}, batch1_runs=200, batch256_runs=5)
+    lat = latency({k: r["path"] for k, r in rows.items()}, batch1_runs=200, batch256_runs=5, rounds=args.rounds)
     base = lat["dense"]
     lines = [
         "## Channel pruning: ResNet-56 at about 2x fewer FLOPs (issue 5)", "",
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
         f"Machine: {machine()}  ", f"Date: {today()}", "",
         f"Target: {100 * args.flops:.0f} % fewer FLOPs; every pruner brought there by bisection on its own ratio. "
         "Top-1 before any recovery. Latency: ONNX Runtime CPU (2 threads), median, all models timed in the "
-        "same interleaved rounds; speed-up = dense / pruned.", "",
+        f"same {args.rounds} interleaved rounds (200 runs at batch 1, 5 at batch 256 per model and round); "
+        "speed-up = dense / pruned.", "",
         "| model | how | FLOPs | FLOPs removed | params | top-1 lossless 1,017 | top-1 JPEG | batch 1 ms | "
         "speed-up b1 | batch 256 ms | speed-up b256 | speed-up / FLOP reduction (b256) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
