@@ -155,6 +155,11 @@ def main(argv=None) -> int:
     dense = onnxprune.inspect(path)
     rows: dict[str, dict] = {"dense": {"path": path, "flops": dense.flops, "params": dense.params, "how": ""}}
     calib = {"data": cifar_data("jpeg"), "offset": 1017, "limit": args.calibration}
+    # the same allocation without rounding, to show what channel counts off the 8-channel blocks cost
+    plan = api.allocate(path, method="uniform", granularity="channel", budget="flops", target_sparsity=args.flops)
+    out = api.apply(path, plan, folder / "channels_uniform_r1.onnx", force=True)
+    rows["onnxprune uniform, --round-to 1"] = {
+        "path": out.path, "how": f"--round-to 1, --coupled prune: {out.totals['channels_removed']} channels"}
     for method in args.methods.split(","):
         for coupled in ("prune", "keep"):
             plan = api.allocate(path, method=method, granularity="channel", budget="flops",
