@@ -646,8 +646,9 @@ def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, 
         best = outcome(ratios, rounded_counts(cg, ratios, round_to,
                                               lambda c: outcome(ratios, c)[0] >= target - 1e-9))
     frac, ratios, remove, choices, params, flops = best
-    blocked_layers = {n for g in cg.groups() if not g["prunable"] for n in g["layers"]} - {
-        n for g in cg.groups() if g["prunable"] for n in g["layers"]}
+    groups = cg.groups()
+    blocked = [g for g in groups if not g["prunable"]]
+    blocked_layers = {n for g in blocked for n in g["layers"]} - {n for g in groups if g["prunable"] for n in g["layers"]}
     ratios = {name: (0.0 if name in blocked_layers else r) for name, r in ratios.items()}
     kept = kept_fractions(cg, remove)
     plan_layers = []
@@ -659,7 +660,6 @@ def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, 
                             "channels": len(elems), "channels_after": after,
                             "input_kept": kept.get(u.name, (1.0, 1.0))[0], "params": u.n, "flops": u.flops,
                             "allocated_sparsity": ratios.get(u.name, 0.0)})
-    blocked = [g for g in cg.groups() if not g["prunable"]]
     totals = {"target": target, "budget": budget, "sparsity": frac,
               "params_fraction_removed": params / before.params if before.params else 0.0,
               "flops_fraction_removed": flops / before.flops if before.flops else 0.0,

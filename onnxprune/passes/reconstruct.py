@@ -42,15 +42,15 @@ class ReconstructReport:
     samples: int = 0
 
 
-def _kept_inputs(cg: ChannelGraph, remove: set[int]) -> dict[ir.Node, tuple[int, np.ndarray]]:
-    """Consumer node -> (weight input axis, 0/1 mask of its input channels) for layers that lose inputs."""
+def _kept_inputs(cg: ChannelGraph, remove: set[int]) -> dict[ir.Node, np.ndarray]:
+    """Consumer node -> 0/1 mask of its input channels, for the layers that lose inputs."""
     out = {}
     for edit in cg.edits:
         if edit.kind != "weight_in":
             continue
         mask = np.array([cg.find(e) not in remove for e in edit.elems], np.float32)
         if mask.min() < 1:
-            out[edit.node] = (edit.axis, mask)
+            out[edit.node] = mask
     return out
 
 
@@ -150,7 +150,7 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
                            else None) for layer in todo}
     for k, layer in enumerate(todo):
         x_name = feeds_of[layer.name][0]
-        mask = consumers[layer.node][1]
+        mask = consumers[layer.node]
         kept = np.flatnonzero(mask)
         w = weights[layer.name]
         wm = _matrix(w, layer)  # (inputs * kernel, outputs)
@@ -192,9 +192,6 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
         b = _bias_value(layer)
         if b is not None:
             b.const_value = ir.tensor(biases[layer.name], name=b.name)
-            for edit in cg.edits:  # the analysis cached constant values it will cut: give it the refit ones
-                if edit.kind == "param" and edit.node.inputs[edit.input_index] is b:
-                    edit.extra["value"] = biases[layer.name]
     return report
 
 
@@ -229,11 +226,12 @@ def _masked(proto: onnx.ModelProto, consumers: dict, todo: list[Layer], layers: 
     new_nodes = []
     feeds_of = {}
     refit = {layer.node.name: layer for layer in todo}
+    by_name = {node.name: node for node in consumers}
     for n in nodes:
-        layer_node = next((ln for ln in consumers if ln.name == n.name), None)
+        layer_node = by_name.get(n.name)
         if layer_node is not None:
             layer = layers[layer_node]
-            _, mask = consumers[layer_node]
+            mask = consumers[layer_node]
             data_index = 0 if layer.op_type == "Conv" or layer.weight_input == 1 else 1
             x = n.input[data_index]
             m = mask.reshape(1, -1, 1, 1) if layer.op_type == "Conv" else mask  # channels on axis 1 / last

@@ -208,8 +208,9 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
 
 def _param(graph: ir.Graph, edit: Edit, keep: list[int]) -> None:
     src = edit.node.inputs[edit.input_index]
-    arr = edit.extra.get("value")
-    arr = constant_array(src) if arr is None else arr
+    arr = constant_array(src)  # the graph's current value (a refit may have changed it) ...
+    if arr is None:  # ... or the one the analysis folded from a small constant computation
+        arr = edit.extra["value"]
     new = np.ascontiguousarray(np.take(arr, keep, axis=edit.axis))
     edit.node.replace_input_with(edit.input_index, _new_initializer(graph, src.name, new))
 
