@@ -8,6 +8,8 @@ Python API (the same verbs as the CLI)::
     plan = onnxprune.allocate("model.onnx", target_sparsity=0.7, method="lamp")
     onnxprune.apply("model.onnx", plan, "pruned.onnx")
     res = onnxprune.eval("pruned.onnx", "data.npz")  # top-1 / top-5 / throughput
+    onnxprune.finetune("pruned.onnx", "train.npz", "tuned.onnx", teacher="model.onnx",
+                       options=onnxprune.FinetuneOptions(epochs=10))  # needs onnxprune[torch]
 """
 
 __version__ = "0.1.0"
@@ -15,19 +17,22 @@ __version__ = "0.1.0"
 from onnxprune.api import (  # noqa: E402
     ApplyResult,
     EvalResult,
+    FinetuneResult,
     InspectResult,
     allocate,
     apply,
     evaluate,
+    finetune,
     inspect,
     score,
 )
 from onnxprune.plan import Plan, Scores  # noqa: E402
 from onnxprune.errors import InputError, OnnxpruneError  # noqa: E402
+from onnxprune.recovery.options import FinetuneOptions  # noqa: E402
 
 eval = evaluate  # noqa: A001 - the CLI verb's name, as the API mirrors the CLI
 
 __all__ = [
-    "ApplyResult", "EvalResult", "InputError", "InspectResult", "OnnxpruneError", "Plan", "Scores", "__version__",
-    "allocate", "apply", "eval", "evaluate", "inspect", "score",
+    "ApplyResult", "EvalResult", "FinetuneOptions", "FinetuneResult", "InputError", "InspectResult", "OnnxpruneError", "Plan", "Scores", "__version__",
+    "allocate", "apply", "eval", "evaluate", "finetune", "inspect", "score",
 ]

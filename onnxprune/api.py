@@ -968,3 +968,188 @@ def _check_description(check: bool, sparse: bool) -> str:
     if sparse:
         return "onnx.checker (structural: its strict type inference rejects sparse initializers), ONNX Runtime run"
     return "onnx.checker full_check, ONNX Runtime run"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# finetune
+
+
+@dataclass
+class FinetuneResult:
+    """What ``finetune`` did: the written model, the per-epoch history and accuracies (percent)."""
+
+    path: Path
+    history: list[dict]
+    before_top1: float | None  # the input model on the eval data (torch, before calibration)
+    calibrated_top1: float | None  # after BatchNorm calibration, before training
+    after_top1: float | None  # the written model, measured with ONNX Runtime
+    inserted_bn: int
+    graph_bn: int
+    teacher_matched: int
+    masked_weights: int
+    labels: bool
+    teacher: str | None
+    seconds: float
+    teacher_seconds: float
+    calibration_seconds: float
+    options: dict
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "path"}
+        d["output"] = str(self.path)
+        return d
+
+
+def _arrays(m: ir.Model, path, spec: rdata.DataSpec) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """All of ``spec``'s samples, preprocessed for the model's single input, and their labels."""
+    sess = create_session(path, "cpu")
+    if len(sess.session.get_inputs()) != 1:
+        raise InputError(f"finetune trains models with one input; this one has {len(sess.session.get_inputs())}")
+    batches, _, note = _batches(m, sess, spec)
+    xs, ys = [], []
+    for feeds, labels in batches:
+        xs.append(next(iter(feeds.values())))
+        ys.append(labels)
+    if not xs:
+        raise InputError("the data has no samples; check --data / --limit")
+    x = np.concatenate(xs)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"finetune needs a float model input, this one takes {x.dtype}")
+    y = None if any(v is None for v in ys) else np.concatenate(ys).astype(np.int64)
+    return np.ascontiguousarray(x, np.float32), y, note
+
+
+def finetune(
+    model: str | os.PathLike,
+    data: rdata.DataSpec | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    teacher: str | os.PathLike | None = None,
+    labels: bool | None = None,
+    eval_data: rdata.DataSpec | str | os.PathLike | None = None,
+    options=None,
+    force: bool = False,
+    check: bool = True,
+    progress: Callable[[str, int, int | None, dict], None] | None = None,
+    **data_options,
+) -> FinetuneResult:
+    """Fine-tune (labels) and/or distil (``teacher``: the unpruned ONNX model) ``model`` on ``data`` and write
+    the same graph with the trained weights to ``output``; needs torch (``pip install 'onnxprune[torch]'``).
+
+    ``options``: a ``onnxprune.FinetuneOptions`` (epochs, lr, batch_size, augment, ...);
+    ``epochs=0`` only recalibrates BatchNorm. ``labels``: use the data's labels (default: when it has them).
+    ``eval_data``: held-out data (an .npz path or DataSpec) measured after every epoch and, with ONNX Runtime,
+    on the written model. ``progress(phase, done, total, info)``: phase is teacher, calibrated, train or epoch.
+    Graphs without BatchNormalization get one after each convolution for training, folded back on export.
+
+    >>> from onnxprune import FinetuneOptions  # doctest: +SKIP
+    >>> finetune("pruned.onnx", "train.npz", "tuned.onnx", teacher="model.onnx",
+    ...          options=FinetuneOptions(epochs=10), eval_data="test.npz").after_top1  # doctest: +SKIP
+    """
+    try:
+        import torch
+
+        from onnxprune.recovery import finetune as ft
+        from onnxprune.recovery.convert import OnnxModule  # noqa: F401 - fails early without torch
+    except ImportError as exc:
+        raise InputError(f"finetune needs torch ({exc}); install it with: pip install 'onnxprune[torch]'") from exc
+    opts = options or ft.FinetuneOptions()
+    opts.check()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    check_output_path(Path(output), input_path=model, force=force)
+    spec = rdata.DataSpec.of(data, **data_options)
+    spec = rdata.DataSpec.of(spec, batch_size=max(spec.batch_size, 1))
+    m = load_model(model)
+    _lift_float_constants(m)
+    if opts.epochs == 0 and teacher is None and not any(n.op_type == "BatchNormalization" for n in m.graph):
+        raise InputError(f"{model} has no BatchNormalization (folded into the convolutions), so recalibration "
+                         "needs the statistics to restore: give --teacher ORIGINAL.onnx")
+    x, y, _ = _arrays(m, model, spec)
+    use_labels = (y is not None) if labels is None else labels
+    if use_labels and y is None:
+        raise InputError(f"--labels: {spec.data or spec.loader} has no labels (key {spec.label_key!r}); "
+                         "give labelled data or distil with --teacher ORIGINAL.onnx --no-labels")
+    if not use_labels and teacher is None:
+        raise InputError("nothing to learn from: the data has no labels and no --teacher ORIGINAL.onnx is given")
+    if ("flip" in opts.augment or "crop" in opts.augment) and x.ndim != 4:
+        raise InputError(f"--augment flip/crop needs image inputs (N, C, H, W), the model takes rank {x.ndim}; "
+                         "use --augment none")
+    eval_x = eval_y = None
+    if eval_data is not None:
+        espec = rdata.DataSpec.of(eval_data) if not isinstance(eval_data, rdata.DataSpec) else eval_data
+        if espec.mean is None and espec.std is None:
+            espec = rdata.DataSpec.of(espec, mean=spec.mean, std=spec.std)
+        eval_x, eval_y, _ = _arrays(m, model, espec)
+        if eval_y is None:
+            raise InputError(f"--eval-data {espec.data}: no labels (key {espec.label_key!r}); give labelled data")
+    torch.set_num_threads(opts.threads or max(1, len(os.sched_getaffinity(0))))
+    module = ft.build_module(m, opts.insert_bn)
+    notes = []
+    t_logits = t_flipped = None
+    t_stats: dict = {}
+    teacher_seconds = 0.0
+    if teacher is not None:
+        t0 = time.perf_counter()
+        tm = load_model(teacher)
+        t_inputs = [v for v in tm.graph.inputs if v.name not in tm.graph.initializers]
+        if len(t_inputs) != 1:
+            raise InputError(f"the teacher {teacher} has {len(t_inputs)} inputs; it must take the student's input")
+        names = [ins.output for ins in module.inserted]
+        have = {v.name for n in tm.graph for v in n.outputs}
+        t_logits, t_flipped, t_stats = ft.teacher_outputs(
+            tm, x, 256, [n for n in names if n in have], opts.calibration, spec.provider, progress,
+            flip="flip" in opts.augment)
+        if t_logits.ndim != 2 or t_logits.shape[0] != len(x):
+            raise InputError(f"the teacher's first output has shape {list(t_logits.shape)}; it must be logits "
+                             f"(samples, classes)")
+        teacher_seconds = time.perf_counter() - t0
+    # (channels_last is faster for the convolutions of a CPU training step)
+    layout = torch.channels_last if x.ndim == 4 else torch.contiguous_format
+    xt = torch.from_numpy(x).contiguous(memory_format=layout)
+    module = module.to(memory_format=layout)
+    ext = None if eval_x is None else torch.from_numpy(eval_x).contiguous(memory_format=layout)
+    opts.labels = use_labels
+    rep = ft.train(module, xt, y, opts, teacher_logits=t_logits,
+                   teacher_flipped=t_flipped, teacher_stats=t_stats, eval_x=ext, eval_y=eval_y,
+                   progress=progress, start_time=start, start_cpu=start_cpu)
+    module.write_back(m)
+    m.metadata_props["onnxprune.finetune"] = json_dumps({
+        "onnxprune_version": __version__, "epochs": len(rep.history), "labels": use_labels,
+        "teacher": None if teacher is None else Path(teacher).name, "inserted_bn_folded": rep.inserted_bn})
+    saved = save_model(m, output, input_path=model, force=force, verify=check_runs if check else None)
+    after = None
+    if eval_x is not None:
+        sess = create_session(saved.path, "cpu").session
+        name = sess.get_inputs()[0].name
+        hits = sum(int((sess.run(None, {name: eval_x[i:i + 500]})[0].argmax(1) == eval_y[i:i + 500]).sum())
+                   for i in range(0, len(eval_x), 500))
+        after = 100.0 * hits / len(eval_x)
+    if rep.inserted_bn:
+        notes.append(f"{rep.inserted_bn} BatchNormalization layers were inserted after convolutions for training "
+                     f"({rep.teacher_matched} started from the teacher's statistics) and folded back on export")
+    if rep.masked_weights:
+        notes.append(f"{rep.masked_weights:,} zero weights were kept at zero")
+    return FinetuneResult(
+        path=saved.path, history=[r.to_dict() for r in rep.history], before_top1=rep.initial_eval_top1,
+        calibrated_top1=rep.calibrated_eval_top1, after_top1=after, inserted_bn=rep.inserted_bn,
+        graph_bn=rep.graph_bn, teacher_matched=rep.teacher_matched, masked_weights=rep.masked_weights,
+        labels=use_labels, teacher=None if teacher is None else str(teacher),
+        seconds=time.perf_counter() - start, teacher_seconds=teacher_seconds,
+        calibration_seconds=rep.calibration_seconds, options=dict(opts.__dict__), notes=notes + rep.notes)
+
+
+def json_dumps(obj) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+def _lift_float_constants(m: ir.Model) -> None:
+    """Weights held in Constant nodes (older exporters) become initializers, so they train."""
+    if any(n.op_type == "Constant" and "value" in n.attributes
+           and n.attributes["value"].value.dtype.is_floating_point() and n.attributes["value"].value.size > 1
+           for n in m.graph):
+        from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+        LiftConstantsToInitializersPass(size_limit=2)(m)
