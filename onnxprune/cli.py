@@ -536,7 +536,8 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
 @click.option("--epochs", type=int, default=None, help="Passes over the data [default: 10].")
 @click.option("--lr", type=float, default=0.01, show_default=True, help="Peak learning rate (SGD, cosine).")
 @click.option("--max-minutes", type=float, default=None,
-              help="Stop after this much training time; the cosine schedule is stretched to it.")
+              help="Stop after this many minutes (teacher cache and calibration included); the cosine "
+                   "schedule is stretched to it.")
 @click.option("--augment", default="flip", show_default=True,
               help="Comma list of flip, crop (pad 4, random 32x32), or none.")
 @click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature.")

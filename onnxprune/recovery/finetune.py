@@ -46,8 +46,8 @@ class EpochRecord:
     train_top1: float | None
     eval_top1: float | None
     lr: float
-    seconds: float  # wall time since the start of fine-tuning (teacher cache and calibration included)
-    cpu_seconds: float  # process CPU time since the start
+    seconds: float  # wall time since the start (teacher cache and calibration included, evaluations not)
+    cpu_seconds: float  # process CPU time since the start (evaluations not included)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -219,8 +219,21 @@ def train(module: OnnxModule, x: torch.Tensor, y: np.ndarray | None, opts: Finet
     if not use_labels and teacher_logits is None:
         raise InputError("nothing to learn from: give labels (--labels with labelled data) or --teacher ORIGINAL.onnx")
     evaluate = eval_x is not None and eval_y is not None
-    if evaluate:
-        rep.initial_eval_top1 = _accuracy(module, eval_x, eval_y)
+    spent = [0.0, 0.0]  # wall and CPU seconds spent on evaluations, kept off the clock
+
+    def measure() -> float | None:
+        if not evaluate:
+            return None
+        w, c = time.perf_counter(), time.process_time()
+        top1 = _accuracy(module, eval_x, eval_y)
+        spent[0] += time.perf_counter() - w
+        spent[1] += time.process_time() - c
+        return top1
+
+    def clock() -> float:
+        return time.perf_counter() - t0 - spent[0]
+
+    rep.initial_eval_top1 = measure()
     # 1. calibration
     c_start = time.perf_counter()
     calib = x[: opts.calibration]
@@ -229,8 +242,7 @@ def train(module: OnnxModule, x: torch.Tensor, y: np.ndarray | None, opts: Finet
     if opts.recalibrate and (rep.graph_bn or rep.teacher_matched):
         recalibrate(module, calib, 256)
     rep.calibration_seconds = time.perf_counter() - c_start
-    if evaluate:
-        rep.calibrated_eval_top1 = _accuracy(module, eval_x, eval_y)
+    rep.calibrated_eval_top1 = measure()
     if progress:
         progress("calibrated", 0, None, {"eval_top1": rep.calibrated_eval_top1})
     if opts.epochs == 0:
@@ -255,7 +267,7 @@ def train(module: OnnxModule, x: torch.Tensor, y: np.ndarray | None, opts: Finet
     steps_per_epoch = math.ceil(n / opts.batch_size)
     total_steps = steps_per_epoch * opts.epochs
     budget = None if opts.max_minutes is None else opts.max_minutes * 60.0
-    train_start = time.perf_counter()
+    train_start = clock()  # the budget counts from the start (teacher and calibration included)
     t_logits = None if teacher_logits is None else torch.from_numpy(teacher_logits)
     t_flipped = None if teacher_flipped is None else torch.from_numpy(teacher_flipped)
     flip = "flip" in opts.augment
@@ -271,7 +283,7 @@ def train(module: OnnxModule, x: torch.Tensor, y: np.ndarray | None, opts: Finet
         for b in range(steps_per_epoch):
             frac = step / total_steps
             if budget is not None:
-                frac = max(frac, (time.perf_counter() - train_start) / budget)
+                frac = max(frac, (clock() - train_start) / max(budget - train_start, 1e-9))
             if frac >= 1.0:
                 done = True
                 break
@@ -315,9 +327,9 @@ def train(module: OnnxModule, x: torch.Tensor, y: np.ndarray | None, opts: Finet
             if progress:
                 progress("train", step, total_steps, {"epoch": epoch, "loss": loss_sum / max(seen, 1), "lr": lr})
         if seen:
+            wall, cpu = clock(), time.process_time() - c0 - spent[1]
             record = EpochRecord(epoch, loss_sum / seen, 100.0 * hits / seen if y is not None else None,
-                                 _accuracy(module, eval_x, eval_y) if evaluate else None, lr,
-                                 time.perf_counter() - t0, time.process_time() - c0)
+                                 measure(), lr, wall, cpu)
             rep.history.append(record)
             if progress:
                 progress("epoch", epoch, opts.epochs, record.to_dict())

@@ -24,7 +24,8 @@ class FinetuneOptions:
     recalibrate: bool = True  # re-estimate BatchNorm statistics before training
     calibration: int = 2048  # samples for the statistics
     keep_zeros: bool = True  # zero weights of Conv/Gemm/MatMul stay zero (unstructured plans)
-    max_minutes: float | None = None  # wall-clock budget for training; the cosine schedule follows it
+    max_minutes: float | None = None  # wall-clock budget of the whole run (teacher cache, calibration, training;
+    # per-epoch evaluations excluded); the cosine schedule is stretched to it
     seed: int = 0
     threads: int | None = None
 
