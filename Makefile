@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export ONNXPRUNE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test example clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Fashion-MNIST end to end (README): train, remove half the FLOPs as channels, recover with finetune.
+FASHION := build/fashion
+example: setup
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y dataset-fashion-mnist
+	$(PY) -m models.fashion -o $(FASHION)
+	$(VENV)/bin/onnxprune allocate $(FASHION)/cnn.onnx --method uniform --granularity channel --budget flops \
+	    --target-sparsity 0.5 --round-to 8 -o $(FASHION)/plan.json
+	$(VENV)/bin/onnxprune apply $(FASHION)/cnn.onnx $(FASHION)/plan.json -o $(FASHION)/pruned.onnx --force
+	$(VENV)/bin/onnxprune eval $(FASHION)/pruned.onnx --data $(FASHION)/test.npz
+	$(VENV)/bin/onnxprune finetune $(FASHION)/pruned.onnx --data $(FASHION)/train.npz --teacher $(FASHION)/cnn.onnx \
+	    --epochs 2 --eval-data $(FASHION)/test.npz -o $(FASHION)/tuned.onnx --force
+	$(VENV)/bin/onnxprune eval $(FASHION)/tuned.onnx --data $(FASHION)/test.npz
 
 clean:
 	rm -rf build .pytest_cache

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 class PlainCNN(nn.Module):
     """VGG-style: conv-BN-ReLU stacks, max-pooling, Flatten -> Linear -> Linear."""
 
-    def __init__(self, width: int = 16, num_classes: int = 10):
+    def __init__(self, width: int = 16, num_classes: int = 10, image_size: int = 8):
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -25,7 +25,7 @@ class PlainCNN(nn.Module):
             nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 2 * 2, 64), nn.ReLU(), nn.Linear(64, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * (image_size // 4) ** 2, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

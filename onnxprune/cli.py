@@ -93,7 +93,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="onnxprune")
 def main():
-    """Prune ONNX models: inspect, score, allocate, apply, eval.
+    """Prune ONNX models: inspect, score, allocate, apply, eval, finetune.
 
     \b
     Example:

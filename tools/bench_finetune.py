@@ -25,9 +25,10 @@ Evaluations after each epoch are kept off the clocks. Writes the "Recovery" sect
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -110,8 +111,12 @@ def ours(model, minutes: float, **kw) -> dict:
     teacher = kw.pop("teacher", ROOT / "build" / "bench" / "resnet56.onnx")
     opts = FinetuneOptions(epochs=kw.pop("epochs", 1000), max_minutes=minutes, **kw)
     out = ROOT / "build" / "bench" / f"tuned_{Path_stem(model)}_{int(time.time())}.onnx"
+    def tick(phase, done, total, info):
+        if phase == "epoch":
+            print(f"  epoch {done}: {info['eval_top1']:.2f} % at {info['seconds'] / 60:.1f} min", flush=True)
+
     res = api.finetune(model, cifar_data("jpeg"), out, teacher=teacher, labels=labels, options=opts,
-                       eval_data=cifar_data("lossless"), offset=1017)
+                       eval_data=cifar_data("lossless"), offset=1017, progress=tick)
     curve = [(0, 0.0, 0.0, res.calibrated_top1)] + [
         (h["epoch"], h["seconds"], h["cpu_seconds"], h["eval_top1"]) for h in res.history]
     last = res.history[-1] if res.history else {"seconds": res.seconds, "cpu_seconds": 0.0}
@@ -150,10 +155,14 @@ def emit(head: list[str], rows: list, no_write: bool) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="sr10,long,channels,sparse")
+    parser.add_argument("--parts", default="sr10,kd,nobn,long,channels,sparse")
+    parser.add_argument("--kd-minutes", type=float, default=None,
+                        help="budget of the distillation-only run (default: the reference's time)")
     parser.add_argument("--ref-epochs", type=int, default=15)
     parser.add_argument("--long-minutes", type=float, default=30.0)
     parser.add_argument("--minutes", type=float, default=8.0, help="budget of the channel and sparse runs")
+    parser.add_argument("--ref-json", default=None,
+                        help="reuse the reference row measured earlier (written by a run to build/bench/reference.json)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -178,9 +187,16 @@ def main(argv=None) -> int:
              "BatchNorm calibration.", ""]
     rows = []
     if "sr10" in parts:
-        x, y, ex, ey = _data()
-        ref = torch_reference(args.ref_epochs, x, y, ex, ey)
-        del x, y, ex, ey
+        if args.ref_json:
+            ref = json.loads(Path(args.ref_json).read_text())
+            lines.append(f"The reference row was measured on {ref['date']} on this machine by an earlier run "
+                         f"(`--ref-json`), not in this process.\n")
+        else:
+            x, y, ex, ey = _data()
+            ref = torch_reference(args.ref_epochs, x, y, ex, ey)
+            del x, y, ex, ey
+            ref["date"] = today()
+            (folder / "reference.json").write_text(json.dumps(ref))
         budget = ref["minutes"]
         name = "SR-init 10 blocks removed"
         rows.append((name, f"plain PyTorch fine-tune, BN kept, {args.ref_epochs} epochs", ref))
@@ -188,10 +204,14 @@ def main(argv=None) -> int:
         emit(lines, rows, args.no_write)
         rows.append((name, "onnxprune finetune, labels + distillation, equal time", ours(sr10, budget)))
         emit(lines, rows, args.no_write)
-        rows.append((name, "onnxprune finetune, distillation only, equal time", ours(sr10, budget, labels=False)))
+    if "kd" in parts:
+        kd_minutes = args.kd_minutes or budget
+        rows.append(("SR-init 10 blocks removed", f"onnxprune finetune, distillation only, {kd_minutes:.1f} min",
+                     ours(sr10, kd_minutes, labels=False)))
         emit(lines, rows, args.no_write)
-        rows.append((name, "same graph without inserted BatchNorm (--insert-bn never), 3 min",
-                     ours(sr10, min(3.0, budget), insert_bn="never")))
+    if "nobn" in parts:
+        rows.append(("SR-init 10 blocks removed", "same graph without inserted BatchNorm (--insert-bn never), 3 min",
+                     ours(sr10, 3.0, insert_bn="never")))
         emit(lines, rows, args.no_write)
     if "long" in parts:
         rows.append(("SR-init 10 blocks removed", f"onnxprune finetune, labels + distillation, "

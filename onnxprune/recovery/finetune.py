@@ -146,9 +146,10 @@ def _accuracy(module: OnnxModule, x: torch.Tensor, y: np.ndarray, batch: int = 5
 
 def _bn_identity_init(module: OnnxModule, x: torch.Tensor, batch: int,
                       teacher_stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
-    """Inserted BatchNorms: running statistics = the student's own statistics at the Conv output, affine =
-    the identity of them, or the teacher's statistics where the teacher has the same tensor (same name and
-    channel count). Returns how many took the teacher's."""
+    """Inserted BatchNorms: each Conv's filters rescaled to unit output variance on ``x``; running statistics
+    = the student's own (rescaled) statistics at the Conv output; affine = the identity of them, or the
+    teacher's statistics where the teacher has the same tensor (same name and channel count). Returns how
+    many took the teacher's."""
     names = {ins.output: i for i, ins in enumerate(module.inserted)}
     with torch.no_grad():
         for i in range(len(module.inserted)):  # exact identity while measuring
@@ -174,6 +175,18 @@ def _bn_identity_init(module: OnnxModule, x: torch.Tensor, batch: int,
             s, sq, count = sums[name]
             mean_s = s / count
             var_s = torch.clamp(sq / count - mean_s * mean_s, min=0)
+            # Folded weights carry the old BatchNorm's scale gamma/sigma, which differs by orders of magnitude
+            # between channels; behind a BatchNorm that scale only sets how fast a filter learns (the
+            # effective learning rate goes as 1/|W|^2). Rescale every filter so that its output has unit
+            # variance on the data (the forward pass is unchanged: the BatchNorm's statistics scale along).
+            scale = torch.where(var_s > 1e-6, 1.0 / torch.sqrt(var_s.clamp(min=1e-12)), torch.ones_like(var_s))
+            ins = module.inserted[i]
+            w = module.tensor(ins.weight)
+            w.mul_(scale.float().reshape((-1,) + (1,) * (w.dim() - 1)))
+            if ins.bias is not None:
+                module.tensor(ins.bias).mul_(scale.float())
+            mean_0 = mean_s
+            mean_s, var_s = mean_s * scale, var_s * scale * scale
             mean, var = module.bn_stats(i)
             mean.copy_(mean_s.float())
             var.copy_(var_s.float())
@@ -182,9 +195,9 @@ def _bn_identity_init(module: OnnxModule, x: torch.Tensor, batch: int,
                 module.bn_weight[i].copy_(torch.from_numpy(np.sqrt(target[1] + BN_EPS)))
                 module.bn_bias[i].copy_(torch.from_numpy(target[0]))
                 matched += 1
-            else:
-                module.bn_weight[i].copy_(torch.sqrt(var_s + BN_EPS).float())
-                module.bn_bias[i].copy_(mean_s.float())
+            else:  # the identity: back to the Conv's original output
+                module.bn_weight[i].copy_((torch.sqrt(var_s + BN_EPS) / scale).float())
+                module.bn_bias[i].copy_(mean_0.float())
     return matched
 
 
