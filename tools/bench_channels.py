@@ -30,7 +30,7 @@ import onnxprune
 from models.paths import cifar_data
 from onnxprune import api
 from onnxprune.runtime.session import create_session
-from tools.benchlib import ROOT, machine, today, write_section
+from tools.benchlib import ROOT, bench_resnet56, machine, today, write_section
 
 
 def flops_of(path) -> int:
@@ -146,12 +146,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     folder = ROOT / "build" / "bench"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "resnet56.onnx"
-    if not path.exists():
-        from models.export import build, export_onnx
-
-        model, example, meta = build("resnet56")
-        export_onnx(model, example, path, metadata=meta)
+    path = bench_resnet56()
     dense = onnxprune.inspect(path)
     rows: dict[str, dict] = {"dense": {"path": path, "flops": dense.flops, "params": dense.params, "how": ""}}
     calib = {"data": cifar_data("jpeg"), "offset": 1017, "limit": args.calibration}

@@ -35,14 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import onnxprune
 from models.paths import cifar_data
 from onnxprune import FinetuneOptions, api
-from onnxprune.plan import Plan
 from onnxprune.runtime.data import Preprocess
-from tools.benchlib import ROOT, machine, today, write_section
+from tools.benchlib import REFERENCE_BLOCKS, ROOT, bench_resnet56, machine, reference_block_plan, today, write_section
 
-REFERENCE_BLOCKS = [1, 8, 17, 19, 21, 22, 23, 24, 25, 26]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DENSE_TOP1 = 92.72
 
@@ -108,7 +105,7 @@ def torch_reference(epochs: int, x, y, ex, ey) -> dict:
 
 def ours(model, minutes: float, **kw) -> dict:
     labels = kw.pop("labels", None)
-    teacher = kw.pop("teacher", ROOT / "build" / "bench" / "resnet56.onnx")
+    teacher = kw.pop("teacher", bench_resnet56())
     opts = FinetuneOptions(epochs=kw.pop("epochs", 1000), max_minutes=minutes, **kw)
     out = ROOT / "build" / "bench" / f"tuned_{Path_stem(model)}_{int(time.time())}.onnx"
     def tick(phase, done, total, info):
@@ -168,16 +165,8 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     folder = ROOT / "build" / "bench"
     folder.mkdir(parents=True, exist_ok=True)
-    dense = folder / "resnet56.onnx"
-    if not dense.exists():
-        from models.export import build, export_onnx
-
-        model, example, meta = build("resnet56")
-        export_onnx(model, example, dense, metadata=meta)
-    info = onnxprune.inspect(dense)
-    plan = Plan(method="reference", fingerprint=info.fingerprint, layers=[], totals={}, granularity="blocks",
-                blocks=[{"name": info.blocks[i].name, "layers": info.blocks[i].layers} for i in REFERENCE_BLOCKS])
-    sr10 = api.apply(dense, plan, folder / "resnet56_sr10.onnx", force=True).path
+    dense = bench_resnet56()
+    sr10 = api.apply(dense, reference_block_plan(dense), folder / "resnet56_sr10.onnx", force=True).path
     lines = [f"Command: `python -m tools.bench_finetune --parts {args.parts} --ref-epochs {args.ref_epochs}"
              f" --long-minutes {args.long_minutes:g} --minutes {args.minutes:g}`; {machine()}; torch "
              f"{torch.__version__}; {today()}.", "",

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnxprune import api
 from onnxprune.io import load_model, save_model
 from onnxprune.scoring import capacity
-from tools.benchlib import ROOT, machine, today, write_section
+from tools.benchlib import ROOT, bench_resnet56, machine, today, write_section
 
 LAYERS, SIDE = 16, 4096  # 16 x 4096 x 4096 float32 = 1 GiB
 
@@ -74,12 +74,7 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["## Capacity scoring speed (issue 3)", "",
              "Command: `python -m tools.bench_scoring`  ", f"Machine: {machine()}  ", f"Date: {today()}", ""]
-    r56 = folder / "resnet56.onnx"
-    if not r56.exists():
-        from models.export import build, export_onnx
-
-        model, example, meta = build("resnet56")
-        export_onnx(model, example, r56, metadata=meta)
+    r56 = bench_resnet56()
     lines += ["| model | metric | seconds (best of 3) |", "|---|---|---|"]
     for metric in capacity.METRICS:
         t = timed(lambda: api.score(r56, metric=metric))

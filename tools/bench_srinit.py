@@ -28,12 +28,10 @@ from models.resnet_cifar import CIFAR_MEAN, CIFAR_STD
 from onnxprune import api
 from onnxprune.analysis.graph import analyse_graph
 from onnxprune.analysis.layers import find_layers
-from onnxprune.plan import Plan
 from onnxprune.runtime.session import create_session
 from onnxprune.scoring.srinit import fresh_init
-from tools.benchlib import ROOT, machine, today, write_section
+from tools.benchlib import REFERENCE_BLOCKS, ROOT, bench_resnet56, machine, reference_block_plan, today, write_section
 
-REFERENCE_BLOCKS = [1, 8, 17, 19, 21, 22, 23, 24, 25, 26]
 
 
 def images(limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,12 +205,7 @@ def main(argv=None) -> int:
         print("\n".join(tlines))
         if args.transformers_only:
             return 0
-    path = folder / "resnet56.onnx"
-    if not path.exists():
-        from models.export import build, export_onnx
-
-        model, example, meta = build("resnet56")
-        export_onnx(model, example, path, metadata=meta)
+    path = bench_resnet56()
     x, y = images(args.limit)
     jpeg = cifar_data("jpeg")
     # onnxprune, the naive way and the reference PyTorch loop take turns, --repeat rounds: the machine is
@@ -278,10 +271,7 @@ def main(argv=None) -> int:
     lines.append(f"Blocks under the reference threshold 0.60 (a fraction of accuracy in the reference code, so 60 "
                  f"points here): {chosen}; reference: {REFERENCE_BLOCKS}; in both: "
                  f"{sorted(set(chosen) & set(REFERENCE_BLOCKS))}.")
-    info = onnxprune.inspect(path)
-    plan = Plan(method="reference", fingerprint=info.fingerprint, layers=[], totals={}, granularity="blocks",
-                blocks=[{"name": info.blocks[i].name, "layers": info.blocks[i].layers} for i in REFERENCE_BLOCKS])
-    out = api.apply(path, plan, folder / "resnet56_sr10.onnx", force=True)
+    out = api.apply(path, reference_block_plan(path), folder / "resnet56_sr10.onnx", force=True)
     acc = {k: onnxprune.eval(out.path, cifar_data(k), limit=args.full_limit).top1 for k in ("lossless", "jpeg")}
     lines.append(
         f"Reference 10 blocks removed (BN folded graph): parameters {out.totals['params_before']:,} -> "

@@ -56,3 +56,30 @@ def weight_sparsity(path: str | Path) -> float:
     zeros = sum(int(np.count_nonzero(get_weight(layer) == 0)) for layer in layers)
     total = sum(int(np.prod(layer.weight_shape)) for layer in layers)
     return zeros / total
+
+
+# The SR-init reference's 10 removed blocks of ResNet-56 (0-based, in graph order).
+REFERENCE_BLOCKS = [1, 8, 17, 19, 21, 22, 23, 24, 25, 26]
+
+
+def bench_resnet56() -> Path:
+    """build/bench/resnet56.onnx, the pretrained ResNet-56 exported once (BN folded, preprocessing in metadata)."""
+    folder = ROOT / "build" / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "resnet56.onnx"
+    if not path.exists():
+        from models.export import build, export_onnx
+
+        model, example, meta = build("resnet56")
+        export_onnx(model, example, path, metadata=meta)
+    return path
+
+
+def reference_block_plan(path: str | Path):
+    """A plan removing the reference's 10 blocks from the ResNet-56 at ``path``."""
+    import onnxprune
+    from onnxprune.plan import Plan
+
+    info = onnxprune.inspect(path)
+    return Plan(method="reference", fingerprint=info.fingerprint, layers=[], totals={}, granularity="blocks",
+                blocks=[{"name": info.blocks[i].name, "layers": info.blocks[i].layers} for i in REFERENCE_BLOCKS])
