@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from models.small import PlainCNN
+from models.small import PlainCNN, fit
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -54,20 +53,7 @@ def train(epochs: int = 2, width: int = 16, seed: int = 0) -> tuple[PlainCNN, fl
     xtr, ytr = load_split("train")
     xte, yte = load_split("test")
     model = PlainCNN(width=width, image_size=28)
-    xt, yt = torch.from_numpy(xtr).float() / 255.0, torch.from_numpy(ytr)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(xt), generator=gen).split(128):
-            opt.zero_grad()
-            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(torch.from_numpy(xte[i:i + 1000]).float() / 255.0).argmax(1)
-                          for i in range(0, len(xte), 1000)]).numpy()
-    return model, float((pred == yte).mean() * 100)
+    return model, fit(model, xtr, ytr, xte, yte, epochs=epochs, lr=2e-3, batch_size=128, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -1051,7 +1052,6 @@ def finetune(
         import torch
 
         from onnxprune.recovery import finetune as ft
-        from onnxprune.recovery.convert import OnnxModule  # noqa: F401 - fails early without torch
     except ImportError as exc:
         raise InputError(f"finetune needs torch ({exc}); install it with: pip install 'onnxprune[torch]'") from exc
     opts = options or ft.FinetuneOptions()
@@ -1059,7 +1059,6 @@ def finetune(
     start, start_cpu = time.perf_counter(), time.process_time()
     check_output_path(Path(output), input_path=model, force=force)
     spec = rdata.DataSpec.of(data, **data_options)
-    spec = rdata.DataSpec.of(spec, batch_size=max(spec.batch_size, 1))
     m = load_model(model)
     _lift_float_constants(m)
     if opts.epochs == 0 and teacher is None and not any(n.op_type == "BatchNormalization" for n in m.graph):
@@ -1075,9 +1074,9 @@ def finetune(
     if ("flip" in opts.augment or "crop" in opts.augment) and x.ndim != 4:
         raise InputError(f"--augment flip/crop needs image inputs (N, C, H, W), the model takes rank {x.ndim}; "
                          "use --augment none")
-    eval_x = eval_y = None
+    eval_x = eval_y = espec = None
     if eval_data is not None:
-        espec = rdata.DataSpec.of(eval_data) if not isinstance(eval_data, rdata.DataSpec) else eval_data
+        espec = rdata.DataSpec.of(eval_data)
         if espec.mean is None and espec.std is None:
             espec = rdata.DataSpec.of(espec, mean=spec.mean, std=spec.std)
         eval_x, eval_y, _ = _arrays(m, model, espec)
@@ -1114,17 +1113,12 @@ def finetune(
                    teacher_flipped=t_flipped, teacher_stats=t_stats, eval_x=ext, eval_y=eval_y,
                    progress=progress, start_time=start, start_cpu=start_cpu)
     module.write_back(m)
-    m.metadata_props["onnxprune.finetune"] = json_dumps({
+    m.metadata_props["onnxprune.finetune"] = json.dumps({
         "onnxprune_version": __version__, "epochs": len(rep.history), "labels": use_labels,
-        "teacher": None if teacher is None else Path(teacher).name, "inserted_bn_folded": rep.inserted_bn})
+        "teacher": None if teacher is None else Path(teacher).name, "inserted_bn_folded": rep.inserted_bn},
+        sort_keys=True)
     saved = save_model(m, output, input_path=model, force=force, verify=check_runs if check else None)
-    after = None
-    if eval_x is not None:
-        sess = create_session(saved.path, "cpu").session
-        name = sess.get_inputs()[0].name
-        hits = sum(int((sess.run(None, {name: eval_x[i:i + 500]})[0].argmax(1) == eval_y[i:i + 500]).sum())
-                   for i in range(0, len(eval_x), 500))
-        after = 100.0 * hits / len(eval_x)
+    after = None if espec is None else evaluate(saved.path, espec).top1
     if rep.inserted_bn:
         notes.append(f"{rep.inserted_bn} BatchNormalization layers were inserted after convolutions for training "
                      f"({rep.teacher_matched} started from the teacher's statistics) and folded back on export")
@@ -1137,12 +1131,6 @@ def finetune(
         labels=use_labels, teacher=None if teacher is None else str(teacher),
         seconds=time.perf_counter() - start, teacher_seconds=teacher_seconds,
         calibration_seconds=rep.calibration_seconds, options=dict(opts.__dict__), notes=notes + rep.notes)
-
-
-def json_dumps(obj) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True)
 
 
 def _lift_float_constants(m: ir.Model) -> None:

@@ -424,10 +424,6 @@ OPS: dict[str, Callable] = {
 # both handled by _axes; Slice/Pad/Clip/Split/Squeeze/Unsqueeze likewise.
 
 
-def supported_ops() -> list[str]:
-    return sorted(OPS)
-
-
 class OnnxModule(nn.Module):
     """The ONNX graph of ``model`` as a torch module: ``forward(*inputs)`` returns the graph outputs (a
     tensor when there is one). Float initializers with more than one element are parameters (BatchNorm

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from onnxprune.errors import InputError
 from onnxprune.recovery.convert import BN_EPS, OnnxModule
-from onnxprune.recovery.options import AUGMENTATIONS, FinetuneOptions  # noqa: F401 - re-exported
+from onnxprune.recovery.options import FinetuneOptions
 from onnxprune.runtime.session import create_session
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -87,6 +87,26 @@ def _crop(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+class ChannelMoments:
+    """Per-channel (axis 1) mean and variance of a tensor, accumulated over batches in float64."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | float = 0.0
+        self.sum_sq: np.ndarray | float = 0.0
+        self.count = 0
+
+    def add(self, t: np.ndarray) -> None:
+        axes = (0,) + tuple(range(2, t.ndim))
+        t64 = t.astype(np.float64)
+        self.sum = self.sum + t64.sum(axes)
+        self.sum_sq = self.sum_sq + (t64 * t64).sum(axes)
+        self.count += t.size // t.shape[1]
+
+    def mean_var(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.sum / self.count
+        return mean, np.maximum(self.sum_sq / self.count - mean * mean, 0)
+
+
 def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_size: int, names: list[str],
                     stats_samples: int, provider: str = "cpu", progress: Progress | None = None,
                     flip: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -99,7 +119,7 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
     output = proto.graph.output[0].name
     plain = create_session(proto.SerializeToString(), provider).session
     stats_sess = create_session(_with_outputs(proto, names).SerializeToString(), provider).session if names else None
-    sums: dict[str, list] = {}
+    moments = {name: ChannelMoments() for name in names}
     n = len(x)
     logits, flipped = [], []
     total = n * (2 if flip else 1)
@@ -110,12 +130,7 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
             outs = stats_sess.run([output] + names, {stats_sess.get_inputs()[0].name: xb})
             logits.append(outs[0])
             for name, t in zip(names, outs[1:], strict=True):
-                axes = (0,) + tuple(range(2, t.ndim))
-                t64 = t.astype(np.float64)
-                acc = sums.setdefault(name, [0.0, 0.0, 0])
-                acc[0] = acc[0] + t64.sum(axes)
-                acc[1] = acc[1] + (t64 * t64).sum(axes)
-                acc[2] += t.size // t.shape[1]
+                moments[name].add(t)
         else:
             logits.append(plain.run([output], {plain.get_inputs()[0].name: xb})[0])
         done += len(xb)
@@ -126,10 +141,7 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
             done += len(xb)
             if progress:
                 progress("teacher", done, total, {})
-    stats = {}
-    for name, (s, sq, count) in sums.items():
-        mean = s / count
-        stats[name] = (mean.astype(np.float32), np.maximum(sq / count - mean * mean, 0).astype(np.float32))
+    stats = {name: tuple(v.astype(np.float32) for v in mom.mean_var()) for name, mom in moments.items() if mom.count}
     return (np.concatenate(logits).astype(np.float32), np.concatenate(flipped).astype(np.float32) if flip else None,
             stats)
 
@@ -159,22 +171,15 @@ def _bn_identity_init(module: OnnxModule, x: torch.Tensor, batch: int,
             module.bn_weight[i].fill_(1.0)
             module.bn_bias[i].zero_()
         module.eval()
-        sums: dict[str, list] = {}
+        moments = {name: ChannelMoments() for name in names}
         for start in range(0, len(x), batch):
             captured: dict = {}
             module(x[start:start + batch], capture=set(names), captured=captured)
             for name, t in captured.items():
-                t = t.double()
-                axes = (0,) + tuple(range(2, t.dim()))
-                acc = sums.setdefault(name, [0.0, 0.0, 0])
-                acc[0] = acc[0] + t.sum(axes)
-                acc[1] = acc[1] + (t * t).sum(axes)
-                acc[2] += t.numel() // t.shape[1]
+                moments[name].add(t.numpy())
         matched = 0
         for name, i in names.items():
-            s, sq, count = sums[name]
-            mean_s = s / count
-            var_s = torch.clamp(sq / count - mean_s * mean_s, min=0)
+            mean_s, var_s = (torch.from_numpy(v) for v in moments[name].mean_var())
             # Folded weights carry the old BatchNorm's scale gamma/sigma, which differs by orders of magnitude
             # between channels; behind a BatchNorm that scale only sets how fast a filter learns (the
             # effective learning rate goes as 1/|W|^2). Rescale every filter so that its output has unit
@@ -271,7 +276,7 @@ def train(module: OnnxModule, x: torch.Tensor, y: np.ndarray | None, opts: Finet
                     masks.append((p, (~zero).float()))
                     rep.masked_weights += int(zero.sum())
     decay, no_decay = [], []
-    for name, p in module.named_parameters():
+    for p in module.parameters():
         (no_decay if p.dim() <= 1 else decay).append(p)
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": opts.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, momentum=opts.momentum,
