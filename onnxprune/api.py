@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -364,10 +365,11 @@ def _score_compactness(model, spec: rdata.DataSpec, tolerance: float, progress) 
                       "importance": max(1.0 - c, 0.01), "criterion": results[layer.name]["criterion"]})
     samples = sum(len(next(iter(f.values()))) for f, _ in batches)
     return Scores(method="compactness", fingerprint=fingerprint(m), units=units, metric="compactness",
-                  options={"tolerance": tolerance, "samples": samples, "offset": spec.offset, "reference": base,
-                           "seconds": round(time.perf_counter() - t0, 3), "provider": used_provider,
+                  options={"tolerance": tolerance, "samples": samples, "data": spec.record(), "reference": base,
+                           "provider": used_provider,
                            "definition": "highest sparsity of this layer alone whose drop stays within the "
-                                         "tolerance; importance = 1 - compactness (at least 0.01)"})
+                                         "tolerance; importance = 1 - compactness (at least 0.01)"},
+                  timing={"seconds": round(time.perf_counter() - t0, 3)})
 
 
 def _score_srinit(model, spec: rdata.DataSpec, units: str, metric: str, seed: int, seeds: int, max_memory: int | None,
@@ -403,20 +405,21 @@ def _score_srinit(model, spec: rdata.DataSpec, units: str, metric: str, seed: in
     seconds = time.perf_counter() - t0
     passes = base.pop("passes")
     out = []
+    unit_seconds = {}
     for name, _, _ in unit_defs:
         r = results[name]
-        unit_seconds = r.pop("seconds")
+        unit_seconds[name] = r.pop("seconds")
         extra = {"drop_seed_std": r[f"{metric}_seed_std"]} if seeds > 1 else {}
         out.append({**entries[name], "drop": r[metric], "drop_se": r[f"{metric}_se"], **extra, "metrics": r,
-                    "importance": r[metric], "seconds": unit_seconds})
+                    "importance": r[metric]})
     top = max((abs(u["importance"]) for u in out), default=0.0)
     for u in out:
         u["importance"] = u["importance"] / top if top > 0 else 1.0
-    return Scores(method="srinit", fingerprint=fingerprint(m), units=out, metric=metric, unit_kind=units,
-                  options={"seed": seed, "seeds": seeds, "samples": base["samples"], "offset": spec.offset,
-                           "reference": base, "seconds": round(seconds, 3), "provider": used_provider,
-                           "passes": passes, "max_memory": max_memory,
-                           "init": "Kaiming normal (fan_in, ReLU gain), zero bias, fresh BatchNorm"})
+    return Scores(method="srinit", fingerprint=fingerprint(m), units=out, metric=metric, unit_kind=units, seed=seed,
+                  options={"seed": seed, "seeds": seeds, "samples": base["samples"], "data": spec.record(),
+                           "reference": base, "provider": used_provider, "passes": passes, "max_memory": max_memory,
+                           "init": "Kaiming normal (fan_in, ReLU gain), zero bias, fresh BatchNorm"},
+                  timing={"seconds": round(seconds, 3), "units": unit_seconds})
 
 
 def _score_sensitivity(model, metric: str, spec: rdata.DataSpec, grid, at, progress) -> Scores:
@@ -450,9 +453,10 @@ def _score_sensitivity(model, metric: str, spec: rdata.DataSpec, grid, at, progr
         u["importance"] = u["mean_drop"] / top if top > 0 else 1.0
     samples = sum(len(next(iter(f.values()))) for f, _ in batches)
     return Scores(method="sensitivity", fingerprint=fingerprint(m), units=units, metric=metric,
-                  options={"grid": list(grid), "samples": samples, "offset": spec.offset, "seconds": round(seconds, 3),
-                           "provider": used_provider, "reference": base, "at": at_sparsities,
-                           "definition": "output drop of the model with only this layer magnitude-pruned"})
+                  options={"grid": list(grid), "samples": samples, "data": spec.record(), "provider": used_provider,
+                           "reference": base, "at": at_sparsities,
+                           "definition": "output drop of the model with only this layer magnitude-pruned"},
+                  timing={"seconds": round(seconds, 3)})
 
 
 DEFAULT_CAPACITY_METRIC = "stable_rank"  # the best capacity metric of the allocation benchmark
@@ -534,7 +538,7 @@ def allocate(
         raise InputError(f"--method {method} needs --scores scores.json (from onnxprune score)")
     importance, curves = {}, {}
     if sc is not None:
-        check_fingerprint(sc.fingerprint, fp, "scores", force)
+        check_fingerprint(sc.fingerprint, fp, "scores file", force)
         importance = {name: u.get("importance") for name, u in sc.by_name().items()}
         if method == "sensitivity":
             if sc.method != "sensitivity":
@@ -593,9 +597,9 @@ def allocate(
     options = {"min_sparsity": min_sparsity, "max_sparsity": max_sparsity, "keep_dense": list(keep_dense),
                **({"scores_method": sc.method, "scores_metric": sc.metric} if sc else {})}
     if search_log is not None:
-        options["search"] = {**search_log.__dict__, "seed": seed, "calibration_offset": spec.offset,
-                             "limit": spec.limit}
-    return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget, options=options)
+        options["search"] = {**search_log.__dict__, "seed": seed, "data": spec.record()}
+    return Plan(method=method, fingerprint=fp, layers=plan_layers, totals=totals, budget=budget, options=options,
+                seed=seed if search_log is not None else None)
 
 
 def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, budget: str, criterion: str,
@@ -694,7 +698,7 @@ def _allocate_blocks(model, scores, threshold, remove, target_params, force) -> 
     sc = _scores_arg(scores)
     if sc is None or sc.method != "srinit" or sc.unit_kind != "blocks":
         raise InputError("--method srinit needs --scores from onnxprune score --method srinit (--units blocks)")
-    check_fingerprint(sc.fingerprint, fp, "scores", force)
+    check_fingerprint(sc.fingerprint, fp, "scores file", force)
     info = _inspect(m, fp)
     blocks = {b.name: b for b in info.blocks}
     candidates = sorted(
@@ -756,6 +760,13 @@ def _model_bytes(path: Path) -> int:
     total = path.stat().st_size
     locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
     return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
+def _data_path(data) -> str | os.PathLike | None:
+    """The .npz path of a data argument (a path or a DataSpec), for the never-overwrite-an-input check."""
+    if isinstance(data, rdata.DataSpec):
+        return data.data
+    return data
 
 
 def check_runs(path: Path) -> None:
@@ -822,6 +833,8 @@ def apply(
     if not 0 < n < mm:
         raise InputError(f"--nm must be N:M with 0 < N < M, got {n}:{mm}")
     check_output_path(Path(output), input_path=model, force=force)
+    check_output_path(Path(output), input_path=[None if isinstance(plan, Plan) else plan, _data_path(data)],
+                      forceable=False)
     m = load_model(model)
     fp = fingerprint(m)
     check_fingerprint(pl.fingerprint, fp, "plan", force)
@@ -881,6 +894,8 @@ def apply(
     if before is not None:
         achieved.update(block_totals)
     weight_values = {by_name[name].weight for name in planned if rep.zeros.get(name)}
+    _record_apply(m, pl, fp, {"granularity": granularity, "nm": f"{n}:{mm}" if granularity == "n:m" else None,
+                              "store": store})
     saved = save_model(m, output, external_data=external_data, input_path=model, force=force,
                        sparse=weight_values if store == "sparse" else None, verify=check_runs if check else None)
     per_layer = [{"name": name, "planned_sparsity": planned[name], "sparsity": rep.zeros[name] / sizes[name],
@@ -951,6 +966,8 @@ def _apply_channels(m: ir.Model, fp: str, pl: Plan, model, output, criterion: st
         totals["refit"] = {"layers": len(refit.refit), "samples": refit.samples, "skipped": refit.skipped,
                            "mean_error_before": float(np.mean(list(refit.error_before.values()) or [0.0])),
                            "mean_error_after": float(np.mean(list(refit.error_after.values()) or [0.0]))}
+    _record_apply(m, pl, fp, {"granularity": "channel", "criterion": criterion, "round_to": round_to,
+                              "refit_data": None if spec is None else spec.record()})
     saved = save_model(m, output, external_data=external_data, input_path=model, force=force,
                        verify=check_runs if check else None)
     per_layer = [{"name": name, "planned_sparsity": planned.get(name, 0.0), "channels": out_before[name],
@@ -961,6 +978,24 @@ def _apply_channels(m: ir.Model, fp: str, pl: Plan, model, output, criterion: st
     return ApplyResult(path=saved.path, layers=per_layer, totals=totals, input_bytes=_model_bytes(Path(model)),
                        output_bytes=saved.size_bytes, sparse_initializers=[], skipped=skipped,
                        checked=_check_description(check, False))
+
+
+APPLY_METADATA = "onnxprune.apply"
+
+
+def _record_apply(m: ir.Model, pl: Plan, input_fp: str, options: dict) -> None:
+    """What made this model, in its metadata (no time stamps: the same inputs give the same bytes)."""
+    record = {"onnxprune_version": __version__, "input_fingerprint": input_fp, "options": options,
+              "plan": {"method": pl.method, "seed": pl.seed, "budget": pl.budget, "granularity": pl.granularity,
+                       "layers": len(pl.layers), "blocks": [b["name"] for b in pl.blocks],
+                       "sha256": hashlib.sha256(json.dumps(pl.to_dict(), sort_keys=True).encode()).hexdigest()[:32]}}
+    previous = m.metadata_props.get(APPLY_METADATA)
+    if previous:  # pruned before: keep the history
+        try:
+            record["previous"] = json.loads(previous)
+        except json.JSONDecodeError:
+            record["previous"] = previous
+    m.metadata_props[APPLY_METADATA] = json.dumps(record, sort_keys=True)
 
 
 def _check_description(check: bool, sparse: bool) -> str:
@@ -1057,9 +1092,11 @@ def finetune(
     opts = options or ft.FinetuneOptions()
     opts.check()
     start, start_cpu = time.perf_counter(), time.process_time()
-    check_output_path(Path(output), input_path=model, force=force)
     spec = rdata.DataSpec.of(data, **data_options)
+    check_output_path(Path(output), input_path=model, force=force)
+    check_output_path(Path(output), input_path=[teacher, spec.data, _data_path(eval_data)], forceable=False)
     m = load_model(model)
+    input_fp = fingerprint(m)
     _lift_float_constants(m)
     if opts.epochs == 0 and teacher is None and not any(n.op_type == "BatchNormalization" for n in m.graph):
         raise InputError(f"{model} has no BatchNormalization (folded into the convolutions), so recalibration "
@@ -1114,8 +1151,10 @@ def finetune(
                    progress=progress, start_time=start, start_cpu=start_cpu)
     module.write_back(m)
     m.metadata_props["onnxprune.finetune"] = json.dumps({
-        "onnxprune_version": __version__, "epochs": len(rep.history), "labels": use_labels,
-        "teacher": None if teacher is None else Path(teacher).name, "inserted_bn_folded": rep.inserted_bn},
+        "onnxprune_version": __version__, "epochs": len(rep.history), "labels": use_labels, "seed": opts.seed,
+        "teacher": None if teacher is None else Path(teacher).name, "inserted_bn_folded": rep.inserted_bn,
+        "input_fingerprint": input_fp, "data": spec.record(),
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.__dict__.items()}},
         sort_keys=True)
     saved = save_model(m, output, input_path=model, force=force, verify=check_runs if check else None)
     after = None if espec is None else evaluate(saved.path, espec).top1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -62,10 +63,23 @@ def common_options(fn):
     return wrapper
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a pipeline's timeout, a container stopping) unwinds like Ctrl-C, so atomic writes clean up."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 class _Group(click.Group):
     """Turns errors into one line and an exit code."""
 
     def invoke(self, ctx):
+        _state.update(debug=False, quiet=False)
+        try:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (embedded use): leave signals alone
+            pass
         try:
             return super().invoke(ctx)
         except OnnxpruneError as exc:
@@ -78,6 +92,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             err.print("interrupted")
             sys.exit(130)
+        except _Terminated:
+            err.print("terminated")
+            sys.exit(143)
         except Exception as exc:  # noqa: BLE001 - the one place internal errors become a clean line
             if _state["debug"]:
                 raise
@@ -300,7 +317,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
       onnxprune score build/resnet56.onnx --method compactness --tolerance 1.0 --data ... -o compactness.json
       onnxprune score build/resnet56.onnx --method srinit --data cifar10_test_jpeg_q75.npz --offset 1017 -o sr.json
     """
-    check_output_path(Path(output))
+    check_output_path(Path(output), input_path=[model, at_plan, data_spec.data], forceable=False)
     memory = parse_size(max_memory, "max-memory")
     with _progress() as progress:
         task = progress.add_task(f"scoring ({method})", total=None)
@@ -311,7 +328,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
         )
     write_json(scores.to_dict(), output)
     if as_json:
-        _emit_json(scores.to_dict())
+        _emit_json({**scores.to_dict(), "timing": scores.timing})
         return
     table = Table(title=f"{scores.method} scores ({scores.metric}) of {model}", title_justify="left")
     if scores.method == "srinit":
@@ -324,7 +341,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
         for i, u in enumerate(scores.units):
             row = [str(i), escape(u["name"]), _fmt_int(u["params"]), f"{u['drop']:.3f}", f"{u['drop_se']:.3f}"]
             row += [f"{u['drop_seed_std']:.3f}"] if several else []
-            table.add_row(*row, f"{u['seconds']:.1f}", "" if "removable" not in u else
+            table.add_row(*row, f"{scores.timing['units'][u['name']]:.1f}", "" if "removable" not in u else
                           ("yes" if u["removable"] and u.get("skip") == "identity" else "no"))
     else:
         value_col = f"mean {scores.metric} drop" if scores.method == "sensitivity" else scores.metric
@@ -339,7 +356,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
         ref = scores.options["reference"]
         out.print(f"{scores.options['samples']:,} samples, reference "
                   + (f"top-1 {ref['top1']:.2f} %, " if "top1" in ref else "")
-                  + f"{scores.options['seconds']:.1f} s on {scores.options['provider']}")
+                  + f"{scores.timing['seconds']:.1f} s on {scores.options['provider']}")
     out.print(f"wrote {escape(output)}")
 
 
@@ -389,7 +406,7 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
       onnxprune allocate build/resnet56.onnx --method uniform --granularity channel --budget flops \\
           --target-sparsity 0.5 --round-to 8 -o channels.json
     """
-    check_output_path(Path(output))
+    check_output_path(Path(output), input_path=[model, scores_path, data_spec.data], forceable=False)
     with _progress() as progress:
         task = progress.add_task(f"allocating ({method})", total=None)
         plan = api.allocate(

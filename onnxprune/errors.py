@@ -14,3 +14,9 @@ class OnnxpruneError(Exception):
 
 class InputError(OnnxpruneError):
     """Bad input (model, data, plan, path, option): exit code 2."""
+
+
+class WriteError(OnnxpruneError):
+    """Writing the output failed (disk full, I/O error): nothing was written. Exit code 1."""
+
+    exit_code = 1

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -20,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, WriteError
 
 # Above this size a model cannot be a single protobuf file.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -40,7 +42,8 @@ def load_model(path: str | os.PathLike, check: bool = True) -> ir.Model:
     if p.is_dir():
         raise InputError(f"{p} is a directory, not an .onnx file; give the path of the model file")
     try:
-        model = ir.load(p)
+        with _quiet("onnx_ir"):  # its warnings about invalid graphs precede the checker's clearer error
+            model = ir.load(p)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various things
         raise InputError(
             f"cannot read {p} as an ONNX model ({type(exc).__name__}: {_short(exc)}); "
@@ -61,6 +64,17 @@ def load_model(path: str | os.PathLike, check: bool = True) -> ir.Model:
             "convert it with onnx.version_converter first"
         )
     return model
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
@@ -132,7 +146,7 @@ def save_model(
         raise InputError("sparse storage needs an inline model (under 2 GB, no --external-data)")
     if not model.ir_version:
         model.ir_version = DEFAULT_IR_VERSION
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=out.parent))
+    tmpdir = make_temp(out, folder=True)
     converted: list[str] = []
     try:
         tmp_file = tmpdir / out.name
@@ -152,13 +166,34 @@ def save_model(
             size += (tmpdir / data_name).stat().st_size
             os.replace(tmpdir / data_name, out.parent / data_name)
         os.replace(tmp_file, out)
+    except OSError as exc:
+        raise WriteError(f"cannot write {out} ({exc.strerror or exc}); nothing was written: free some space or "
+                         "choose another -o path") from exc
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return SavedModel(out, out.parent / data_name if data_name else None, size, converted)
 
 
-def check_output_path(out: Path, *, input_path: str | os.PathLike | None = None, force: bool = False) -> None:
-    """Refuse output paths that cannot be written or would overwrite the input."""
+def make_temp(out: Path, folder: bool = False, suffix: str = "") -> Path:
+    """A temporary folder or file beside ``out`` (same file system, so the final rename is atomic)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        if folder:
+            return Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=parent))
+        fd, name = tempfile.mkstemp(prefix=".onnxprune-", suffix=suffix, dir=parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as exc:
+        raise InputError(f"cannot write to output folder {parent} ({exc.strerror or exc}); choose another -o path"
+                         ) from exc
+
+
+def check_output_path(out: Path, *, input_path=None, force: bool = False, forceable: bool = True) -> None:
+    """Refuse output paths that cannot be written or would overwrite an input.
+
+    ``input_path``: one path or several (model, scores, plan, data); ``force`` allows overwriting them where
+    ``forceable`` (a pruned model may replace its input; a JSON artefact never replaces a model or data).
+    """
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"output folder {parent} does not exist; create it or choose another -o path")
@@ -166,8 +201,13 @@ def check_output_path(out: Path, *, input_path: str | os.PathLike | None = None,
         raise InputError(f"output folder {parent} is not writable; choose another -o path")
     if out.is_dir():
         raise InputError(f"output path {out} is a directory; give a file name such as {out / 'model.onnx'}")
-    if input_path is not None and out.exists() and os.path.samefile(out, input_path) and not force:
-        raise InputError(f"output {out} is the input model; choose another -o path or pass --force")
+    make_temp(out).unlink()  # the real test (root passes os.access; read-only and special file systems do not)
+    inputs = [input_path] if isinstance(input_path, str | os.PathLike) else list(input_path or [])
+    for given in inputs:
+        if given is not None and out.exists() and Path(given).exists() and os.path.samefile(out, given) \
+                and not (force and forceable):
+            raise InputError(f"output {out} is the input {given}; choose another -o path"
+                             + (" or pass --force" if forceable else ""))
 
 
 def fingerprint(model: ir.Model) -> str:

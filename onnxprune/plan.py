@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from onnxprune import __version__
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, WriteError
 
 SCORES_SCHEMA = "onnxprune.scores/1"
 PLAN_SCHEMA = "onnxprune.plan/1"
@@ -30,6 +29,10 @@ class Scores:
     metric: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     unit_kind: str = "layers"  # layers | blocks
+    seed: int | None = None  # the first seed of a random method, None for deterministic ones
+    # Wall times: reported by the CLI (and its --json), never written to scores.json, which is byte-identical
+    # for the same model, data, options and seed.
+    timing: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         return {
@@ -38,6 +41,7 @@ class Scores:
             "method": self.method,
             "metric": self.metric,
             "unit_kind": self.unit_kind,
+            "seed": self.seed,
             "model_fingerprint": self.fingerprint,
             "options": self.options,
             "units": self.units,
@@ -50,7 +54,8 @@ class Scores:
         if not isinstance(units, list) or not all(isinstance(u, dict) and "name" in u for u in units):
             raise InputError(f"{source}: 'units' must be a list of objects with a 'name'; re-run onnxprune score")
         return cls(method=str(d.get("method")), fingerprint=str(d.get("model_fingerprint")), units=units,
-                   metric=d.get("metric"), options=d.get("options") or {}, unit_kind=d.get("unit_kind", "layers"))
+                   metric=d.get("metric"), options=d.get("options") or {}, unit_kind=d.get("unit_kind", "layers"),
+                   seed=d.get("seed"))
 
     def by_name(self) -> dict[str, dict]:
         return {u["name"]: u for u in self.units}
@@ -68,12 +73,14 @@ class Plan:
     granularity: str = "unstructured"
     blocks: list[dict[str, Any]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # search's seed; None for the deterministic methods
 
     def to_dict(self) -> dict:
         return {
             "schema": PLAN_SCHEMA,
             "onnxprune_version": __version__,
             "method": self.method,
+            "seed": self.seed,
             "budget": self.budget,
             "granularity": self.granularity,
             "model_fingerprint": self.fingerprint,
@@ -101,7 +108,7 @@ class Plan:
         return cls(method=str(d.get("method")), fingerprint=str(d.get("model_fingerprint")), layers=layers,
                    totals=d.get("totals") or {}, budget=d.get("budget", "params"),
                    granularity=d.get("granularity", "unstructured"), blocks=d.get("blocks") or [],
-                   options=d.get("options") or {})
+                   options=d.get("options") or {}, seed=d.get("seed"))
 
     def sparsities(self) -> dict[str, float]:
         return {entry["name"]: float(entry["sparsity"]) for entry in self.layers}
@@ -135,20 +142,33 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
     """Atomic write (temporary file in the same folder, then rename); keys in a stable order."""
+    from onnxprune.io import make_temp
+
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"output folder {parent} does not exist; create it or choose another -o path")
-    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".json", dir=parent)
+    if p.is_dir():
+        raise InputError(f"output path {p} is a directory; give a file name such as {p / 'plan.json'}")
+    tmp = make_temp(p, suffix=".json")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
+        text = json.dumps(obj, indent=2) + "\n"
+        try:
+            tmp.write_text(text)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            os.replace(tmp, p)
+        except OSError as exc:
+            raise WriteError(f"cannot write {p} ({exc.strerror or exc}); nothing was written") from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return p
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_fingerprint(artefact_fp: str, model_fp: str, what: str, force: bool) -> None:

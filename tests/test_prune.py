@@ -302,7 +302,7 @@ def test_scores_for_another_model_refused(export, r56, capacity_scores, tmp_path
     path = write_json(capacity_scores.to_dict(), tmp_path / "s.json")
     proc = run_cli("allocate", export("resnet56", keep_bn=True), "--scores", path, "--target-sparsity", "0.5",
                    "-o", tmp_path / "p.json", rc=2)
-    assert "scores was made for another model" in proc.stderr
+    assert "scores file was made for another model" in proc.stderr
     assert not (tmp_path / "p.json").exists()
 
 

@@ -6,7 +6,9 @@ user code runs: the function yields batches as dicts {input name: array}, option
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import zipfile
@@ -61,6 +63,16 @@ class DataSpec:
         if unknown:
             raise TypeError(f"unknown data option(s): {', '.join(sorted(unknown))}")
         return cls(data=data, **options)
+
+    def record(self) -> dict:
+        """What an artefact records about its data: file name and content hash, and how it was fed."""
+        source = self.data if self.data is not None else (self.loader or "").partition(":")[0] or None
+        rec = {"data": Path(self.data).name if self.data is not None else None, "loader": self.loader,
+               "sha256": file_sha256(source) if source and Path(source).is_file() else None,
+               "input_key": self.input_key, "label_key": self.label_key,
+               "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
+               "offset": self.offset, "limit": self.limit, "batch_size": self.batch_size}
+        return rec
 
     @property
     def given(self) -> bool:
@@ -162,7 +174,28 @@ def load_npz(path: str | os.PathLike, input_key: str = "x", label_key: str | Non
         raise InputError(
             f"{p}: {len(y)} labels ({label_key!r}) for {len(x)} inputs ({input_key!r}); they must match"
         )
+    if y is not None and not _class_indices(y):
+        raise InputError(
+            f"{p}: labels ({label_key!r}) of dtype {y.dtype} and shape {list(y.shape)} are not class indices; "
+            "give one whole number per input, or point --label-key at another array"
+        )
     return x, y
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:32]
+
+
+def _class_indices(y: np.ndarray) -> bool:
+    if y.ndim != 1:
+        return False
+    if np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_):
+        return True
+    return bool(np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)))
 
 
 def check_array(arr: np.ndarray, spec: InputSpec, source: str) -> None:
@@ -182,7 +215,8 @@ def check_array(arr: np.ndarray, spec: InputSpec, source: str) -> None:
     if dtype is None:
         raise InputError(f"model input {spec.name!r} has type {spec.type}, which onnxprune cannot feed")
     ok = arr.dtype == dtype or (
-        np.issubdtype(dtype, np.floating) and (np.issubdtype(arr.dtype, np.number))
+        np.issubdtype(dtype, np.floating) and np.issubdtype(arr.dtype, np.number)
+        and not np.issubdtype(arr.dtype, np.complexfloating)
     ) or (np.issubdtype(dtype, np.integer) and np.issubdtype(arr.dtype, np.integer))
     if not ok:
         raise InputError(f"{source}: dtype {arr.dtype} cannot feed model input {spec.name!r} ({spec.type})")
@@ -214,11 +248,44 @@ def load_loader_script(spec_text: str) -> Iterable[dict]:
     if module_spec is None or module_spec.loader is None:
         raise InputError(f"cannot import {p} as a Python module; give a .py file")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    with _user_code(p, "while importing it"):
+        module_spec.loader.exec_module(module)
     fn = getattr(module, func, None)
     if not callable(fn):
         raise InputError(f"{p} has no function {func!r}; name it with {path}:FUNCTION")
-    return fn()
+    with _user_code(p, f"in {func}()"):
+        batches = fn()
+    return _guarded(batches, p)
+
+
+@contextlib.contextmanager
+def _user_code(path: Path, where: str):
+    """An exception inside the user's loader script is bad input (exit 2), named as such, not an internal error."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything the user's code raises
+        msg = " ".join(str(exc).split())[:200]
+        raise InputError(f"data loader script {path} failed {where}: {type(exc).__name__}: {msg}; fix the script "
+                         "(run with --debug for its traceback)") from exc
+
+
+def _guarded(batches, path: Path) -> Iterator[dict]:
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise InputError(f"{path}: the loader returned a {type(batches).__name__}; return or yield dicts of "
+                         "input name -> array") from None
+    i = 0
+    while True:
+        with _user_code(path, f"producing batch {i}"):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        yield batch
+        i += 1
 
 
 def script_batches(
@@ -242,6 +309,8 @@ def script_batches(
         n = len(next(iter(feeds.values())))
         if labels is not None and len(labels) != n:
             raise InputError(f"data loader batch {i}: {len(labels)} labels for {n} inputs; they must match")
+        if labels is not None and not _class_indices(np.asarray(labels)):
+            raise InputError(f"data loader batch {i}: labels are not class indices; give one whole number per input")
         if limit is not None and seen + n > limit:
             keep = limit - seen
             feeds = {k: v[:keep] for k, v in feeds.items()}
