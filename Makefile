@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export ONNXPRUNE_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test example clean
+.PHONY: setup demo test fuzz example clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Nightly-style: the random-graph pipeline tests with many more examples (CI runs 200), shrinking failures.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	ONNXPRUNE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ONNXPRUNE_FUZZ_SHRINK=1 $(PY) -m pytest -q -s tests/test_fuzz.py
 
 # Fashion-MNIST end to end (README): train, remove half the FLOPs as channels, recover with finetune.
 FASHION := build/fashion

@@ -74,6 +74,13 @@ def _weights(units: Sequence[Unit], budget: str) -> np.ndarray:
     raise InputError(f"unknown budget {budget!r}; use params or flops")
 
 
+def _weight_share(units: Sequence[Unit], budget: str) -> np.ndarray:
+    """The budget fraction one zeroed weight of each layer removes."""
+    total = _weights(units, budget)
+    n = np.array([max(u.n, 1) for u in units], np.float64)
+    return total / total.sum() / n
+
+
 def _bisect(fn: Callable[[float], np.ndarray], weights: np.ndarray, target: float, lo: float, hi: float,
             log: bool = False, iters: int = 100) -> np.ndarray:
     total = float(weights.sum())
@@ -216,8 +223,28 @@ def _check_request(units: Sequence[Unit], target: float) -> None:
         raise InputError("the model has no prunable layers to allocate sparsity to")
 
 
+def _round_counts(units: Sequence[Unit], s: np.ndarray, target: float, budget: str) -> np.ndarray:
+    """Whole zero counts from continuous sparsities: each layer gets floor or ceil of s * n (largest fractional
+    parts first, within its bounds) so that the budget total comes as close to the target as whole weights
+    allow. Plain rounding per layer misses the target by up to half a weight per layer (small models)."""
+    n = np.array([u.n for u in units], np.float64)
+    raw = np.clip(np.asarray(s, np.float64), 0.0, 1.0) * n
+    zeros = np.floor(raw + 1e-9)
+    cap = np.floor(np.array([u.hi for u in units]) * n + 1e-9)
+    w = _weight_share(units, budget)
+    deficit = target - float(np.dot(w, zeros))
+    for i in np.argsort(-(raw - zeros), kind="stable"):
+        if deficit <= 0:
+            break
+        if raw[i] > zeros[i] and zeros[i] < cap[i] and deficit >= w[i] / 2:
+            zeros[i] += 1
+            deficit -= w[i]
+    return zeros.astype(np.int64)
+
+
 def _finish(units: Sequence[Unit], s: np.ndarray, method: str, target: float, budget: str) -> Allocation:
-    zeros = {u.name: int(round(float(si) * u.n)) for u, si in zip(units, s, strict=True)}
+    counts = _round_counts(units, s, target, budget)
+    zeros = {u.name: int(c) for u, c in zip(units, counts, strict=True)}
     fracs = {u.name: zeros[u.name] / u.n if u.n else 0.0 for u in units}
     n = np.array([u.n for u in units], np.float64)
     f = np.array([u.flops for u in units], np.float64)
@@ -225,7 +252,8 @@ def _finish(units: Sequence[Unit], s: np.ndarray, method: str, target: float, bu
     total_params = float(np.dot(n, sv) / n.sum())
     total_flops = float(np.dot(f, sv) / f.sum()) if f.sum() > 0 else float("nan")
     achieved = total_params if budget == "params" else total_flops
-    if abs(achieved - target) > TOLERANCE:
+    # within 0.1 %, or within one weight where a single weight is a bigger step than that (small models)
+    if abs(achieved - target) > max(TOLERANCE, float(_weight_share(units, budget).max(initial=0.0))):
         raise InputError(
             f"{method} could not meet the target {target:g} (reached {achieved:.4f}): many equal weights or "
             "tight bounds; try another method or relax the bounds"

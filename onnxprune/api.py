@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -602,6 +603,9 @@ def allocate(
                 seed=seed if search_log is not None else None)
 
 
+CHANNEL_TOLERANCE = 0.01  # a channel plan may miss its target by this much (channels are discrete)
+
+
 def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, budget: str, criterion: str,
                        round_to: int, coupled: str, options: dict) -> Plan:
     from onnxprune import allocation
@@ -630,22 +634,40 @@ def _allocate_channels(m: ir.Model, fp: str, units, method: str, target: float, 
         return (flops if budget == "flops" else params) / total, ratios, remove, choices, params, flops
 
     def achieved(t: float):
-        result = allocation.allocate(units, method, t, "params") if t > 0 else None
+        try:
+            result = allocation.allocate(units, method, t, "params") if t > 0 else None
+        except InputError:  # this method cannot reach t under its bounds: too high, search lower
+            return None
         return outcome(result.sparsities if result else {})
 
     lo, hi = 0.0, max(u.hi for u in units) if units else 0.0
     best = achieved(0.0)
+    over = None  # the smallest outcome above the target (channels come in steps: the target may sit between two)
     for _ in range(40):
         mid = (lo + hi) / 2
         cur = achieved(mid)
+        if cur is None:
+            hi = mid
+            continue
         if abs(cur[0] - target) < abs(best[0] - target):
             best = cur
         if cur[0] < target:
             lo = mid
         else:
             hi = mid
+            if over is None or cur[0] < over[0]:
+                over = cur
         if hi - lo < 1e-5:
             break
+    if abs(best[0] - target) > CHANNEL_TOLERANCE:
+        if over is None:
+            blocked_groups = sum(not g["prunable"] for g in cg.groups())
+            raise InputError(
+                f"removing channels with {method} reaches at most {best[0]:.3f} of the {budget} of this model "
+                f"(target {target:g}; {blocked_groups} channel group(s) cannot shrink, see onnxprune inspect); "
+                "lower --target-sparsity or prune unstructured"
+            )
+        best = over  # the next whole-channel step past the target
     if round_to > 1:  # the continuous allocation, then counts rounded so that the target is still met
         ratios = best[1]
         best = outcome(ratios, rounded_counts(cg, ratios, round_to,
@@ -782,7 +804,7 @@ def check_runs(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=full)
     except Exception as exc:
         raise RuntimeError(f"the pruned model fails onnx.checker: {exc}") from exc
-    sess = create_session(path, "cpu").session
+    sess = create_session(path, "cpu", prepack=False).session
     feeds = {}
     rng = np.random.default_rng(0)
     for spec in sess.get_inputs():
@@ -1108,6 +1130,9 @@ def finetune(
                          "give labelled data or distil with --teacher ORIGINAL.onnx --no-labels")
     if not use_labels and teacher is None:
         raise InputError("nothing to learn from: the data has no labels and no --teacher ORIGINAL.onnx is given")
+    if "auto" in opts.augment:
+        opts = dataclasses.replace(opts, augment=tuple(a for a in opts.augment if a != "auto")
+                                   + (("flip",) if x.ndim == 4 and "flip" not in opts.augment else ()))
     if ("flip" in opts.augment or "crop" in opts.augment) and x.ndim != 4:
         raise InputError(f"--augment flip/crop needs image inputs (N, C, H, W), the model takes rank {x.ndim}; "
                          "use --augment none")

@@ -555,8 +555,9 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
 @click.option("--max-minutes", type=float, default=None,
               help="Stop after this many minutes (teacher cache and calibration included); the cosine "
                    "schedule is stretched to it.")
-@click.option("--augment", default="flip", show_default=True,
-              help="Comma list of flip, crop (pad 4, random crop back to the input size), or none.")
+@click.option("--augment", default="auto", show_default=True,
+              help="Comma list of flip, crop (pad 4, random crop back to the input size), or none; auto is "
+                   "flip for image inputs (N, C, H, W) and none otherwise.")
 @click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature.")
 @click.option("--label-weight", type=float, default=0.5, show_default=True,
               help="With labels and a teacher: weight of the cross-entropy (the distillation gets the rest).")

@@ -102,6 +102,22 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                     )
 
 
+def has_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor)
+               for g in model.graphs() for v in g.initializers.values())
+
+
+def release_mapped(model: ir.Model) -> None:
+    """Unmap the model's external tensors (they map again if read later)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                try:
+                    value.const_value.release()
+                except BufferError:  # an array still views the map: it stays
+                    pass
+
+
 def model_nbytes(model: ir.Model) -> int:
     """Bytes held by the model's initializers (what decides whether external data is needed)."""
     total = 0
@@ -132,18 +148,22 @@ def save_model(
 ) -> SavedModel:
     """Save ``model`` to ``path`` atomically.
 
-    ``external_data``: True writes weights to ``<name>.data`` beside the file; None decides by size
-    (external above 2 GB). ``input_path``: the file the model came from, never overwritten unless ``force``.
+    ``external_data``: True writes weights to ``<name>.data`` beside the file; None: external when the model's
+    weights already are (a model loaded with external data) or above 2 GB; False: everything inline. ``input_path``: the file the model came from, never overwritten unless ``force``.
     ``sparse``: initializer names to store as sparse initializers where that is smaller (inline models only).
     ``verify(tmp_path)`` runs on the written file before it is moved into place; if it raises, nothing is
     written.
     """
     out = Path(path)
     check_output_path(out, input_path=input_path, force=force)
-    if external_data is None:
-        external_data = model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20
+    if external_data is None:  # like the input (external data stays external), and always above 2 GB
+        external_data = has_external_data(model) or model_nbytes(model) > PROTOBUF_LIMIT - 64 * 2**20
     if sparse and external_data:
         raise InputError("sparse storage needs an inline model (under 2 GB, no --external-data)")
+    if not external_data and has_external_data(model):
+        # an inline file must carry the bytes: otherwise the tensors would keep pointing at the input's
+        # data file, relative to the new location
+        ir.external_data.load_to_model(model)
     if not model.ir_version:
         model.ir_version = DEFAULT_IR_VERSION
     tmpdir = make_temp(out, folder=True)
@@ -160,6 +180,7 @@ def save_model(
         else:
             ir.save(model, tmp_file, external_data=data_name)
         if verify is not None:
+            release_mapped(model)  # the input's pages leave memory before the check maps the output
             verify(tmp_file)
         size = tmp_file.stat().st_size
         if data_name is not None:

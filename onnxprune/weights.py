@@ -30,13 +30,14 @@ def get_weight(layer: Layer) -> np.ndarray:
     return constant_array(layer.node.inputs[layer.weight_input])
 
 
-def set_weight(layer: Layer, array: np.ndarray) -> None:
-    """Replace the layer's weight (same shape and dtype)."""
+def set_weight(layer: Layer, array: np.ndarray | ir.LazyTensor) -> None:
+    """Replace the layer's weight (same shape and dtype): an array, or a tensor computed when written."""
     src = _source(layer)
+    tensor = array if isinstance(array, ir.LazyTensor) else ir.tensor(array, name=src.name)
     if isinstance(src, ir.Value):
-        src.const_value = ir.tensor(array, name=src.name)
+        src.const_value = tensor
     else:
-        src.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
+        src.attributes["value"] = ir.AttrTensor("value", tensor)
 
 
 def out_in_axes(layer: Layer) -> tuple[int, int]:

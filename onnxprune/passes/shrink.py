@@ -154,15 +154,29 @@ def _kept(cg: ChannelGraph, elems: list[int], remove: set[int]) -> list[int]:
     return [i for i, e in enumerate(elems) if cg.find(e) not in remove]
 
 
-def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray | ir.LazyTensor) -> ir.Value:
     name, k = f"{base}_shrunk", 0
     while name in graph.initializers:
         k += 1
         name = f"{base}_shrunk{k}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+    if isinstance(array, ir.LazyTensor):
+        tensor, dtype = array, array.dtype
+        tensor.name = name
+    else:
+        tensor, dtype = ir.tensor(array, name=name), ir.DataType.from_numpy(array.dtype)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def _lazy_take(source: ir.ExternalTensor, cut: dict[int, list[int]], shape: tuple[int, ...]) -> ir.LazyTensor:
+    def compute() -> ir.Tensor:
+        new = source.numpy()
+        for axis, keep in cut.items():
+            new = np.take(new, keep, axis=axis)
+        return ir.tensor(np.ascontiguousarray(new))
+
+    return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape))
 
 
 def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
@@ -193,15 +207,24 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
     layers_by_node = {layer.node: layer for layer in cg.layers.values()}
     for node, axes in weight_keep.items():
         layer = layers_by_node[node]
+        src = node.inputs[layer.weight_input]
         w = np.asarray(get_weight(layer))
-        new = w
-        for axis, keep in axes.items():
-            if len(keep) != w.shape[axis]:
+        cut = {axis: keep for axis, keep in axes.items() if len(keep) != w.shape[axis]}
+        if not cut:
+            continue
+        if isinstance(src.const_value, ir.ExternalTensor):
+            # memory-mapped (big models): the kept slices are taken while the model is written, a layer at a time
+            shape = list(w.shape)
+            for axis, keep in cut.items():
+                shape[axis] = len(keep)
+            new = _lazy_take(src.const_value, cut, tuple(shape))
+        else:
+            new = w
+            for axis, keep in cut.items():
                 new = np.take(new, keep, axis=axis)
-        if new is not w:
-            src = node.inputs[layer.weight_input]
-            node.replace_input_with(layer.weight_input, _new_initializer(graph, src.name, np.ascontiguousarray(new)))
-            done += 1
+            new = np.ascontiguousarray(new)
+        node.replace_input_with(layer.weight_input, _new_initializer(graph, src.name, new))
+        done += 1
     _forget_shapes(graph)
     return done
 

@@ -76,17 +76,32 @@ class SparsifyPass(ir.passes.InPlacePass):
             if self.targets[layer.name] <= 0:
                 self.report.zeros[layer.name] = 0
                 continue
-            if self.nm is None:
-                mask = magnitude_mask(w, self.targets[layer.name])
+            in_axis = out_in_axes(layer)[1]
+            if self.nm is not None and w.shape[in_axis] % self.nm[1]:
+                self.report.skipped[layer.name] = f"input dimension {w.shape[in_axis]} is not a multiple of {self.nm[1]}"
+                self.report.zeros[layer.name] = 0
+                continue
+            mask_of = (lambda a, k=self.targets[layer.name]: magnitude_mask(a, k)) if self.nm is None else \
+                (lambda a, ax=in_axis: nm_mask(a, *self.nm, ax))
+            source = layer.node.inputs[layer.weight_input].const_value
+            if isinstance(source, ir.ExternalTensor):
+                # memory-mapped weights (big models): computed while the model is written, one layer at a
+                # time, so the pruned model never sits in memory beside the mapped original
+                set_weight(layer, _lazy_masked(source, mask_of))
+                n, m = self.nm or (0, 1)
+                self.report.zeros[layer.name] = self.targets[layer.name] if self.nm is None else w.size // m * (m - n)
             else:
-                mask = nm_mask(w, *self.nm, out_in_axes(layer)[1])
-                if mask is None:
-                    self.report.skipped[layer.name] = (
-                        f"input dimension {w.shape[out_in_axes(layer)[1]]} is not a multiple of {self.nm[1]}"
-                    )
-                    self.report.zeros[layer.name] = 0
-                    continue
-            set_weight(layer, np.where(mask, w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False))
-            self.report.zeros[layer.name] = int(mask.size - np.count_nonzero(mask))
+                mask = mask_of(w)
+                set_weight(layer, np.where(mask, w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False))
+                self.report.zeros[layer.name] = int(mask.size - np.count_nonzero(mask))
             modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _lazy_masked(source: ir.ExternalTensor, mask_of) -> ir.LazyTensor:
+    def compute() -> ir.Tensor:
+        w = source.numpy()
+        return ir.tensor(np.where(mask_of(w), w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False),
+                         name=source.name)
+
+    return ir.LazyTensor(compute, dtype=source.dtype, shape=source.shape, name=source.name)

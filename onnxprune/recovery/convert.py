@@ -600,7 +600,8 @@ class OnnxModule(nn.Module):
             if value is None:
                 continue
             dtype = self._dtype_of.get(name, arr.dtype)
-            value.const_value = ir.tensor(np.ascontiguousarray(arr.astype(dtype, copy=False)), name=name)
+            # np.ascontiguousarray would turn a scalar into shape (1,), which the checker then rejects
+            value.const_value = ir.tensor(np.array(arr, dtype=dtype, order="C"), name=name)
             written += 1
         for ins in self.inserted:
             name = ins.weight + ".bias_folded"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from onnxprune.errors import InputError
 
-AUGMENTATIONS = ("flip", "crop")
+AUGMENTATIONS = ("auto", "flip", "crop")  # auto: flip for image inputs (N, C, H, W), nothing otherwise
 
 
 @dataclass
@@ -16,7 +16,7 @@ class FinetuneOptions:
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augment: tuple[str, ...] = ("flip",)
+    augment: tuple[str, ...] = ("auto",)
     labels: bool = True  # use the labels (cross-entropy)
     temperature: float = 4.0
     label_weight: float = 0.5  # weight of the cross-entropy when distilling too (the KL term gets 1 - it)

@@ -214,7 +214,7 @@ class PartialEvaluator:
         if self.inject == "inputs":
             return Bound(suffix, suffix.session, self.output_names, feeds=dict(weights))
         names = list(suffix.unit.weights)
-        arrays = [np.ascontiguousarray(weights[n]) for n in names]
+        arrays = [np.require(weights[n], requirements="C") for n in names]
         values = [_ort().OrtValue.ortvalue_from_numpy(a) for a in arrays]
         session = create_session(suffix.model, self.provider, self.threads, spin=False,
                                  external=dict(zip(names, values, strict=True)))

@@ -28,9 +28,12 @@ class Session:
         return self.session.run(outputs, feeds)
 
 
-def _options(threads: int | None = None, external: dict | None = None, spin: bool = True) -> ort.SessionOptions:
+def _options(threads: int | None = None, external: dict | None = None, spin: bool = True,
+             prepack: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not prepack:  # weights stay where they are (memory-mapped external data) instead of a packed copy
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     if not spin:
@@ -43,12 +46,13 @@ def _options(threads: int | None = None, external: dict | None = None, spin: boo
 
 
 def create_session(model: str | os.PathLike | bytes, provider: str = "auto", threads: int | None = None,
-                   external: dict | None = None, spin: bool = True) -> Session:
+                   external: dict | None = None, spin: bool = True, prepack: bool = True) -> Session:
     """A session on ``provider`` (auto | cpu | cuda) for a model path or serialized model bytes.
 
     ``external`` maps initializer names to ``OrtValue``s that supply the bytes of initializers stored as
     external data (used to inject weights without serialising a model; the caller keeps them alive).
     ``spin=False`` stops idle worker threads from spinning: for many sessions run one after another.
+    ``prepack=False`` keeps ONNX Runtime from copying weights into packed buffers (a one-off check run).
 
     ``auto`` uses the CUDA execution provider when onnxruntime-gpu is installed and a GPU answers, and
     otherwise the CPU with a notice. ``cuda`` fails with a clear error when CUDA is not usable.
@@ -61,7 +65,7 @@ def create_session(model: str | os.PathLike | bytes, provider: str = "auto", thr
     if provider in ("auto", "cuda"):
         if _CUDA in available:
             try:
-                sess = ort.InferenceSession(src, _options(threads, external, spin), providers=[_CUDA, _CPU])
+                sess = ort.InferenceSession(src, _options(threads, external, spin, prepack), providers=[_CUDA, _CPU])
                 if _CUDA in sess.get_providers():
                     return Session(sess, "cuda")
                 why = "no usable GPU"
@@ -73,7 +77,7 @@ def create_session(model: str | os.PathLike | bytes, provider: str = "auto", thr
             raise InputError(f"--provider cuda is not usable: {why}; use --provider cpu or auto")
         notice = f"running on CPU: {why}"
     try:
-        sess = ort.InferenceSession(src, _options(threads, external, spin), providers=[_CPU])
+        sess = ort.InferenceSession(src, _options(threads, external, spin, prepack), providers=[_CPU])
     except Exception as exc:
         raise InputError(
             f"ONNX Runtime cannot load the model: {' '.join(str(exc).split())[:300]}"

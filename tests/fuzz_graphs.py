@@ -1,0 +1,194 @@
+"""Hypothesis strategies for valid ONNX graphs built from the operators onnxprune supports.
+
+Two families, random in structure, widths, operator variants and opset:
+- vision: Conv (plain, grouped, depthwise, 1x1/3x3, with or without bias), BatchNormalization, Relu or Gelu
+  (the opset-20 operator or its Erf decomposition), residual Add or Sum (identity or projection skip), Concat,
+  MaxPool / AveragePool, then GlobalAveragePool or Flatten or Reshape into Gemm or MatMul + Add;
+- sequence: MatMul (+ Add bias) projections, attention (Reshape/Transpose heads, MatMul, Softmax),
+  LayerNormalization (pre- or post-norm), MLP with Gelu or Relu, residual Add, then ReduceMean or Flatten
+  into Gemm.
+Weights are drawn at He scale so activations stay of order one (1e-4 tolerances are round-off, not scale).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.graphs import make_model, tensor
+
+CLASSES = 5
+
+
+class _Builder:
+    def __init__(self, seed: int, opset: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.rng = np.random.default_rng(seed)
+        self.opset = opset
+        self.k = 0
+
+    def name(self, prefix: str) -> str:
+        self.k += 1
+        return f"{prefix}{self.k}"
+
+    def const(self, prefix: str, arr: np.ndarray) -> str:
+        n = self.name(prefix)
+        self.inits.append(numpy_helper.from_array(arr, n))
+        return n
+
+    def weight(self, prefix: str, shape, fan_in: int) -> str:
+        return self.const(prefix, (self.rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32))
+
+    def node(self, op: str, inputs, **attrs) -> str:
+        y = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, list(inputs), [y], name=y, **attrs))
+        return y
+
+    def act(self, x: str, kind: str) -> str:
+        if kind == "relu":
+            return self.node("Relu", [x])
+        if self.opset >= 20:
+            return self.node("Gelu", [x])
+        # Gelu as exporters before opset 20 write it: x * 0.5 * (1 + erf(x / sqrt(2)))
+        s2 = self.const("sqrt2", np.array(np.sqrt(2.0), np.float32))
+        one = self.const("one", np.array(1.0, np.float32))
+        half = self.const("half", np.array(0.5, np.float32))
+        e = self.node("Erf", [self.node("Div", [x, s2])])
+        return self.node("Mul", [self.node("Mul", [x, self.node("Add", [e, one])]), half])
+
+    def conv(self, x: str, cin: int, cout: int, group: int = 1, ksize: int = 3, bias: bool = True) -> str:
+        w = self.weight("w", (cout, cin // group, ksize, ksize), cin // group * ksize * ksize)
+        ins = [x, w] + ([self.const("b", (0.1 * self.rng.standard_normal(cout)).astype(np.float32))] if bias else [])
+        return self.node("Conv", ins, pads=[ksize // 2] * 4, group=group, kernel_shape=[ksize, ksize])
+
+    def bn(self, x: str, c: int) -> str:
+        r = self.rng
+        parts = [r.uniform(0.5, 1.5, c), r.normal(0, 0.1, c), r.normal(0, 0.1, c), r.uniform(0.5, 1.5, c)]
+        return self.node("BatchNormalization", [x, *(self.const(p, a.astype(np.float32))
+                                                     for p, a in zip(("s", "sh", "m", "v"), parts, strict=True))])
+
+    def linear(self, x: str, din: int, dout: int, bias: bool = True) -> str:
+        y = self.node("MatMul", [x, self.weight("w", (din, dout), din)])
+        if bias:
+            y = self.node("Add", [y, self.const("b", (0.1 * self.rng.standard_normal(dout)).astype(np.float32))])
+        return y
+
+    def layernorm(self, x: str, d: int) -> str:
+        scale = self.const("g", self.rng.uniform(0.5, 1.5, d).astype(np.float32))
+        shift = self.const("beta", self.rng.normal(0, 0.1, d).astype(np.float32))
+        return self.node("LayerNormalization", [x, scale, shift], axis=-1)
+
+    def join(self, a: str, b: str, op: str) -> str:
+        return self.node(op, [a, b])
+
+    def model(self, inputs, outputs) -> onnx.ModelProto:
+        last = self.nodes[-1]
+        last.output[0] = "logits"
+        return make_model(self.nodes, inputs, outputs, self.inits, opset=self.opset)
+
+
+@st.composite
+def vision_graphs(draw) -> onnx.ModelProto:
+    b = _Builder(draw(st.integers(0, 2**16)), draw(st.sampled_from([13, 17, 20])))
+    act = draw(st.sampled_from(["relu", "gelu"]))
+    side = 8
+    c = 2 * draw(st.integers(2, 5))
+    x = b.act(b.conv("input", 3, c, bias=draw(st.booleans())), act)
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["plain", "bn", "residual", "projection", "depthwise", "grouped", "concat",
+                                     "pool"]))
+        if kind == "plain":
+            c2 = 2 * draw(st.integers(1, 5))
+            x, c = b.act(b.conv(x, c, c2, ksize=draw(st.sampled_from([1, 3])), bias=draw(st.booleans())), act), c2
+        elif kind == "bn":
+            x = b.act(b.bn(b.conv(x, c, c, bias=False), c), act)
+        elif kind in ("residual", "projection"):
+            c2 = c if kind == "residual" else 2 * draw(st.integers(1, 5))
+            y = b.conv(b.act(b.conv(x, c, c), act), c, c2)
+            if draw(st.booleans()):
+                y = b.bn(y, c2)
+            skip = x if kind == "residual" else b.conv(x, c, c2, ksize=1, bias=False)
+            x, c = b.act(b.join(skip, y, draw(st.sampled_from(["Add", "Sum"]))), act), c2
+        elif kind == "depthwise":
+            x = b.act(b.conv(x, c, c, group=c), act)
+        elif kind == "grouped":
+            x = b.act(b.conv(x, c, c, group=2), act)
+        elif kind == "concat":
+            c2 = 2 * draw(st.integers(1, 3))
+            parts = [b.act(b.conv(x, c, c2), act), b.act(b.conv(x, c, c2, ksize=1), act), x]
+            x, c = b.node("Concat", parts, axis=1), 2 * c2 + c
+        elif side >= 4:
+            op = draw(st.sampled_from(["MaxPool", "AveragePool"]))
+            x, side = b.node(op, [x], kernel_shape=[2, 2], strides=[2, 2]), side // 2
+    head = draw(st.sampled_from(["gap-gemm", "flatten-gemm", "reshape-matmul"]))
+    if head == "gap-gemm":
+        x, features = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), c
+    elif head == "flatten-gemm":
+        x, features = b.node("Flatten", [x], axis=1), c * side * side
+    else:
+        x = b.node("Reshape", [x, b.const("shape", np.array([0, -1], np.int64))])
+        features = c * side * side
+    if head == "reshape-matmul":
+        b.linear(x, features, CLASSES)
+    else:
+        trans_b = draw(st.booleans())
+        shape = (CLASSES, features) if trans_b else (features, CLASSES)
+        b.node("Gemm", [x, b.weight("fc", shape, features), b.const("fcb", np.zeros(CLASSES, np.float32))],
+               transB=int(trans_b))
+    return b.model([tensor("input", "N", 3, 8, 8)], [tensor("logits", "N", CLASSES)])
+
+
+@st.composite
+def sequence_graphs(draw) -> onnx.ModelProto:
+    b = _Builder(draw(st.integers(0, 2**16)), draw(st.sampled_from([17, 20])))
+    act = draw(st.sampled_from(["relu", "gelu"]))
+    tokens, heads = 4, draw(st.sampled_from([1, 2]))
+    d = heads * 2 * draw(st.integers(2, 4))
+    x = b.linear("input", 8, d)  # token embedding from 8 input features
+    pre_norm = draw(st.booleans())
+    for _ in range(draw(st.integers(1, 2))):
+        for part in draw(st.permutations(["attention", "mlp"])):
+            h = b.layernorm(x, d) if pre_norm else x
+            if part == "attention":
+                dh = d // heads
+
+                def split(v):
+                    v = b.node("Reshape", [v, b.const("heads", np.array([0, tokens, heads, dh], np.int64))])
+                    return b.node("Transpose", [v], perm=[0, 2, 1, 3])
+
+                q, k, v = (split(b.linear(h, d, d, bias=draw(st.booleans()))) for _ in range(3))
+                kt = b.node("Transpose", [k], perm=[0, 1, 3, 2])
+                att = b.node("Mul", [b.node("MatMul", [q, kt]), b.const("scale", np.array(dh**-0.5, np.float32))])
+                ctx = b.node("MatMul", [b.node("Softmax", [att], axis=-1), v])
+                ctx = b.node("Transpose", [ctx], perm=[0, 2, 1, 3])
+                ctx = b.node("Reshape", [ctx, b.const("merge", np.array([0, tokens, d], np.int64))])
+                y = b.linear(ctx, d, d)
+            else:
+                f = 2 * d * draw(st.integers(1, 2))
+                y = b.linear(b.act(b.linear(h, d, f), act), f, d)
+            x = b.join(x, y, "Add")
+            if not pre_norm:
+                x = b.layernorm(x, d)
+    if draw(st.booleans()):
+        if b.opset >= 18:
+            x = b.node("ReduceMean", [x, b.const("axes", np.array([1], np.int64))], keepdims=0)
+        else:
+            x = b.node("ReduceMean", [x], axes=[1], keepdims=0)
+        features = d
+    else:
+        x, features = b.node("Flatten", [x], axis=1), tokens * d
+    b.node("Gemm", [x, b.weight("fc", (features, CLASSES), features), b.const("fcb", np.zeros(CLASSES, np.float32))])
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", tokens, 8])
+    return b.model([inp], [tensor("logits", "N", CLASSES)])
+
+
+def graphs() -> st.SearchStrategy[onnx.ModelProto]:
+    return st.one_of(vision_graphs(), sequence_graphs())
+
+
+def sample_input(proto: onnx.ModelProto, n: int, seed: int = 0) -> np.ndarray:
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
+    return np.random.default_rng(seed).standard_normal((n, *dims)).astype(np.float32)
