@@ -103,16 +103,46 @@ def _proportional(importance: np.ndarray, lo: np.ndarray, hi: np.ndarray):
     return lambda x: np.clip(1.0 - imp / x, lo, hi)
 
 
-def _sorted_scores(units: Sequence[Unit], kind: str) -> list[np.ndarray]:
+# Layers above this many weights keep a sketch of their sorted scores (SKETCH evenly spaced order statistics)
+# instead of all of them: the fraction below a threshold is then known to 1/SKETCH of the layer (1.5e-5), and
+# memory stays a few MB per layer instead of 8 bytes per weight (a 2 GB model would need 4 GB more).
+SKETCH_ABOVE, SKETCH = 1 << 20, 1 << 16
+
+
+def _sorted_scores(units: Sequence[Unit], kind: str) -> list[np.ndarray | tuple[np.ndarray, np.ndarray, int]]:
+    """Per layer, its scores in ascending order: all of them, or (values, positions, size) for big layers."""
     out = []
     for u in units:
         w2 = np.sort(np.square(np.asarray(get_weight(u.layer), dtype=np.float64).reshape(-1)))
         if kind == "global":
-            out.append(np.sqrt(w2))
+            scores = np.sqrt(w2, out=w2)
         else:  # lamp: w_i^2 / sum_{j >= i} w_j^2 over the ascending order
             suffix = np.cumsum(w2[::-1])[::-1]
-            out.append(np.divide(w2, suffix, out=np.zeros_like(w2), where=suffix > 0))
+            scores = np.divide(w2, suffix, out=np.zeros_like(w2), where=suffix > 0)
+            del suffix
+        if scores.size > SKETCH_ABOVE:
+            positions = np.linspace(0, scores.size - 1, SKETCH).astype(np.int64)
+            out.append((scores[positions].copy(), positions, scores.size))
+        else:
+            out.append(scores)
+        del w2, scores
     return out
+
+
+def _count_below(scores, t: float) -> float:
+    if isinstance(scores, tuple):
+        values, positions, size = scores
+        k = int(np.searchsorted(values, t, side="left"))
+        return float(positions[k]) if k < len(values) else float(size)
+    return float(np.searchsorted(scores, t, side="left"))
+
+
+def _size(scores) -> int:
+    return scores[2] if isinstance(scores, tuple) else scores.size
+
+
+def _top(scores) -> float:
+    return float(scores[0][-1]) if isinstance(scores, tuple) else float(scores[-1])
 
 
 def allocate_sparsities(
@@ -150,10 +180,10 @@ def allocate_sparsities(
             imp = np.array([sum(u.layer.weight_shape) / max(u.n, 1) for u in units], np.float64)
         return _bisect(_proportional(imp, lo, hi), weights, target, 1e-12, 1e12, log=True)
     scores = _sorted_scores(units, method)
-    top = max((float(s[-1]) for s in scores if s.size), default=1.0) * 1.0001 + 1e-30
+    top = max((_top(s) for s in scores if _size(s)), default=1.0) * 1.0001 + 1e-30
 
     def by_threshold(t):
-        frac = np.array([np.searchsorted(s, t, side="left") / max(s.size, 1) for s in scores])
+        frac = np.array([_count_below(s, t) / max(_size(s), 1) for s in scores])
         return np.clip(frac, lo, hi)
 
     return _bisect(by_threshold, weights, target, 0.0, top)

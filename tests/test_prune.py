@@ -333,3 +333,19 @@ def test_pipeline_on_resnet56(r56, cifar_lossless, tmp_path):
         accuracies[method] = res.top1
     assert accuracies["lamp"] == pytest.approx(78.4, abs=1.5)
     assert accuracies["uniform"] == pytest.approx(53.4, abs=1.5)
+
+
+@pytest.mark.parametrize("method", ["lamp", "global"])
+def test_big_layer_sketch_stays_close_to_exact(r56, monkeypatch, method):
+    """Big layers keep a sketch of their sorted scores (memory): with the sketch forced onto ResNet-56's
+    layers at a coarse 256 points, each layer's zero count stays within 1/256 of its size of the exact one."""
+    from onnxprune import allocation
+
+    exact = {e["name"]: e for e in api.allocate(r56, target_sparsity=0.7, method=method).layers}
+    monkeypatch.setattr(allocation, "SKETCH_ABOVE", 1000)
+    monkeypatch.setattr(allocation, "SKETCH", 256)
+    sketched = api.allocate(r56, target_sparsity=0.7, method=method)
+    assert abs(sketched.totals["params_sparsity"] - 0.7) <= 0.001
+    big = [e for e in sketched.layers if e["params"] > 1000]
+    assert big and all(abs(e["zeros"] - exact[e["name"]]["zeros"]) <= e["params"] / 256 + 2 for e in big)
+    assert any(e["zeros"] != exact[e["name"]]["zeros"] for e in big)  # the sketch really was used
