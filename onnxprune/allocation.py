@@ -33,7 +33,7 @@ import numpy as np
 
 from onnxprune.analysis.layers import Layer
 from onnxprune.errors import InputError
-from onnxprune.weights import get_weight
+from onnxprune.weights import get_weight, release_weight
 
 METHODS = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity")
 IMPORTANCE_METHODS = ("capacity", "sensitivity")  # methods that read scores.json
@@ -120,6 +120,7 @@ def _sorted_scores(units: Sequence[Unit], kind: str) -> list[np.ndarray | tuple[
             suffix = np.cumsum(w2[::-1])[::-1]
             scores = np.divide(w2, suffix, out=np.zeros_like(w2), where=suffix > 0)
             del suffix
+        release_weight(u.layer)
         if scores.size > SKETCH_ABOVE:
             positions = np.linspace(0, scores.size - 1, SKETCH).astype(np.int64)
             out.append((scores[positions].copy(), positions, scores.size))

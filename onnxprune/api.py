@@ -26,6 +26,7 @@ from onnxprune.plan import Plan, Scores, check_fingerprint, load_plan, load_scor
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.metrics import Accuracy
 from onnxprune.runtime.session import create_session
+from onnxprune.weights import release_weight
 
 ModelLike = str | os.PathLike | ir.Model
 
@@ -315,6 +316,7 @@ def _score_capacity(model, metric, progress) -> Scores:
     units = []
     for i, layer in enumerate(layers):
         values, how = capacity.layer_metrics(layer, [metric])
+        release_weight(layer)
         units.append({**_unit_entry(layer, extra_flops), "metrics": values, **how})
         if progress:
             progress(i + 1, len(layers))

@@ -107,15 +107,20 @@ def has_external_data(model: ir.Model) -> bool:
                for g in model.graphs() for v in g.initializers.values())
 
 
+def release(tensor: ir.ExternalTensor) -> None:
+    """Unmap an external tensor's file (it maps again if read later), so that its pages leave memory."""
+    try:
+        tensor.release()
+    except BufferError:  # an array still views the map: it stays
+        pass
+
+
 def release_mapped(model: ir.Model) -> None:
-    """Unmap the model's external tensors (they map again if read later)."""
+    """Unmap all the model's external tensors."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
-                try:
-                    value.const_value.release()
-                except BufferError:  # an array still views the map: it stays
-                    pass
+                release(value.const_value)
 
 
 def model_nbytes(model: ir.Model) -> int:
@@ -254,6 +259,8 @@ def fingerprint(model: ir.Model) -> str:
             tensor = value.const_value
             h.update(f"init:{name}:{tensor.dtype}:{tensor.shape}\n".encode())
             _hash_tensor(h, tensor)
+            if isinstance(tensor, ir.ExternalTensor):
+                release(tensor)  # hashing a big model must not leave all of it resident
     return h.hexdigest()[:32]
 
 

@@ -30,6 +30,15 @@ def get_weight(layer: Layer) -> np.ndarray:
     return constant_array(layer.node.inputs[layer.weight_input])
 
 
+def release_weight(layer: Layer) -> None:
+    """Done reading a memory-mapped weight: unmap it, so that a pass over a big model keeps one layer resident."""
+    from onnxprune.io import release
+
+    tensor = layer.node.inputs[layer.weight_input].const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        release(tensor)
+
+
 def set_weight(layer: Layer, array: np.ndarray | ir.LazyTensor) -> None:
     """Replace the layer's weight (same shape and dtype): an array, or a tensor computed when written."""
     src = _source(layer)

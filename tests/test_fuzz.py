@@ -1,8 +1,9 @@
 """Random graphs through every command and granularity (hypothesis).
 
 For each generated graph, through the CLI (in-process): inspect, score (capacity; SR-init where the graph
-has removable blocks), allocate (a drawn method and target; channel plans), apply (unstructured, n:m,
-channel, blocks), eval and finetune. Nothing may crash: a command either succeeds or fails with exit 2 and
+has removable blocks; sensitivity or compactness on some), allocate (a drawn method and target; channel
+plans; sensitivity or search on some), apply (unstructured, n:m, channel with or without refit, blocks),
+eval and finetune (a quarter of the examples). Nothing may crash: a command either succeeds or fails with exit 2 and
 one clean line (something not supported). Every written model passes onnx.checker (full_check) and runs in
 ONNX Runtime, checked here independently of apply's own check, and the oracles of DESIGN.md hold:
 unstructured = original times an independently computed 0/1 mask; channel shrink = original with the
@@ -145,6 +146,25 @@ def pipeline(proto: onnx.ModelProto, data: st.DataObject) -> None:
                                        atol=1e-4, rtol=1e-4)
             OUTCOMES["block oracle"] += 1
 
+        # the measured allocations, on a third of the examples each (they run the model many times)
+        measured = data.draw(st.sampled_from(["sensitivity", "search", "compactness"]))
+        OUTCOMES[measured] += 1
+        if measured == "sensitivity":
+            if cli("score", model, "--method", "sensitivity", "--grid", "0.5", "--data", d / "data.npz",
+                   "-o", d / "sens.json", allow_error=False) is not None:
+                if cli("allocate", model, "--method", "sensitivity", "--scores", d / "sens.json",
+                       "--target-sparsity", "0.4", "-o", d / "sens_plan.json") is not None:
+                    cli("apply", model, d / "sens_plan.json", "-o", d / "sens.onnx", allow_error=False)
+                    valid(d / "sens.onnx", x)
+        elif measured == "search":
+            if cli("allocate", model, "--method", "search", "--target-sparsity", "0.5", "--iterations", "8",
+                   "--data", d / "data.npz", "-o", d / "search.json") is not None:
+                cli("apply", model, d / "search.json", "-o", d / "search.onnx", allow_error=False)
+                valid(d / "search.onnx", x)
+        else:
+            cli("score", model, "--method", "compactness", "--data", d / "data.npz", "-o", d / "comp.json",
+                allow_error=False)
+
         # eval and finetune on one of the outputs
         pruned = d / ("u.onnx" if (d / "u.onnx").exists() else "zero.onnx")
         result = cli("eval", pruned, "--data", d / "data.npz", allow_error=False)
@@ -179,6 +199,7 @@ def test_fuzz_really_exercised_everything():
     if not OUTCOMES:
         pytest.skip("run with the fuzz tests")
     print(dict(OUTCOMES), dict(ERRORS))
-    for what in ("apply: ok", "channel oracle", "block oracle", "finetune: ok", "eval: ok"):
+    for what in ("apply: ok", "channel oracle", "block oracle", "finetune: ok", "eval: ok", "sensitivity",
+                 "search", "compactness"):
         assert OUTCOMES[what] > 0, (what, dict(OUTCOMES))
     assert OUTCOMES["apply: ok"] > 4 * OUTCOMES["apply: clean error"], dict(OUTCOMES)

@@ -349,3 +349,16 @@ def test_big_layer_sketch_stays_close_to_exact(r56, monkeypatch, method):
     big = [e for e in sketched.layers if e["params"] > 1000]
     assert big and all(abs(e["zeros"] - exact[e["name"]]["zeros"]) <= e["params"] / 256 + 2 for e in big)
     assert any(e["zeros"] != exact[e["name"]]["zeros"] for e in big)  # the sketch really was used
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=64), st.data())
+def test_linear_time_mask_equals_stable_argsort(values, data):
+    """magnitude_mask (partition + ties in order) zeroes exactly the first k of a stable argsort of |w|."""
+    from onnxprune.passes.sparsify import magnitude_mask
+
+    w = np.array(values, np.float32)
+    k = data.draw(st.integers(0, w.size))
+    expected = np.ones(w.size, bool)
+    expected[np.argsort(np.abs(w), kind="stable")[:k]] = False
+    np.testing.assert_array_equal(magnitude_mask(w, k), expected)

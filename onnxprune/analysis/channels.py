@@ -64,6 +64,9 @@ class ChannelGraph:
     blocked: dict[int, str]  # root -> reason
     edits: list[Edit]
     produced: dict[str, list[int]]  # layer name -> its output elements
+    # filter norms per criterion, filled by onnxprune.passes.shrink (weights do not change while a graph is
+    # analysed; a refit changes them after the channels were chosen)
+    norm_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def find(self, e: int) -> int:
         while self.parent[e] != e:

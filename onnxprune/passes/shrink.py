@@ -18,7 +18,8 @@ import onnx_ir as ir
 
 from onnxprune.analysis.channels import ChannelGraph, Edit
 from onnxprune.analysis.graph import constant_array
-from onnxprune.weights import get_weight, out_in_axes
+from onnxprune.io import release
+from onnxprune.weights import get_weight, out_in_axes, release_weight
 
 CRITERIA = ("l1", "l2")
 
@@ -38,6 +39,20 @@ def filter_norms(layer, criterion: str) -> np.ndarray:
     return np.abs(m).sum(1) if criterion == "l1" else np.sqrt((m ** 2).sum(1))
 
 
+def _normalised_norms(cg: ChannelGraph, criterion: str) -> dict[str, np.ndarray]:
+    """Each producing layer's filter norms over their mean, computed once per channel graph and criterion
+    (allocation calls choose() dozens of times; on a big model each computation reads every weight)."""
+    cache = cg.norm_cache
+    if criterion not in cache:
+        norms = {}
+        for name in cg.produced:
+            n = filter_norms(cg.layers[name], criterion)
+            norms[name] = n / (float(n.mean()) or 1.0)
+            release_weight(cg.layers[name])
+        cache[criterion] = norms
+    return cache[criterion]
+
+
 def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", round_to: int = 1,
            counts: dict[tuple, int] | None = None) -> tuple[set[int], list[GroupChoice]]:
     """The class roots to remove and what was chosen per group. ``ratios``: layer name -> fraction of its
@@ -47,11 +62,7 @@ def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", ro
     names a group, overrides the ratios (a plan's rounded counts)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}")
-    norms: dict[str, np.ndarray] = {}
-    for name in cg.produced:
-        n = filter_norms(cg.layers[name], criterion)
-        mean = float(n.mean()) or 1.0
-        norms[name] = n / mean
+    norms = _normalised_norms(cg, criterion)
     remove: set[int] = set()
     choices = []
     members = cg.classes()
@@ -174,7 +185,9 @@ def _lazy_take(source: ir.ExternalTensor, cut: dict[int, list[int]], shape: tupl
         new = source.numpy()
         for axis, keep in cut.items():
             new = np.take(new, keep, axis=axis)
-        return ir.tensor(np.ascontiguousarray(new))
+        new = np.ascontiguousarray(new)
+        release(source)
+        return ir.tensor(new)
 
     return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape))
 

@@ -15,15 +15,22 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.layers import Layer
+from onnxprune.io import release
 from onnxprune.weights import get_weight, out_in_axes, set_weight
 
 
 def magnitude_mask(w: np.ndarray, zeros: int) -> np.ndarray:
-    """0/1 mask of w's shape with the ``zeros`` smallest |w| (stable order) set to 0."""
-    mask = np.ones(w.size, dtype=bool)
-    if zeros > 0:
-        mask[magnitude_order(w)[:zeros]] = False
-    return mask.reshape(w.shape)
+    """0/1 mask of w's shape with the ``zeros`` smallest |w| set to 0, ties by position: the first ``zeros``
+    of a stable argsort, found in linear time (the k-th smallest value, then the ties at it in order)."""
+    a = np.abs(np.asarray(w)).reshape(-1)
+    if zeros <= 0:
+        return np.ones(w.shape, dtype=bool)
+    if zeros >= a.size:
+        return np.zeros(w.shape, dtype=bool)
+    kth = np.partition(a, zeros - 1)[zeros - 1]
+    pruned = a < kth
+    pruned[np.flatnonzero(a == kth)[: zeros - int(np.count_nonzero(pruned))]] = True
+    return ~pruned.reshape(w.shape)
 
 
 def magnitude_order(w: np.ndarray) -> np.ndarray:
@@ -101,7 +108,9 @@ class SparsifyPass(ir.passes.InPlacePass):
 def _lazy_masked(source: ir.ExternalTensor, mask_of) -> ir.LazyTensor:
     def compute() -> ir.Tensor:
         w = source.numpy()
-        return ir.tensor(np.where(mask_of(w), w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False),
-                         name=source.name)
+        out = np.where(mask_of(w), w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False)
+        del w
+        release(source)
+        return ir.tensor(out, name=source.name)
 
     return ir.LazyTensor(compute, dtype=source.dtype, shape=source.shape, name=source.name)
