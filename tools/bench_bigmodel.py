@@ -124,6 +124,7 @@ def main() -> int:
     print(f"generated {model} ({size / 2**30:.2f} GiB) in {gen_seconds:.0f} s", flush=True)
 
     steps = [
+        ("--version (the process floor: Python, onnx, onnxruntime)", ["--version"]),
         ("inspect", ["inspect", model, "--json"]),
         ("score --method capacity --metric l2", ["score", model, "--metric", "l2", "-o", WORK / "scores.json"]),
         ("allocate --method capacity (70 %)", ["allocate", model, "--scores", WORK / "scores.json", "--method",
@@ -172,7 +173,9 @@ def main() -> int:
     if sparse_plan:
         lines.append(f"- unstructured plan: params sparsity {sparse_plan.get('params_sparsity', 0):.4f}")
     lines += ["", f"Target (peak < 1.5x the model size on every command): {'met' if ok else 'NOT met'}, "
-              f"worst {worst:.2f}x."]
+              f"worst {worst:.2f}x. Pruning itself keeps about one layer resident (each memory map is released "
+              "once read; pruned weights are computed while written); apply's peak is its output check, where "
+              "ONNX Runtime loads the written model once to run it (`--no-check` skips it)."]
     if not args.no_write:
         write_section("bigmodel", "## Big models with external data (issue 7)\n\n" + "\n".join(lines))
     if not args.keep:
