@@ -806,15 +806,10 @@ def check_runs(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=full)
     except Exception as exc:
         raise RuntimeError(f"the pruned model fails onnx.checker: {exc}") from exc
+    from onnxprune.runtime.timing import random_feeds
+
     sess = create_session(path, "cpu", prepack=False).session
-    feeds = {}
-    rng = np.random.default_rng(0)
-    for spec in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
-        dtype = rdata.InputSpec(spec.name, spec.type, spec.shape).dtype or np.float32
-        feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                            else np.zeros(shape, dtype))
-    sess.run(None, feeds)
+    sess.run(None, random_feeds(sess))
 
 
 def apply(

@@ -1,0 +1,41 @@
+"""Latency of models with ONNX Runtime, measured in interleaved rounds so that machine noise hits all alike."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from onnxprune.runtime import data as rdata
+from onnxprune.runtime.session import create_session
+
+
+def random_feeds(sess, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """One input per model input: dynamic dimensions become ``batch`` (first) or 1, floats are N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(spec.shape)]
+        dtype = rdata.InputSpec(spec.name, spec.type, spec.shape).dtype or np.float32
+        feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                            else np.zeros(shape, dtype))
+    return feeds
+
+
+def latency(paths: list[str | os.PathLike], provider: str = "cpu", batch: int = 1, runs: int = 20,
+            rounds: int = 3) -> list[float]:
+    """Median milliseconds per run of each model at ``batch``, timed in ``rounds`` interleaved rounds."""
+    sessions = [create_session(p, provider).session for p in paths]
+    feeds = [random_feeds(s, batch) for s in sessions]
+    for s, f in zip(sessions, feeds, strict=True):  # warm up
+        for _ in range(3):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for k, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
+            for _ in range(runs):
+                t = time.perf_counter()
+                s.run(None, f)
+                times[k].append(time.perf_counter() - t)
+    return [1000 * float(np.median(t)) for t in times]

@@ -1,0 +1,273 @@
+"""The one-command flows on top of the verbs: ``prune`` (score, allocate, apply, measure) and ``sweep``
+(accuracy against sparsity for several allocation methods)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxprune import __version__
+from onnxprune import api
+from onnxprune.errors import InputError
+from onnxprune.io import check_output_path, fingerprint, load_model
+from onnxprune.plan import Plan, Scores, write_json
+from onnxprune.runtime import data as rdata
+
+SWEEP_SCHEMA = "onnxprune.sweep/1"
+
+
+@dataclass
+class ModelStats:
+    """What ``prune`` compares before and after: size, cost, speed and (with labelled data) accuracy."""
+
+    params: int
+    flops: int | None
+    file_bytes: int
+    latency_ms: float | None = None  # median per batch-1 run with ONNX Runtime
+    top1: float | None = None  # percent
+    top5: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` wrote and measured."""
+
+    path: Path
+    scores_path: Path | None
+    plan_path: Path
+    before: ModelStats
+    after: ModelStats
+    mode: str  # unstructured | channel | blocks
+    method: str
+    applied: api.ApplyResult
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.path), "scores": None if self.scores_path is None else str(self.scores_path),
+                "plan": str(self.plan_path), "mode": self.mode, "method": self.method,
+                "before": self.before.to_dict(), "after": self.after.to_dict(),
+                "totals": self.applied.totals, "checked": self.applied.checked, "notes": self.notes}
+
+
+def artefact_paths(output: str | os.PathLike) -> tuple[Path, Path]:
+    """Where ``prune`` writes its intermediate files: OUT.scores.json and OUT.plan.json beside OUT.onnx."""
+    out = Path(output)
+    stem = out.name[: -len(".onnx")] if out.name.endswith(".onnx") else out.name
+    return out.with_name(stem + ".scores.json"), out.with_name(stem + ".plan.json")
+
+
+def prune(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    target_sparsity: float | None = None,
+    target_flops: float | None = None,
+    remove_blocks: int | None = None,
+    method: str | None = None,
+    data: rdata.DataSpec | str | os.PathLike | None = None,
+    round_to: int = 1,
+    seed: int = 1,
+    latency: bool = True,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+    **data_options,
+) -> PruneResult:
+    """Score, allocate and apply in one call, writing OUT.scores.json and OUT.plan.json beside ``output``,
+    then measure the model before and after (parameters, FLOPs, file size, batch-1 latency, and top-1/top-5
+    when ``data`` has labels).
+
+    Exactly one goal:
+
+    - ``target_sparsity=S``: zero a fraction S of the weights (unstructured), allocated by ``method``
+      (default ``lamp``; ``capacity`` uses capacity scores, ``sensitivity`` and ``search`` need ``data``);
+    - ``target_flops=F``: remove whole channels until a fraction F of the FLOPs is gone (``method`` default
+      ``uniform``); with ``data`` the layers that lose inputs are refit (no training);
+    - ``remove_blocks=K``: remove the K residual blocks whose SR-init re-initialisation hurts least
+      (needs ``data``; ``seed`` seeds the re-initialisation).
+
+    >>> res = prune("model.onnx", "pruned.onnx", target_sparsity=0.7)  # doctest: +SKIP
+    >>> res.after.params, res.before.params  # doctest: +SKIP
+    """
+    goals = [g for g in (target_sparsity, target_flops, remove_blocks) if g is not None]
+    if len(goals) != 1:
+        raise InputError("give exactly one goal: --target-sparsity S, --target-flops F or --remove-blocks K")
+    say = progress or (lambda _: None)
+    spec = rdata.DataSpec.of(data, **data_options) if data is not None or data_options.get("data_loader_script") \
+        else None
+    out = Path(output)
+    scores_path, plan_path = artefact_paths(out)
+    for p in (out, scores_path, plan_path):
+        check_output_path(p, input_path=model, force=force)
+    check_output_path(out, input_path=[None if spec is None else spec.data], forceable=False)
+    m = load_model(model)
+    fp = fingerprint(m)
+    if remove_blocks is not None:
+        mode, method = "blocks", method or "srinit"
+        if method != "srinit":
+            raise InputError("--remove-blocks chooses blocks by SR-init; drop --method or use --method srinit")
+        if spec is None:
+            raise InputError("--remove-blocks needs --data: SR-init measures each block on real inputs")
+        labelled = spec.data is not None and rdata.load_npz(spec.data, spec.input_key, spec.label_key)[1] is not None
+        say("scoring blocks (SR-init)")
+        scores = api.score(m, "srinit", data=spec, seed=seed, metric="top1" if labelled else "agreement")
+        say("allocating")
+        plan = api.allocate(m, method="srinit", scores=scores, remove=remove_blocks)
+    else:
+        mode = "unstructured" if target_sparsity is not None else "channel"
+        method = method or ("lamp" if mode == "unstructured" else "uniform")
+        if method not in api.ALLOCATION_METHODS or method == "srinit":
+            raise InputError(f"unknown --method {method!r} for this goal; use one of "
+                             f"{', '.join(x for x in api.ALLOCATION_METHODS if x != 'srinit')}")
+        if method in ("sensitivity", "search") and spec is None:
+            raise InputError(f"--method {method} measures the model: give --data")
+        say("scoring layers")
+        scores = (api.score(m, "sensitivity", data=spec) if method == "sensitivity"
+                  else api.score(m, "capacity"))
+        say("allocating")
+        plan = api.allocate(m, method=method, scores=scores, data=spec if method == "search" else None,
+                            target_sparsity=target_sparsity if mode == "unstructured" else target_flops,
+                            budget="params" if mode == "unstructured" else "flops",
+                            granularity=mode, round_to=round_to, seed=seed)
+    say("applying")
+    refit = spec if mode == "channel" else None
+    before = _stats(model, m, fp)
+    applied = api.apply(model, plan, out, force=force, data=refit)
+    try:
+        write_json(scores.to_dict(), scores_path)
+        write_json(plan.to_dict(), plan_path)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    after = _stats(out)
+    if latency:
+        say("timing")
+        from onnxprune.runtime.timing import latency as measure
+
+        before.latency_ms, after.latency_ms = measure([model, out], spec.provider if spec else "cpu")
+    notes = []
+    if spec is not None:
+        say("evaluating")
+        for stats, path in ((before, model), (after, out)):
+            res = api.evaluate(path, spec)
+            stats.top1, stats.top5 = res.top1, res.top5
+        if before.top1 is None:
+            notes.append("the data has no labels: accuracy not measured")
+    return PruneResult(path=applied.path, scores_path=scores_path, plan_path=plan_path, before=before, after=after,
+                       mode=mode, method=method, applied=applied, notes=notes)
+
+
+def _stats(path: str | os.PathLike, m=None, fp: str | None = None) -> ModelStats:
+    m = m if m is not None else load_model(path, check=False)
+    info = api._inspect(m, fp or "")
+    return ModelStats(params=info.params, flops=info.flops, file_bytes=api._model_bytes(Path(path)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sweep
+
+
+@dataclass
+class Sweep:
+    """Accuracy against sparsity for several allocation methods (one row per method and sparsity)."""
+
+    fingerprint: str
+    granularity: str
+    budget: str
+    dense: dict
+    rows: list[dict]
+    data: dict
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"schema": SWEEP_SCHEMA, "onnxprune_version": __version__, "model_fingerprint": self.fingerprint,
+                "granularity": self.granularity, "budget": self.budget, "data": self.data, "options": self.options,
+                "dense": self.dense, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "sweep") -> Sweep:
+        if not isinstance(d, dict) or d.get("schema") != SWEEP_SCHEMA:
+            raise InputError(f"{source} is not a sweep file (schema {SWEEP_SCHEMA!r}); make one with onnxprune sweep")
+        rows = d.get("rows")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"method", "sparsity"} <= set(r)
+                                                 for r in rows):
+            raise InputError(f"{source}: 'rows' must be a list of objects with method and sparsity")
+        return cls(fingerprint=str(d.get("model_fingerprint")), granularity=d.get("granularity", "unstructured"),
+                   budget=d.get("budget", "params"), dense=d.get("dense") or {}, rows=rows, data=d.get("data") or {},
+                   options=d.get("options") or {})
+
+
+def sweep(
+    model: str | os.PathLike,
+    data: rdata.DataSpec | str | os.PathLike,
+    *,
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.9),
+    methods: tuple[str, ...] = ("capacity", "uniform", "lamp"),
+    granularity: str = "unstructured",
+    budget: str = "params",
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    **data_options,
+) -> Sweep:
+    """Prune ``model`` with each method at each sparsity (one-shot, no recovery) and measure top-1 on
+    ``data``: the table behind the accuracy-against-sparsity plot of ``onnxprune report``.
+    ``granularity`` unstructured (sparsity = fraction of weights) or channel (fraction of the ``budget``)."""
+    spec = rdata.DataSpec.of(data, **data_options)
+    if not sparsities or not all(0 <= s < 1 for s in sparsities):
+        raise InputError(f"--sparsities must be numbers in [0, 1), got {list(sparsities)}")
+    unknown = [x for x in methods if x not in api.ALLOCATION_METHODS or x == "srinit"]
+    if unknown or not methods:
+        raise InputError(f"unknown method(s) {unknown or methods}; use some of "
+                         f"{', '.join(x for x in api.ALLOCATION_METHODS if x != 'srinit')}")
+    if granularity not in ("unstructured", "channel"):
+        raise InputError(f"--granularity must be unstructured or channel, got {granularity!r}")
+    m = load_model(model)
+    fp = fingerprint(m)
+    dense = api.evaluate(model, spec)
+    if dense.top1 is None:
+        raise InputError("sweep measures accuracy: the data needs labels (--label-key)")
+    scores: dict[str, Scores] = {}
+    if "capacity" in methods:
+        scores["capacity"] = api.score(m, "capacity")
+    if "sensitivity" in methods:
+        scores["sensitivity"] = api.score(m, "sensitivity", data=spec)
+    rows = []
+    total, done = len(methods) * len(sparsities), 0
+    tmp = Path(tempfile.mkdtemp(prefix="onnxprune-sweep-"))
+    try:
+        for method in methods:
+            for s in sparsities:
+                row = {"method": method, "sparsity": s}
+                try:
+                    plan: Plan = api.allocate(m, method=method, target_sparsity=s, scores=scores.get(method),
+                                              budget=budget, granularity=granularity, seed=seed,
+                                              data=spec if method == "search" else None)
+                    applied = api.apply(model, plan, tmp / "pruned.onnx", check=False, force=True)
+                    res = api.evaluate(applied.path, spec)
+                    t = applied.totals
+                    row.update(top1=res.top1, top5=res.top5,
+                               params_removed=t.get("params_sparsity", t.get("params_fraction_removed")),
+                               flops_removed=t.get("flops_sparsity", t.get("flops_fraction_removed")))
+                except InputError as exc:  # e.g. a target this method cannot reach on this model
+                    row["error"] = str(exc)
+                rows.append(row)
+                done += 1
+                if progress:
+                    progress(done, total)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Sweep(fingerprint=fp, granularity=granularity, budget=budget, data=spec.record(),
+                 dense={"top1": dense.top1, "top5": dense.top5, "samples": dense.samples}, rows=rows,
+                 options={"sparsities": list(sparsities), "methods": list(methods), "seed": seed})
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    from onnxprune.plan import read_json
+
+    return Sweep.from_dict(read_json(path, "sweep"), str(path))
