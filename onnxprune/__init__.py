@@ -8,6 +8,9 @@ Python API (the same verbs as the CLI)::
     plan = onnxprune.allocate("model.onnx", target_sparsity=0.7, method="lamp")
     onnxprune.apply("model.onnx", plan, "pruned.onnx")
     res = onnxprune.eval("pruned.onnx", "data.npz")  # top-1 / top-5 / throughput
+    res = onnxprune.prune("model.onnx", "small.onnx", target_flops=0.5, data="calib.npz")  # all in one
+    sw = onnxprune.sweep("model.onnx", "data.npz", sparsities=(0.5, 0.7), methods=("uniform", "lamp"))
+    onnxprune.report("report.html", scores=scores, plan=plan, sweep=sw)  # needs onnxprune[report]
     onnxprune.finetune("pruned.onnx", "train.npz", "tuned.onnx", teacher="model.onnx",
                        options=onnxprune.FinetuneOptions(epochs=10))  # needs onnxprune[torch]
 """
@@ -29,10 +32,13 @@ from onnxprune.api import (  # noqa: E402
 from onnxprune.plan import Plan, Scores  # noqa: E402
 from onnxprune.errors import InputError, OnnxpruneError  # noqa: E402
 from onnxprune.recovery.options import FinetuneOptions  # noqa: E402
+from onnxprune.report import write_report as report  # noqa: E402
+from onnxprune.workflows import ModelStats, PruneResult, Sweep, prune, sweep  # noqa: E402
 
 eval = evaluate  # noqa: A001 - the CLI verb's name, as the API mirrors the CLI
 
 __all__ = [
-    "ApplyResult", "EvalResult", "FinetuneOptions", "FinetuneResult", "InputError", "InspectResult", "OnnxpruneError", "Plan", "Scores", "__version__",
-    "allocate", "apply", "eval", "evaluate", "finetune", "inspect", "score",
+    "ApplyResult", "EvalResult", "FinetuneOptions", "FinetuneResult", "InputError", "InspectResult", "ModelStats",
+    "OnnxpruneError", "Plan", "PruneResult", "Scores", "Sweep", "__version__",
+    "allocate", "apply", "eval", "evaluate", "finetune", "inspect", "prune", "report", "score", "sweep",
 ]

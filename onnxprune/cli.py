@@ -670,12 +670,14 @@ def finetune(model, output, teacher, labels, epochs, lr, max_minutes, augment, t
               help="--target-flops: kept channel counts in multiples of N (8 suits AVX2 CPUs).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of SR-init and search.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+@click.option("--eval-data", type=click.Path(path_type=str), default=None,
+              help="Held-out .npz for accuracy before and after (fed like --data); default: --data itself.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (even MODEL).")
 @data_options
 @_output_option("The pruned model; OUT.scores.json and OUT.plan.json are written beside it.")
 @common_options
-def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, seed, no_latency, force, data_spec,
-          output, as_json):
+def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, seed, no_latency, eval_data, force,
+          data_spec, output, as_json):
     """Score, allocate and apply in one command; print MODEL before and after.
 
     --data is optional: with labels it adds accuracy before and after, with --target-flops it refits the
@@ -696,6 +698,7 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
         result = run_prune(model, output, target_sparsity=target_sparsity, target_flops=target_flops,
                            remove_blocks=remove_blocks, method=method, round_to=round_to, seed=seed,
                            latency=not no_latency, force=force, data=data_spec if data_spec.given else None,
+                           eval_data=eval_data,
                            progress=lambda what: progress.update(task, description=what))
     for note in result.notes:
         _notice(note)

@@ -72,6 +72,7 @@ def prune(
     remove_blocks: int | None = None,
     method: str | None = None,
     data: rdata.DataSpec | str | os.PathLike | None = None,
+    eval_data: rdata.DataSpec | str | os.PathLike | None = None,
     round_to: int = 1,
     seed: int = 1,
     latency: bool = True,
@@ -92,6 +93,9 @@ def prune(
     - ``remove_blocks=K``: remove the K residual blocks whose SR-init re-initialisation hurts least
       (needs ``data``; ``seed`` seeds the re-initialisation).
 
+    ``eval_data`` (an .npz path or DataSpec, fed like ``data``): where accuracy is measured before and after;
+    without it, on ``data`` itself (then the pruned model has seen that data through scoring or the refit).
+
     >>> res = prune("model.onnx", "pruned.onnx", target_sparsity=0.7)  # doctest: +SKIP
     >>> res.after.params, res.before.params  # doctest: +SKIP
     """
@@ -105,7 +109,9 @@ def prune(
     scores_path, plan_path = artefact_paths(out)
     for p in (out, scores_path, plan_path):
         check_output_path(p, input_path=model, force=force)
-    check_output_path(out, input_path=[None if spec is None else spec.data], forceable=False)
+    check_output_path(out, input_path=[None if spec is None else spec.data,
+                                       eval_data.data if isinstance(eval_data, rdata.DataSpec) else eval_data],
+                      forceable=False)
     m = load_model(model)
     fp = fingerprint(m)
     if remove_blocks is not None:
@@ -152,15 +158,29 @@ def prune(
 
         before.latency_ms, after.latency_ms = measure([model, out], spec.provider if spec else "cpu")
     notes = []
-    if spec is not None:
+    espec = _eval_spec(eval_data, spec)
+    if espec is not None:
         say("evaluating")
         for stats, path in ((before, model), (after, out)):
-            res = api.evaluate(path, spec)
+            res = api.evaluate(path, espec)
             stats.top1, stats.top5 = res.top1, res.top5
         if before.top1 is None:
             notes.append("the data has no labels: accuracy not measured")
+        elif eval_data is None and (mode != "unstructured" or method in ("sensitivity", "search")):
+            notes.append("accuracy measured on --data, which the pruning also used; give --eval-data held-out "
+                         "data for an unbiased number")
     return PruneResult(path=applied.path, scores_path=scores_path, plan_path=plan_path, before=before, after=after,
                        mode=mode, method=method, applied=applied, notes=notes)
+
+
+def _eval_spec(eval_data, spec: rdata.DataSpec | None) -> rdata.DataSpec | None:
+    if eval_data is None:
+        return spec
+    if isinstance(eval_data, rdata.DataSpec):
+        return eval_data
+    base = spec or rdata.DataSpec()  # the same feeding options as --data (keys, mean/std, batch size)
+    return rdata.DataSpec(data=eval_data, input_key=base.input_key, label_key=base.label_key, mean=base.mean,
+                          std=base.std, batch_size=base.batch_size, provider=base.provider)
 
 
 def _stats(path: str | os.PathLike, m=None, fp: str | None = None) -> ModelStats:

@@ -92,8 +92,14 @@ def test_usage_error_exit_2():
 
 
 def test_help_has_examples():
-    for cmd in ("inspect", "eval"):
-        assert "Example" in run(cmd, "--help").stdout
+    """Every command's --help has an example and the common options."""
+    from onnxprune.cli import main
+
+    assert set(main.commands) >= {"inspect", "score", "allocate", "apply", "eval", "finetune", "prune", "sweep",
+                                  "report"}
+    for cmd in main.commands:
+        text = run(cmd, "--help").stdout
+        assert "Example" in text and "--json" in text and "--quiet" in text and "--debug" in text, cmd
 
 
 def test_channel_pipeline_reaches_flop_target(export, tmp_path, cifar_lossless):

@@ -147,3 +147,38 @@ def test_compactness_matches_its_definition(export, digits_npz, tmp_path):
     assert layer["importance"] == pytest.approx(max(1 - c, 0.01))
     plan = api.allocate(cnn, target_sparsity=0.7, method="capacity", scores=sc)
     assert abs(plan.totals["params_sparsity"] - 0.7) <= 0.001
+
+
+def test_skip_conv_after_branch_loads_and_matches_full_runs(tmp_path):
+    """ONNX Runtime 1.31 fuses a Conv into the Add after it even when the Conv's output is a graph output, and
+    then cannot load the model (seen with 10 channels: not a multiple of its 8-channel blocks): a projection
+    shortcut whose skip Conv comes after the branch in node order (found by tests/test_fuzz.py). The prefix
+    taps cut values through Identities."""
+    import onnx
+    from onnx import helper
+
+    from tests.graphs import make_model, tensor, weights
+
+    c = 10
+    nodes = [
+        helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1] * 4, name="c1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1] * 4, name="c2"),  # branch
+        helper.make_node("Conv", ["r1", "w3"], ["c3"], name="c3"),  # 1x1 skip, after the branch
+        helper.make_node("Add", ["c3", "c2"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="r2"),
+        helper.make_node("Flatten", ["r2"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc"),
+    ]
+    inits = [weights("w1", c, 3, 3, 3, seed=1, scale=0.3), weights("w2", c, c, 3, 3, seed=2, scale=0.15),
+             weights("b2", c, seed=3, scale=0.1), weights("w3", c, c, 1, 1, seed=4, scale=0.4),
+             weights("fc", c * 8 * 8, 5, seed=5, scale=0.05)]
+    path = tmp_path / "skip_after.onnx"
+    onnx.save(make_model(nodes, [tensor("input", "N", 3, 8, 8)], [tensor("logits", "N", 5)], inits), str(path))
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32), y=rng.integers(0, 5, 32))
+    sc = api.score(path, "sensitivity", data=data, grid=(0.5,), metric="agreement")
+    assert len(sc.units) == 4 and all(np.isfinite(u["mean_drop"]) for u in sc.units)
+    sr = api.score(path, "srinit", data=data, units="layers", metric="agreement")
+    assert len(sr.units) == 4

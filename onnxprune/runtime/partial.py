@@ -105,12 +105,15 @@ class PartialEvaluator:
         self._prefix_extra = sorted(needed_cut - set(self.output_names) - {i.name for i in graph.input})
         self._prefix: Session | None = None
 
-    def _slice(self, start: int, end: int, outputs: list[str], weights: list[str] = ()) -> tuple[bytes, list[str]]:
+    def _slice(self, start: int, end: int, outputs: list[str], weights: list[str] = (),
+               taps: list[str] = ()) -> tuple[bytes, list[str]]:
         """Nodes [start, end) as a model: inputs are the run-time values made before ``start`` that they use,
-        ``weights`` (if any) become inputs or injected initializers. Returns (model bytes, input names)."""
+        ``weights`` (if any) become inputs or injected initializers; each of ``taps`` is copied by an Identity
+        to the output ``<name>__cut``. Returns (model bytes, input names)."""
         weight_set = set(weights)
         const_nodes, produced_at, info = self._const_nodes, self._produced_at, self.info
         body = [n for n in self._nodes[start:end] if not (n.op_type == "Constant" and set(n.output) & weight_set)]
+        body += [helper.make_node("Identity", [v], [f"{v}__cut"], name=f"{v}__tap") for v in taps]
         used = {i for n in body for i in n.input if i} | set(outputs)
         cut = sorted(v for v in used if v in produced_at and produced_at[v] < start and v not in const_nodes
                      and v not in weight_set)
@@ -126,7 +129,9 @@ class PartialEvaluator:
                 inputs.append(helper.make_tensor_value_info(w, data_type, shape))
             else:
                 inits.append(_placeholder(w, data_type, shape))
-        outs = [helper.make_tensor_value_info(v, _elem_type(info, self._values[v]), None) for v in outputs]
+        tapped = {f"{v}__cut": v for v in taps}
+        outs = [helper.make_tensor_value_info(v, _elem_type(info, self._values[tapped.get(v, v)]), None)
+                for v in outputs]
         proto = self._proto
         sub = helper.make_model(
             helper.make_graph(moved + body, f"slice_{start}_{end}", inputs, outs, initializer=inits),
@@ -181,9 +186,15 @@ class PartialEvaluator:
 
     @property
     def prefix(self) -> Session:
-        """The whole model with every cut value as an extra output (built on first use)."""
+        """The whole model with every cut value as an extra output (built on first use).
+
+        Each cut value leaves through an Identity of its own (``<name>__cut``): ONNX Runtime 1.31 fuses a
+        Conv into the Add after it even when the Conv's output is a graph output, and then fails to load
+        ("Failed to find node output ... producing output"); a projection shortcut whose skip Conv comes after
+        the branch in the node order triggers it."""
         if self._prefix is None:
-            model_bytes, _ = self._slice(0, len(self._nodes), self.prefix_outputs)
+            model_bytes, _ = self._slice(0, len(self._nodes), self.output_names + [f"{v}__cut" for v in self._prefix_extra],
+                                         taps=self._prefix_extra)
             self._prefix = create_session(model_bytes, self.provider, self.threads, spin=False)
         return self._prefix
 
@@ -193,7 +204,7 @@ class PartialEvaluator:
 
     def run_prefix(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The unmodified model's outputs and every cut activation, for one batch."""
-        arrays = self.prefix.run(feeds, self.prefix_outputs)
+        arrays = self.prefix.run(feeds, self.output_names + [f"{v}__cut" for v in self._prefix_extra])
         acts = dict(zip(self.prefix_outputs, arrays, strict=True))
         acts.update(feeds)
         return acts
