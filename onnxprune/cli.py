@@ -708,8 +708,8 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
         _emit_json(result.to_dict())
         return
     b, a = result.before, result.after
-    table = Table(title=f"{escape(model)} -> {escape(str(result.path))} ({result.mode}, {result.method})",
-                  title_justify="left")
+    out.print(f"[bold]{escape(model)}[/] -> [bold]{escape(str(result.path))}[/] ({result.mode}, {result.method})")
+    table = Table()
     for col in ("", "before", "after", "change"):
         table.add_column(col, justify="left" if not col else "right")
 

@@ -87,7 +87,7 @@ def layers_figure(scores: Scores | None, plan: Plan | None) -> str:
         ax.set_ylabel("allocated sparsity")
         ax.set_title(f"plan: {plan.method}, {plan.granularity}, budget {plan.budget}")
     axes[-1][0].set_xlabel("layer (graph order)")
-    axes[-1][0].set_xticks(x[:: max(1, len(x) // 30)])
+    axes[-1][0].set_xticks(x[:: max(1, -(-len(x) // 20))])
     return _svg(fig)
 
 
