@@ -28,7 +28,7 @@ test: setup
 # Nightly-style: the random-graph pipeline tests with many more examples (CI runs 200), shrinking failures.
 FUZZ_EXAMPLES ?= 2000
 fuzz: setup
-	ONNXPRUNE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ONNXPRUNE_FUZZ_SHRINK=1 $(PY) -m pytest -q -s tests/test_fuzz.py
+	ONNXPRUNE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) ONNXPRUNE_FUZZ_SHRINK=1 ONNXPRUNE_FUZZ_RANDOM=1 $(PY) -m pytest -q -s tests/test_fuzz.py
 
 # Fashion-MNIST end to end (README): train, remove half the FLOPs as channels, recover with finetune.
 FASHION := build/fashion
