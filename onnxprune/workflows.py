@@ -114,6 +114,11 @@ def prune(
                       forceable=False)
     m = load_model(model)
     fp = fingerprint(m)
+    espec = _eval_spec(eval_data, spec)
+    before_acc = None
+    if espec is not None:  # first: bad evaluation data fails before any work or any file
+        say("evaluating")
+        before_acc = api.evaluate(model, espec)
     if remove_blocks is not None:
         mode, method = "blocks", method or "srinit"
         if method != "srinit":
@@ -158,12 +163,11 @@ def prune(
 
         before.latency_ms, after.latency_ms = measure([model, out], spec.provider if spec else "cpu")
     notes = []
-    espec = _eval_spec(eval_data, spec)
     if espec is not None:
         say("evaluating")
-        for stats, path in ((before, model), (after, out)):
-            res = api.evaluate(path, espec)
-            stats.top1, stats.top5 = res.top1, res.top5
+        res = api.evaluate(out, espec)
+        before.top1, before.top5 = before_acc.top1, before_acc.top5
+        after.top1, after.top5 = res.top1, res.top5
         if before.top1 is None:
             notes.append("the data has no labels: accuracy not measured")
         elif eval_data is None and (mode != "unstructured" or method in ("sensitivity", "search")):

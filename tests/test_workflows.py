@@ -205,3 +205,12 @@ def test_schemas_reject_what_they_should():
                                                                         if k != "model_fingerprint"}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schemas.load("plan"))
+
+
+def test_prune_with_bad_eval_data_writes_nothing(export, digits_npz, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((4, 1, 4, 8), np.uint8), y=np.zeros(4, np.int64))
+    result = CliRunner().invoke(main, ["prune", str(export("cnn")), "--target-sparsity", "0.5", "--eval-data",
+                                       str(bad), "-o", str(tmp_path / "p.onnx")])
+    assert result.exit_code == 2 and "does not match model input" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
