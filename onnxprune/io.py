@@ -214,6 +214,34 @@ def make_temp(out: Path, folder: bool = False, suffix: str = "") -> Path:
                          ) from exc
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (a temporary file beside it, then a rename) with the usual permissions."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder {parent} does not exist; create it or choose another -o path")
+    if p.is_dir():
+        raise InputError(f"output path {p} is a directory; give a file name inside it")
+    tmp = make_temp(p, suffix=p.suffix)
+    try:
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            os.replace(tmp, p)
+        except OSError as exc:
+            raise WriteError(f"cannot write {p} ({exc.strerror or exc}); nothing was written") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output_path(out: Path, *, input_path=None, force: bool = False, forceable: bool = True) -> None:
     """Refuse output paths that cannot be written or would overwrite an input.
 

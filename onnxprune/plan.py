@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxprune import __version__
-from onnxprune.errors import InputError, WriteError
+from onnxprune.errors import InputError
 
 SCORES_SCHEMA = "onnxprune.scores/1"
 PLAN_SCHEMA = "onnxprune.plan/1"
@@ -142,33 +142,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
     """Atomic write (temporary file in the same folder, then rename); keys in a stable order."""
-    from onnxprune.io import make_temp
+    from onnxprune.io import write_text
 
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output folder {parent} does not exist; create it or choose another -o path")
-    if p.is_dir():
-        raise InputError(f"output path {p} is a directory; give a file name such as {p / 'plan.json'}")
-    tmp = make_temp(p, suffix=".json")
-    try:
-        text = json.dumps(obj, indent=2) + "\n"
-        try:
-            tmp.write_text(text)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-            os.replace(tmp, p)
-        except OSError as exc:
-            raise WriteError(f"cannot write {p} ({exc.strerror or exc}); nothing was written") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_fingerprint(artefact_fp: str, model_fp: str, what: str, force: bool) -> None:

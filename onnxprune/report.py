@@ -167,17 +167,8 @@ def build_report(scores: Scores | None = None, plan: Plan | None = None, sweep=N
 def write_report(output: str | os.PathLike, scores: Scores | None = None, plan: Plan | None = None, sweep=None,
                  title: str | None = None) -> Path:
     """Write the report atomically to ``output``."""
-    from onnxprune.io import check_output_path, make_temp
+    from onnxprune.io import check_output_path, write_text
 
     out = Path(output)
     check_output_path(out, forceable=False)
-    text = build_report(scores, plan, sweep, title)
-    tmp = make_temp(out, suffix=".html")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return write_text(out, build_report(scores, plan, sweep, title))

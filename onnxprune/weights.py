@@ -39,6 +39,20 @@ def release_weight(layer: Layer) -> None:
         release(tensor)
 
 
+def lazy_from(source: ir.ExternalTensor, fn, shape: tuple[int, ...] | None = None) -> ir.LazyTensor:
+    """A tensor computed as ``fn(source array)`` only when the model is written, after which the source's
+    memory map is released: a pass over a big model then holds one layer at a time, never a second copy."""
+    from onnxprune.io import release
+
+    def compute() -> ir.Tensor:
+        out = np.ascontiguousarray(fn(source.numpy()))
+        release(source)
+        return ir.tensor(out, name=source.name)
+
+    return ir.LazyTensor(compute, dtype=source.dtype, shape=source.shape if shape is None else ir.Shape(shape),
+                         name=source.name)
+
+
 def set_weight(layer: Layer, array: np.ndarray | ir.LazyTensor) -> None:
     """Replace the layer's weight (same shape and dtype): an array, or a tensor computed when written."""
     src = _source(layer)

@@ -109,9 +109,7 @@ def prune(
     scores_path, plan_path = artefact_paths(out)
     for p in (out, scores_path, plan_path):
         check_output_path(p, input_path=model, force=force)
-    check_output_path(out, input_path=[None if spec is None else spec.data,
-                                       eval_data.data if isinstance(eval_data, rdata.DataSpec) else eval_data],
-                      forceable=False)
+    check_output_path(out, input_path=[api._data_path(spec), api._data_path(eval_data)], forceable=False)
     m = load_model(model)
     fp = fingerprint(m)
     espec = _eval_spec(eval_data, spec)

@@ -11,10 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
 from onnxprune import api
-from onnxprune.cli import main
+from tests.runner import cli
 from tools.bench_bigmodel import generate
 
 
@@ -22,12 +21,6 @@ from tools.bench_bigmodel import generate
 def big(tmp_path_factory) -> Path:
     """16 layers of 1024 x 1024 float32 (64 MiB), MatMul and Gemm(transB) alternating, external data."""
     return generate(tmp_path_factory.mktemp("ext") / "ext.onnx", layers=16, side=1024)
-
-
-def cli(*args) -> str:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, (result.stderr, result.exception)
-    return result.stdout
 
 
 def external_files(path: Path) -> set[str]:

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
 
 from onnxprune import __version__
-from onnxprune.cli import main
-
-
-def cli(*args) -> str:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, (result.stderr, result.exception)
-    return result.stdout
+from tests.runner import cli
 
 
 def twice(tmp_path: Path, name: str, *args) -> tuple[bytes, Path]:

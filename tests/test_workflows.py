@@ -18,15 +18,15 @@ from click.testing import CliRunner
 import onnxprune
 from onnxprune import schemas
 from onnxprune.cli import main
+from tests.runner import cli as run
 
 
 def cli(*args, schema: str | None = None) -> dict | str:
     """Run a command; with ``schema``, add --json and validate stdout against that schema."""
-    result = CliRunner().invoke(main, [*map(str, args), *(["--json"] if schema else [])])
-    assert result.exit_code == 0, (result.stderr, result.exception)
+    stdout = run(*args, *(["--json"] if schema else []))
     if schema is None:
-        return result.stdout
-    data = json.loads(result.stdout)
+        return stdout
+    data = json.loads(stdout)
     jsonschema.validate(data, schemas.load(schema))
     return data
 

@@ -90,18 +90,17 @@ def run(args: list[str]) -> dict:
 def check_output(path: Path) -> str:
     """The written model: external data beside it, onnx.checker (no data load), one ONNX Runtime run."""
     import onnx
-    import onnxruntime as ort
+
+    from onnxprune.runtime.session import create_session
+    from onnxprune.runtime.timing import random_feeds
 
     data = path.parent / (path.name + ".data")
     proto = onnx.load(str(path), load_external_data=False)
     external = sum(1 for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
     onnx.checker.check_model(str(path), full_check=True)
     del proto
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = np.random.default_rng(0).standard_normal((2, sess.get_inputs()[0].shape[1])).astype(np.float32)
-    out = sess.run(None, {"input": feed})[0]
+    sess = create_session(path, "cpu", prepack=False).session
+    out = sess.run(None, random_feeds(sess, batch=2))[0]
     return (f"{external} external initializers in {data.name} ({size_of(path) / 2**30:.2f} GiB in all), "
             f"checker full_check ok, ORT output {tuple(out.shape)} finite={bool(np.isfinite(out).all())}")
 

@@ -18,8 +18,7 @@ import onnx_ir as ir
 
 from onnxprune.analysis.channels import ChannelGraph, Edit
 from onnxprune.analysis.graph import constant_array
-from onnxprune.io import release
-from onnxprune.weights import get_weight, out_in_axes, release_weight
+from onnxprune.weights import get_weight, lazy_from, out_in_axes, release_weight
 
 CRITERIA = ("l1", "l2")
 
@@ -180,16 +179,10 @@ def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray | ir.LazyTens
     return value
 
 
-def _lazy_take(source: ir.ExternalTensor, cut: dict[int, list[int]], shape: tuple[int, ...]) -> ir.LazyTensor:
-    def compute() -> ir.Tensor:
-        new = source.numpy()
-        for axis, keep in cut.items():
-            new = np.take(new, keep, axis=axis)
-        new = np.ascontiguousarray(new)
-        release(source)
-        return ir.tensor(new)
-
-    return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape))
+def _take(arr: np.ndarray, cut: dict[int, list[int]]) -> np.ndarray:
+    for axis, keep in cut.items():
+        arr = np.take(arr, keep, axis=axis)
+    return np.ascontiguousarray(arr)
 
 
 def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
@@ -230,12 +223,9 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
             shape = list(w.shape)
             for axis, keep in cut.items():
                 shape[axis] = len(keep)
-            new = _lazy_take(src.const_value, cut, tuple(shape))
+            new = lazy_from(src.const_value, lambda a, c=cut: _take(a, c), tuple(shape))
         else:
-            new = w
-            for axis, keep in cut.items():
-                new = np.take(new, keep, axis=axis)
-            new = np.ascontiguousarray(new)
+            new = _take(w, cut)
         node.replace_input_with(layer.weight_input, _new_initializer(graph, src.name, new))
         done += 1
     _forget_shapes(graph)

@@ -15,8 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.layers import Layer
-from onnxprune.io import release
-from onnxprune.weights import get_weight, out_in_axes, set_weight
+from onnxprune.weights import get_weight, lazy_from, out_in_axes, set_weight
 
 
 def magnitude_mask(w: np.ndarray, zeros: int) -> np.ndarray:
@@ -94,23 +93,16 @@ class SparsifyPass(ir.passes.InPlacePass):
             if isinstance(source, ir.ExternalTensor):
                 # memory-mapped weights (big models): computed while the model is written, one layer at a
                 # time, so the pruned model never sits in memory beside the mapped original
-                set_weight(layer, _lazy_masked(source, mask_of))
+                set_weight(layer, lazy_from(source, lambda a, f=mask_of: _masked(a, f(a))))
                 n, m = self.nm or (0, 1)
                 self.report.zeros[layer.name] = self.targets[layer.name] if self.nm is None else w.size // m * (m - n)
             else:
                 mask = mask_of(w)
-                set_weight(layer, np.where(mask, w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False))
+                set_weight(layer, _masked(w, mask))
                 self.report.zeros[layer.name] = int(mask.size - np.count_nonzero(mask))
             modified = True
         return ir.passes.PassResult(model, modified)
 
 
-def _lazy_masked(source: ir.ExternalTensor, mask_of) -> ir.LazyTensor:
-    def compute() -> ir.Tensor:
-        w = source.numpy()
-        out = np.where(mask_of(w), w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False)
-        del w
-        release(source)
-        return ir.tensor(out, name=source.name)
-
-    return ir.LazyTensor(compute, dtype=source.dtype, shape=source.shape, name=source.name)
+def _masked(w: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False)
