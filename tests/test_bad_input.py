@@ -116,7 +116,17 @@ def fails_cleanly(work: Path, args: list[str], fragment: str, rc: int = 2, **inv
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
     assert snapshot(work) == before  # inputs byte-identical, no output or temporary file left
+    _record_golden(work, lines[-1])
     return lines[-1]
+
+
+def _record_golden(work: Path, line: str) -> None:
+    """With ONNXPRUNE_GOLDEN_ERRORS=FILE, append the error line (paths made relative) for tools/golden.py diffs."""
+    target = os.environ.get("ONNXPRUNE_GOLDEN_ERRORS")
+    if target:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(target, "a") as f:
+            f.write(json.dumps({"test": test, "line": line.replace(str(work), "<work>")}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
