@@ -1202,3 +1202,21 @@ def _lift_float_constants(m: ir.Model) -> None:
         from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
         LiftConstantsToInitializersPass(size_limit=2)(m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the choices every front end offers (the CLI reads its option choices from here)
+
+from onnxprune.plan import load_plan, load_scores, write_json  # noqa: E402
+from onnxprune.runtime.data import DataSpec, parse_floats, parse_size  # noqa: E402
+from onnxprune.runtime.session import PROVIDERS  # noqa: E402
+from onnxprune.scoring.capacity import METRICS as _CAPACITY_METRICS  # noqa: E402
+
+CAPACITY_METRICS = tuple(_CAPACITY_METRICS)
+SRINIT_METRICS = ("top1", "agreement", "kl")
+SRINIT_UNITS = ("blocks", "layers")
+ALLOCATION_GRANULARITIES = ("unstructured", "channel")
+BUDGETS = ("params", "flops")
+CRITERIA = ("l1", "l2")
+COUPLED = ("prune", "keep")
+STORES = ("dense", "sparse")

@@ -66,7 +66,7 @@ def commands(data: Path) -> list[tuple[str, list[str]]]:
                                           "--target-sparsity", "0.7", "-o", f"o/plan_{method}.json", "--json"]))
     cases += [
         ("alloc_lamp_flops", ["allocate", r20, "--method", "lamp", "--budget", "flops", "--target-sparsity", "0.6",
-                              "--keep-dense", "Conv_0", "--max-sparsity", "0.9", "-o", "o/plan_lf.json", "--json"]),
+                              "--keep-dense", "/conv1/Conv", "--max-sparsity", "0.9", "-o", "o/plan_lf.json", "--json"]),
         ("alloc_sens", ["allocate", r20, "--method", "sensitivity", "--scores", "o/sens.json",
                         "--target-sparsity", "0.7", "-o", "o/plan_sens.json", "--json"]),
         ("alloc_search", ["allocate", r20, "--method", "search", "--target-sparsity", "0.7", "--iterations", "8",
@@ -105,7 +105,9 @@ def commands(data: Path) -> list[tuple[str, list[str]]]:
         ("apply_unstr_as_ch", ["apply", r20, "o/plan_lamp.json", "--granularity", "channel", "-o", "o/u_ch.onnx",
                                "--json"]),
         ("apply_sr", ["apply", r20, "o/plan_sr.json", "-o", "o/sr.onnx", "--json"]),
-        ("apply_twice", ["apply", "o/sr.onnx", "o/plan_lamp.json", "--force", "-o", "o/twice.onnx", "--json"]),
+        ("alloc_on_sr", ["allocate", "o/sr.onnx", "--method", "lamp", "--target-sparsity", "0.5",
+                         "-o", "o/plan_on_sr.json", "--json"]),
+        ("apply_twice", ["apply", "o/sr.onnx", "o/plan_on_sr.json", "-o", "o/twice.onnx", "--json"]),
         ("apply_wrong_model", ["apply", cnn, "o/plan_lamp.json", "-o", "o/x.onnx"]),
         ("apply_data_unstr", ["apply", r20, "o/plan_lamp.json", "--data", jpeg, "-o", "o/x.onnx"]),
         ("eval_pruned", ["eval", "o/ch_refit.onnx", "--data", lossless, "--limit", "256", "--json"]),
