@@ -15,9 +15,8 @@ Python API (the same verbs as the CLI)::
                        options=onnxprune.FinetuneOptions(epochs=10))  # needs onnxprune[torch]
 """
 
-__version__ = "0.1.0"
-
-from onnxprune.api import (  # noqa: E402
+from onnxprune._version import __version__
+from onnxprune.api import (
     ApplyResult,
     EvalResult,
     FinetuneResult,
@@ -27,13 +26,13 @@ from onnxprune.api import (  # noqa: E402
     evaluate,
     finetune,
     inspect,
+    report,
     score,
 )
-from onnxprune.plan import Plan, Scores  # noqa: E402
-from onnxprune.errors import InputError, OnnxpruneError  # noqa: E402
-from onnxprune.recovery.options import FinetuneOptions  # noqa: E402
-from onnxprune.report import write_report as report  # noqa: E402
-from onnxprune.workflows import ModelStats, PruneResult, Sweep, prune, sweep  # noqa: E402
+from onnxprune.artefacts import Plan, Scores, Sweep
+from onnxprune.errors import InputError, OnnxpruneError
+from onnxprune.recovery.options import FinetuneOptions
+from onnxprune.workflows import ModelStats, PruneResult, prune, sweep
 
 eval = evaluate  # noqa: A001 - the CLI verb's name, as the API mirrors the CLI
 

@@ -10,14 +10,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxprune import __version__
-from onnxprune import api
+from onnxprune.artefacts import Plan, Scores, Sweep, write_json
 from onnxprune.errors import InputError
-from onnxprune.io import check_output_path, fingerprint, load_model
-from onnxprune.plan import Plan, Scores, write_json
+from onnxprune.io import check_output_path, model_file_bytes
+from onnxprune.planning.registry import LAYER_METHODS
 from onnxprune.runtime import data as rdata
+from onnxprune.verbs.allocate import allocate
+from onnxprune.verbs.apply import ApplyResult, apply
+from onnxprune.verbs.evaluate import evaluate
+from onnxprune.verbs.inspect import summarise
+from onnxprune.verbs.loading import data_path, open_model
+from onnxprune.verbs.score import score
 
-SWEEP_SCHEMA = "onnxprune.sweep/1"
+__all__ = ["ModelStats", "PruneResult", "artefact_paths", "prune", "sweep"]
 
 
 @dataclass
@@ -46,7 +51,7 @@ class PruneResult:
     after: ModelStats
     mode: str  # unstructured | channel | blocks
     method: str
-    applied: api.ApplyResult
+    applied: ApplyResult
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -109,14 +114,13 @@ def prune(
     scores_path, plan_path = artefact_paths(out)
     for p in (out, scores_path, plan_path):
         check_output_path(p, input_path=model, force=force)
-    check_output_path(out, input_path=[api._data_path(spec), api._data_path(eval_data)], forceable=False)
-    m = load_model(model)
-    fp = fingerprint(m)
+    check_output_path(out, input_path=[data_path(spec), data_path(eval_data)], forceable=False)
+    am = open_model(model)
     espec = _eval_spec(eval_data, spec)
     before_acc = None
     if espec is not None:  # first: bad evaluation data fails before any work or any file
         say("evaluating")
-        before_acc = api.evaluate(model, espec)
+        before_acc = evaluate(model, espec)
     if remove_blocks is not None:
         mode, method = "blocks", method or "srinit"
         if method != "srinit":
@@ -125,29 +129,28 @@ def prune(
             raise InputError("--remove-blocks needs --data: SR-init measures each block on real inputs")
         labelled = spec.data is not None and rdata.load_npz(spec.data, spec.input_key, spec.label_key)[1] is not None
         say("scoring blocks (SR-init)")
-        scores = api.score(m, "srinit", data=spec, seed=seed, metric="top1" if labelled else "agreement")
+        scores = score(am, "srinit", data=spec, seed=seed, metric="top1" if labelled else "agreement")
         say("allocating")
-        plan = api.allocate(m, method="srinit", scores=scores, remove=remove_blocks)
+        plan = allocate(am, method="srinit", scores=scores, remove=remove_blocks)
     else:
         mode = "unstructured" if target_sparsity is not None else "channel"
         method = method or ("lamp" if mode == "unstructured" else "uniform")
-        if method not in api.ALLOCATION_METHODS or method == "srinit":
-            raise InputError(f"unknown --method {method!r} for this goal; use one of "
-                             f"{', '.join(x for x in api.ALLOCATION_METHODS if x != 'srinit')}")
+        if method not in LAYER_METHODS:
+            raise InputError(f"unknown --method {method!r} for this goal; use one of {', '.join(LAYER_METHODS)}")
         if method in ("sensitivity", "search") and spec is None:
             raise InputError(f"--method {method} measures the model: give --data")
         say("scoring layers")
-        scores = (api.score(m, "sensitivity", data=spec) if method == "sensitivity"
-                  else api.score(m, "capacity"))
+        scores = (score(am, "sensitivity", data=spec) if method == "sensitivity"
+                  else score(am, "capacity"))
         say("allocating")
-        plan = api.allocate(m, method=method, scores=scores, data=spec if method == "search" else None,
+        plan = allocate(am, method=method, scores=scores, data=spec if method == "search" else None,
                             target_sparsity=target_sparsity if mode == "unstructured" else target_flops,
                             budget="params" if mode == "unstructured" else "flops",
                             granularity=mode, round_to=round_to, seed=seed)
     say("applying")
     refit = spec if mode == "channel" else None
-    before = _stats(model, m, fp)
-    applied = api.apply(model, plan, out, force=force, data=refit)
+    before = _stats(model, am)
+    applied = apply(am, plan, out, force=force, data=refit)  # rewrites am's model: not used after this
     try:
         write_json(scores.to_dict(), scores_path)
         write_json(plan.to_dict(), plan_path)
@@ -163,7 +166,7 @@ def prune(
     notes = []
     if espec is not None:
         say("evaluating")
-        res = api.evaluate(out, espec)
+        res = evaluate(out, espec)
         before.top1, before.top5 = before_acc.top1, before_acc.top5
         after.top1, after.top5 = res.top1, res.top5
         if before.top1 is None:
@@ -185,44 +188,13 @@ def _eval_spec(eval_data, spec: rdata.DataSpec | None) -> rdata.DataSpec | None:
                           std=base.std, batch_size=base.batch_size, provider=base.provider)
 
 
-def _stats(path: str | os.PathLike, m=None, fp: str | None = None) -> ModelStats:
-    m = m if m is not None else load_model(path, check=False)
-    info = api._inspect(m, fp or "")
-    return ModelStats(params=info.params, flops=info.flops, file_bytes=api._model_bytes(Path(path)))
+def _stats(path: str | os.PathLike, am=None) -> ModelStats:
+    am = am if am is not None else open_model(path, check=False)
+    return ModelStats(params=am.params, flops=am.flops, file_bytes=model_file_bytes(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # sweep
-
-
-@dataclass
-class Sweep:
-    """Accuracy against sparsity for several allocation methods (one row per method and sparsity)."""
-
-    fingerprint: str
-    granularity: str
-    budget: str
-    dense: dict
-    rows: list[dict]
-    data: dict
-    options: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"schema": SWEEP_SCHEMA, "onnxprune_version": __version__, "model_fingerprint": self.fingerprint,
-                "granularity": self.granularity, "budget": self.budget, "data": self.data, "options": self.options,
-                "dense": self.dense, "rows": self.rows}
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "sweep") -> Sweep:
-        if not isinstance(d, dict) or d.get("schema") != SWEEP_SCHEMA:
-            raise InputError(f"{source} is not a sweep file (schema {SWEEP_SCHEMA!r}); make one with onnxprune sweep")
-        rows = d.get("rows")
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"method", "sparsity"} <= set(r)
-                                                 for r in rows):
-            raise InputError(f"{source}: 'rows' must be a list of objects with method and sparsity")
-        return cls(fingerprint=str(d.get("model_fingerprint")), granularity=d.get("granularity", "unstructured"),
-                   budget=d.get("budget", "params"), dense=d.get("dense") or {}, rows=rows, data=d.get("data") or {},
-                   options=d.get("options") or {})
 
 
 def sweep(
@@ -243,22 +215,20 @@ def sweep(
     spec = rdata.DataSpec.of(data, **data_options)
     if not sparsities or not all(0 <= s < 1 for s in sparsities):
         raise InputError(f"--sparsities must be numbers in [0, 1), got {list(sparsities)}")
-    unknown = [x for x in methods if x not in api.ALLOCATION_METHODS or x == "srinit"]
+    unknown = [x for x in methods if x not in LAYER_METHODS]
     if unknown or not methods:
-        raise InputError(f"unknown method(s) {unknown or methods}; use some of "
-                         f"{', '.join(x for x in api.ALLOCATION_METHODS if x != 'srinit')}")
+        raise InputError(f"unknown method(s) {unknown or methods}; use some of {', '.join(LAYER_METHODS)}")
     if granularity not in ("unstructured", "channel"):
         raise InputError(f"--granularity must be unstructured or channel, got {granularity!r}")
-    m = load_model(model)
-    fp = fingerprint(m)
-    dense = api.evaluate(model, spec)
+    am = open_model(model)
+    dense = evaluate(model, spec)
     if dense.top1 is None:
         raise InputError("sweep measures accuracy: the data needs labels (--label-key)")
     scores: dict[str, Scores] = {}
     if "capacity" in methods:
-        scores["capacity"] = api.score(m, "capacity")
+        scores["capacity"] = score(am, "capacity")
     if "sensitivity" in methods:
-        scores["sensitivity"] = api.score(m, "sensitivity", data=spec)
+        scores["sensitivity"] = score(am, "sensitivity", data=spec)
     rows = []
     total, done = len(methods) * len(sparsities), 0
     tmp = Path(tempfile.mkdtemp(prefix="onnxprune-sweep-"))
@@ -267,11 +237,11 @@ def sweep(
             for s in sparsities:
                 row = {"method": method, "sparsity": s}
                 try:
-                    plan: Plan = api.allocate(m, method=method, target_sparsity=s, scores=scores.get(method),
+                    plan: Plan = allocate(am, method=method, target_sparsity=s, scores=scores.get(method),
                                               budget=budget, granularity=granularity, seed=seed,
                                               data=spec if method == "search" else None)
-                    applied = api.apply(model, plan, tmp / "pruned.onnx", check=False, force=True)
-                    res = api.evaluate(applied.path, spec)
+                    applied = apply(model, plan, tmp / "pruned.onnx", check=False, force=True)
+                    res = evaluate(applied.path, spec)
                     t = applied.totals
                     row.update(top1=res.top1, top5=res.top5,
                                params_removed=t.get("params_sparsity", t.get("params_fraction_removed")),
@@ -284,12 +254,6 @@ def sweep(
                     progress(done, total)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Sweep(fingerprint=fp, granularity=granularity, budget=budget, data=spec.record(),
+    return Sweep(fingerprint=am.fingerprint, granularity=granularity, budget=budget, data=spec.record(),
                  dense={"top1": dense.top1, "top5": dense.top5, "samples": dense.samples}, rows=rows,
                  options={"sparsities": list(sparsities), "methods": list(methods), "seed": seed})
-
-
-def load_sweep(path: str | os.PathLike) -> Sweep:
-    from onnxprune.plan import read_json
-
-    return Sweep.from_dict(read_json(path, "sweep"), str(path))

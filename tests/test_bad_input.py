@@ -313,7 +313,7 @@ def test_interrupted_json_write(work, monkeypatch, command):
     def broken_replace(src, dst):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("onnxprune.plan.os.replace", broken_replace)
+    monkeypatch.setattr("onnxprune.io.os.replace", broken_replace)
     fails_cleanly(work, [a.format(m="mlp.onnx") for a in COMMANDS[command]], "Input/output error", rc=1)
 
 

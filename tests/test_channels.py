@@ -13,10 +13,9 @@ from onnx import helper
 
 import onnxprune
 from onnxprune import api
-from onnxprune.analysis.channels import channel_graph
-from onnxprune.analysis.graph import analyse_graph
-from onnxprune.analysis.layers import find_layers
-from onnxprune.passes.shrink import choose, shrink
+from onnxprune.passes import ShrinkChannelsPass, run_passes
+from onnxprune.planning.channel_selection import choose
+from onnxprune.verbs.loading import open_model
 from tests.graphs import make_model, mask_channels, tensor, weights
 
 
@@ -33,10 +32,8 @@ def _tail(layer, model: ir.Model, info) -> tuple[str, int, int]:
 
 def shrink_vs_mask(proto: onnx.ModelProto, ratios, criterion="l2", round_to=1):
     """(shrunk model bytes, masked original bytes, channels removed)."""
-    m = ir.serde.deserialize_model(proto)
-    info = analyse_graph(m)
-    layers = find_layers(info)
-    cg = channel_graph(info, layers)
+    am = open_model(ir.serde.deserialize_model(proto))
+    m, info, layers, cg = am.model, am.info, am.layers, am.channel_graph()
     remove, _ = choose(cg, ratios if isinstance(ratios, dict) else {layer.name: ratios for layer in layers},
                        criterion, round_to)
     masks = {}
@@ -49,10 +46,9 @@ def shrink_vs_mask(proto: onnx.ModelProto, ratios, criterion="l2", round_to=1):
             value, rank, axis = _tail(by_node[edit.node], m, info)
             masks[value] = (rank, axis, mask)
     masked = mask_channels(ir.serde.serialize_model(m), masks)
-    shrink(m, cg, remove)
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    RemoveUnusedNodesPass()(m)
+    run_passes(m, [ShrinkChannelsPass(cg, remove), RemoveUnusedNodesPass()])
     shrunk = ir.serde.serialize_model(m)
     onnx.checker.check_model(shrunk, full_check=True)
     return shrunk.SerializeToString(), masked.SerializeToString(), len(remove)
@@ -239,7 +235,7 @@ def test_patches_reproduce_conv():
     node = helper.make_node("Conv", ["input", "w", "b"], ["y"], name="conv", strides=[2, 2], pads=[1, 0, 1, 1])
     proto = make_model([node], [tensor("input", 2, 4, 9, 9)], [tensor("y", 2, 6, 5, 4)], [w, b])
     m = ir.serde.deserialize_model(proto)
-    layer = find_layers(analyse_graph(m))[0]
+    layer = open_model(m).layers[0]
     x = np.random.default_rng(0).standard_normal((2, 4, 9, 9)).astype(np.float32)
     y = _run(proto.SerializeToString(), x)
     wa = onnx.numpy_helper.to_array(w)

@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 
 import onnxprune
 from models.resnet_cifar import CIFAR_MEAN, CIFAR_STD
-from onnxprune import allocation, api
+from onnxprune import api
+from onnxprune.planning import allocation
 from onnxprune.errors import InputError
 from onnxprune.io import load_model
-from onnxprune.plan import load_plan, write_json
+from onnxprune.artefacts import load_plan, write_json
 from tests.graphs import initializers_to_constants
 
 CLI = [sys.executable, "-m", "onnxprune.cli"]
@@ -143,7 +144,7 @@ def test_capacity_allocation_properties(layers, target, lo, hi):
     from onnxprune.analysis.layers import Layer
 
     units = [
-        allocation.Unit(name=f"l{i}", n=n, flops=n, importance=imp, lo=lo, hi=hi,
+        allocation.Allocatable(name=f"l{i}", n=n, flops=n, importance=imp, lo=lo, hi=hi,
                         layer=Layer(f"l{i}", "MatMul", "w", (n, 1), n, n))
         for i, (n, imp) in enumerate(layers)
     ]
@@ -339,7 +340,7 @@ def test_pipeline_on_resnet56(r56, cifar_lossless, tmp_path):
 def test_big_layer_sketch_stays_close_to_exact(r56, monkeypatch, method):
     """Big layers keep a sketch of their sorted scores (memory): with the sketch forced onto ResNet-56's
     layers at a coarse 256 points, each layer's zero count stays within 1/256 of its size of the exact one."""
-    from onnxprune import allocation
+    from onnxprune.planning import allocation
 
     exact = {e["name"]: e for e in api.allocate(r56, target_sparsity=0.7, method=method).layers}
     monkeypatch.setattr(allocation, "SKETCH_ABOVE", 1000)
@@ -355,7 +356,7 @@ def test_big_layer_sketch_stays_close_to_exact(r56, monkeypatch, method):
 @given(st.lists(st.integers(-3, 3), min_size=1, max_size=64), st.data())
 def test_linear_time_mask_equals_stable_argsort(values, data):
     """magnitude_mask (partition + ties in order) zeroes exactly the first k of a stable argsort of |w|."""
-    from onnxprune.passes.sparsify import magnitude_mask
+    from onnxprune.tensors.masks import magnitude_mask
 
     w = np.array(values, np.float32)
     k = data.draw(st.integers(0, w.size))

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnxprune import __version__
+from onnxprune._version import __version__
 from tests.runner import cli
 
 

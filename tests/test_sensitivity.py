@@ -10,11 +10,12 @@ import pytest
 
 import onnxprune
 from models.resnet_cifar import CIFAR_MEAN, CIFAR_STD
-from onnxprune import allocation, api
+from onnxprune import api
+from onnxprune.planning import allocation
 from onnxprune.analysis.graph import analyse_graph
 from onnxprune.analysis.layers import Layer, find_layers
 from onnxprune.errors import InputError
-from onnxprune.runtime.partial import PartialEvaluator, Unit
+from onnxprune.runtime.partial import Part, PartialEvaluator
 
 
 def _cifar(path, start, n):
@@ -34,7 +35,7 @@ def test_partial_evaluation_equals_full_model(export, cifar_lossless, digits_npz
     info = analyse_graph(model)
     layers = find_layers(info)
     chosen = layers[:: max(1, len(layers) // 6)]
-    pe = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in chosen],
+    pe = PartialEvaluator(model, info, [Part(layer.name, [layer.name], [layer.weight]) for layer in chosen],
                           inject=inject)
     if name == "resnet56":
         x = _cifar(cifar_lossless, 0, 32)
@@ -48,7 +49,7 @@ def test_partial_evaluation_equals_full_model(export, cifar_lossless, digits_npz
     for layer in chosen:
         init = next(t for t in proto.graph.initializer if t.name == layer.weight)
         w = rng.standard_normal(tuple(init.dims)).astype(np.float32) * 0.1
-        partial = pe.run_unit(layer.name, acts, {layer.weight: w})[0]
+        partial = pe.run_part(layer.name, acts, {layer.weight: w})[0]
         p2 = onnx.ModelProto()
         p2.CopyFrom(proto)
         next(t for t in p2.graph.initializer if t.name == layer.weight).CopyFrom(
@@ -81,7 +82,7 @@ def test_sensitivity_scores_on_resnet56(export, cifar_jpeg):
 def test_hull_allocation_prefers_cheap_layers():
     """Two layers of equal size: the one whose drop rises late takes the sparsity first."""
     def unit(name, curve):
-        return allocation.Unit(name=name, n=100, flops=100, layer=Layer(name, "MatMul", "w", (10, 10), 100, 1),
+        return allocation.Allocatable(name=name, n=100, flops=100, layer=Layer(name, "MatMul", "w", (10, 10), 100, 1),
                                importance=1.0, curve=curve)
 
     cheap = unit("cheap", [(0.0, 0.0), (0.5, 0.0), (0.9, 0.1)])

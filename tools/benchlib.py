@@ -49,7 +49,7 @@ def weight_sparsity(path: str | Path) -> float:
     from onnxprune.analysis.graph import analyse_graph
     from onnxprune.analysis.layers import find_layers
     from onnxprune.io import load_model
-    from onnxprune.weights import get_weight
+    from onnxprune.tensors.weights import get_weight
 
     model = load_model(path)
     layers = [layer for layer in find_layers(analyse_graph(model)) if not layer.shared_with]
@@ -78,7 +78,7 @@ def bench_resnet56() -> Path:
 def reference_block_plan(path: str | Path):
     """A plan removing the reference's 10 blocks from the ResNet-56 at ``path``."""
     import onnxprune
-    from onnxprune.plan import Plan
+    from onnxprune.artefacts import Plan
 
     info = onnxprune.inspect(path)
     return Plan(method="reference", fingerprint=info.fingerprint, layers=[], totals={}, granularity="blocks",

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.graph import GraphInfo, constant_array
-from onnxprune.analysis.layers import Layer
+from onnxprune.analysis.layers import Layer, out_in_axes
 
 UNARY = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
@@ -64,9 +64,6 @@ class ChannelGraph:
     blocked: dict[int, str]  # root -> reason
     edits: list[Edit]
     produced: dict[str, list[int]]  # layer name -> its output elements
-    # filter norms per criterion, filled by onnxprune.passes.shrink (weights do not change while a graph is
-    # analysed; a refit changes them after the channels were chosen)
-    norm_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def find(self, e: int) -> int:
         while self.parent[e] != e:
@@ -79,6 +76,10 @@ class ChannelGraph:
         for e in range(len(self.parent)):
             out.setdefault(self.find(e), []).append(e)
         return out
+
+    def kept(self, elems: list[int], remove: set[int]) -> list[int]:
+        """Indices into ``elems`` of the elements whose class is not in ``remove``."""
+        return [i for i, e in enumerate(elems) if self.find(e) not in remove]
 
     def reason(self, root: int) -> str | None:
         return self.blocked.get(self.find(root))
@@ -258,8 +259,6 @@ class _Builder:
         self.block_inputs(node, "op not supported on a channel axis")
 
     def layer(self, node: ir.Node, layer: Layer, ins: list[Track | None]) -> None:
-        from onnxprune.weights import out_in_axes
-
         out = node.outputs[0]
         w_out, w_in = out_in_axes(layer)
         shape = layer.weight_shape

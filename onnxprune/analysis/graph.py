@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import _c_api_utils
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +112,6 @@ def numel(shape: tuple | None) -> int:
     return int(np.prod(shape)) if shape is not None else 0
 
 
-def ensure_node_names(graph: ir.Graph) -> None:
-    """Give every unnamed node a stable name (op type + position), so layers can be referred to by name."""
-    used = {n.name for n in graph if n.name}
-    for i, node in enumerate(graph):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
-
-
 def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataType], str | None,
                                            dict[str, np.ndarray]]:
     """ONNX shape inference with the large initializers left out (works for models over 2 GB).
@@ -152,7 +139,7 @@ def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataTy
         return inferred
 
     try:
-        proto = _c_api_utils.call_onnx_api(infer, model)
+        proto = infer(_proto_without_big_weights(model))
         for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 dtypes[vi.name] = ir.DataType(vi.type.tensor_type.elem_type)
@@ -172,6 +159,42 @@ def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataTy
             if v.name not in shapes and v.shape is not None:
                 shapes[v.name] = tuple(_dim(d) for d in v.shape)
     return shapes, dtypes, error, folded
+
+
+_INLINE_LIMIT = 1000  # bytes: bigger weights are left out of the proto handed to ONNX's C++ shape inference
+
+
+def _proto_without_big_weights(model: ir.Model) -> onnx.ModelProto:
+    """The model as a proto in which every weight is a typed graph input and only weights up to 1 KB keep
+    their values, so that a model of any size fits the C++ API (protobuf's 2 GB limit) and nothing big is
+    copied. ``model`` is restored afterwards (its big initializers then come after the small ones)."""
+    graph = model.graph
+    weights = list(graph.initializers.values())
+    tensors = {v.name: v.const_value for v in weights}
+    inputs = len(graph.inputs)
+    try:
+        for value in weights:
+            tensor = value.const_value
+            if tensor is not None:
+                value.shape = value.shape if value.shape is not None else tensor.shape
+                value.dtype = value.dtype if value.dtype is not None else tensor.dtype
+            if value not in graph.inputs:
+                graph.inputs.append(value)
+            if tensor is None or tensor.nbytes > _INLINE_LIMIT:
+                value.const_value = None
+                graph.initializers.pop(value.name)
+        return ir.serde.serialize_model(model)
+    finally:
+        for value in weights:
+            value.const_value = tensors[value.name]
+            if value.name not in graph.initializers:
+                if value.const_value is not None:
+                    graph.register_initializer(value)
+                else:
+                    graph.initializers.add(value)
+        kept = graph.inputs[:inputs]
+        graph.inputs.clear()
+        graph.inputs.extend(kept)
 
 
 def _value_shapes(proto: onnx.ModelProto):
@@ -264,8 +287,10 @@ def _dim(d) -> int | str | None:
 
 
 def analyse_graph(model: ir.Model) -> GraphInfo:
-    """Name nodes, order them, infer shapes."""
-    ensure_node_names(model.graph)
+    """Order the nodes, infer shapes. The nodes must be named (onnxprune.passes.NameNodesPass)."""
+    unnamed = next((node for node in model.graph if not node.name), None)
+    if unnamed is not None:
+        raise ValueError(f"a {unnamed.op_type} node has no name; run onnxprune.passes.NameNodesPass first")
     order = {node: i for i, node in enumerate(model.graph)}
     shapes, dtypes, error, folded = infer_shapes(model)
     batch = 1

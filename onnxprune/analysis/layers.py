@@ -206,3 +206,21 @@ def model_params(info: GraphInfo) -> int:
         if n > 1:
             total += n
     return total
+
+
+def out_in_axes(layer: Layer) -> tuple[int, int]:
+    """(output axis, reduction/input axis) of the weight tensor in its ONNX layout."""
+    rank = len(layer.weight_shape)
+    if layer.op_type == "Conv":
+        return 0, 1
+    if layer.op_type == "ConvTranspose":
+        return 1, 0
+    if layer.op_type == "Gemm":
+        trans = layer.node.attributes.get_int("transB" if layer.weight_input == 1 else "transA", 0)
+        if layer.weight_input == 1:
+            return (0, 1) if trans else (1, 0)
+        return (1, 0) if trans else (0, 1)
+    # MatMul: x @ W, W (..., K, N): inputs on axis -2; W @ x, W (..., M, K): inputs on axis -1
+    if layer.weight_input == 1:
+        return rank - 1, rank - 2
+    return rank - 2, rank - 1

@@ -29,8 +29,9 @@ from onnx import helper, numpy_helper
 from onnxprune.analysis.channels import ChannelGraph
 from onnxprune.analysis.graph import constant_array
 from onnxprune.analysis.layers import Layer
+from onnxprune.runtime.graph_io import with_outputs
 from onnxprune.runtime.session import create_session
-from onnxprune.weights import get_weight, out_in_axes, set_weight
+from onnxprune.tensors.weights import get_weight, out_in_axes, set_weight
 
 
 @dataclass
@@ -120,6 +121,23 @@ def _bias_value(layer: Layer) -> ir.Value | None:
     return None
 
 
+class RefitPass(ir.passes.InPlacePass):
+    """Refit the layers that lose input channels when the classes ``remove`` of ``cg`` go (see
+    :func:`reconstruct`); runs before ShrinkChannelsPass, which then keeps the refit values. ``report``
+    says what was refit, what was skipped and why, and the output errors before and after."""
+
+    def __init__(self, cg: ChannelGraph, remove: set[int], batches: list[dict[str, np.ndarray]],
+                 provider: str = "cpu", progress: Callable[[int, int], None] | None = None):
+        super().__init__()
+        self.cg, self.remove, self.batches, self.provider, self.progress = cg, remove, batches, provider, progress
+        self.report = ReconstructReport()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = reconstruct(model, self.cg, self.remove, self.batches, provider=self.provider,
+                                  progress=self.progress)
+        return ir.passes.PassResult(model, bool(self.report.refit))
+
+
 def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: list[dict[str, np.ndarray]],
                 provider: str = "cpu", ridge: float = 1e-3,
                 progress: Callable[[int, int], None] | None = None) -> ReconstructReport:
@@ -141,7 +159,7 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
     if not todo or not batches:
         return report
     proto = ir.serde.serialize_model(model)
-    reference = _with_outputs(proto, [layer.node.outputs[0].name for layer in todo])
+    reference = with_outputs(proto, [layer.node.outputs[0].name for layer in todo])
     masked, feeds_of = _masked(proto, consumers, todo, layers)
     ref_sess = create_session(reference.SerializeToString(), provider).session
     sess = create_session(masked.SerializeToString(), provider).session
@@ -202,17 +220,6 @@ def _weight_feeds(weights: dict, biases: dict, feeds_of: dict) -> dict[str, np.n
         if b_name is not None:
             out[b_name] = biases[name]
     return out
-
-
-def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    p = onnx.ModelProto()
-    p.CopyFrom(proto)
-    have = {o.name for o in p.graph.output}
-    for name in names:
-        if name not in have:
-            p.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-            have.add(name)
-    return p
 
 
 def _masked(proto: onnx.ModelProto, consumers: dict, todo: list[Layer], layers: dict

@@ -43,3 +43,9 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
                 graph.remove(add, safe=True)
         RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, bool(self.blocks))
+
+    def ensures(self, model: ir.Model) -> None:
+        """The joining Add of every removed block is gone."""
+        left = {node.name for node in model.graph} & {block.name for block in self.blocks}
+        if left:
+            raise ir.passes.PostconditionError(f"blocks still joined after removal: {sorted(left)[:3]}")

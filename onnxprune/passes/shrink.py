@@ -1,167 +1,21 @@
-"""Remove whole channels: choose them per coupled group, then shrink every tensor that holds them.
+"""Remove whole channels from the graph: shrink every tensor that holds the chosen channels.
 
-The channel dependency analysis (onnxprune.analysis.channels) says which channels are tied together; this
-pass picks, in each prunable group, the channels to remove (the lowest by the L1 or L2 norm of their
-filters, summed over the group's layers after dividing by each layer's mean norm, as every layer of a group
-loses the same channels), and rewrites the layer weights (output and input axes), depthwise group counts,
-BatchNorm parameters, per-channel constants, channel pads and flattening reshapes.
+Which channels go is decided before (onnxprune.planning.channel_selection); this pass rewrites the layer
+weights (output and input axes), depthwise group counts, BatchNorm parameters, per-channel constants,
+channel pads, attention head counts and flattening reshapes.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.channels import ChannelGraph, Edit
 from onnxprune.analysis.graph import constant_array
-from onnxprune.weights import get_weight, lazy_from, out_in_axes, release_weight
+from onnxprune.analysis.layers import out_in_axes
+from onnxprune.tensors.weights import get_weight, lazy_from
 
-CRITERIA = ("l1", "l2")
-
-
-@dataclass
-class GroupChoice:
-    layers: list[str]
-    channels: int
-    removed: int
-    ratio: float  # the planned fraction for the group (before rounding)
-
-
-def filter_norms(layer, criterion: str) -> np.ndarray:
-    w = np.asarray(get_weight(layer), np.float64)
-    axis = out_in_axes(layer)[0]
-    m = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    return np.abs(m).sum(1) if criterion == "l1" else np.sqrt((m ** 2).sum(1))
-
-
-def _normalised_norms(cg: ChannelGraph, criterion: str) -> dict[str, np.ndarray]:
-    """Each producing layer's filter norms over their mean, computed once per channel graph and criterion
-    (allocation calls choose() dozens of times; on a big model each computation reads every weight)."""
-    cache = cg.norm_cache
-    if criterion not in cache:
-        norms = {}
-        for name in cg.produced:
-            n = filter_norms(cg.layers[name], criterion)
-            norms[name] = n / (float(n.mean()) or 1.0)
-            release_weight(cg.layers[name])
-        cache[criterion] = norms
-    return cache[criterion]
-
-
-def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", round_to: int = 1,
-           counts: dict[tuple, int] | None = None) -> tuple[set[int], list[GroupChoice]]:
-    """The class roots to remove and what was chosen per group. ``ratios``: layer name -> fraction of its
-    output channels to remove (from a plan's per-layer sparsities). A group takes the mean of its layers'
-    ratios weighted by their parameters; its kept channel count is rounded to a multiple of ``round_to``
-    (never below it, never above the group's size). ``counts`` (group layers -> channels to remove), where it
-    names a group, overrides the ratios (a plan's rounded counts)."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}")
-    norms = _normalised_norms(cg, criterion)
-    remove: set[int] = set()
-    choices = []
-    members = cg.classes()
-    for g in cg.groups():
-        if not g["prunable"]:
-            continue
-        ratio = group_ratio(cg, g, ratios)
-        n = g["channels"]
-        kept = n - int(np.floor(ratio * n + 1e-9))
-        if counts is not None and tuple(g["layers"]) in counts:
-            kept = n - counts[tuple(g["layers"])]
-        elif round_to > 1:
-            step = group_step(cg, g, round_to, members)
-            kept = int(round(kept / step)) * step
-            kept = max(kept, step)
-        kept = min(max(kept, 1), n)
-        if kept == n:
-            choices.append(GroupChoice(g["layers"], n, 0, ratio))
-            continue
-        score = {}
-        for root in g["roots"]:
-            total = 0.0
-            for e in members[root]:
-                kind, name, idx = cg.owners[e]
-                if kind == "layer" and name in norms:
-                    total += norms[name][idx]
-            score[root] = total
-        ordered = sorted(g["roots"], key=lambda r: (score[r], r))
-        remove.update(ordered[: n - kept])
-        choices.append(GroupChoice(g["layers"], n, n - kept, ratio))
-    return remove, choices
-
-
-def group_ratio(cg: ChannelGraph, group: dict, ratios: dict[str, float]) -> float:
-    """A group's fraction of channels to remove: its layers' planned fractions, weighted by their parameters."""
-    weights = np.array([cg.layers[n].params for n in group["layers"]], np.float64)
-    rs = np.array([ratios.get(n, 0.0) for n in group["layers"]], np.float64)
-    return float((weights * rs).sum() / weights.sum()) if weights.sum() else float(rs.mean())
-
-
-def group_step(cg: ChannelGraph, group: dict, round_to: int, members: dict[int, list[int]]) -> int:
-    """How many of a group's removable units make a multiple of ``round_to`` channels: a unit is one channel,
-    or a whole attention head of D features (then round_to / gcd(round_to, D) heads, 1 when D is a multiple)."""
-    root, layer = group["roots"][0], group["layers"][0]
-    width = sum(1 for e in members[root] if cg.owners[e][:2] == ("layer", layer)) or 1
-    return max(1, round_to // math.gcd(round_to, width))
-
-
-def rounded_counts(cg: ChannelGraph, ratios: dict[str, float], round_to: int, reached: Callable[[dict], bool]
-                   ) -> dict[tuple, int]:
-    """Channels to remove per group (group layers -> count), multiples of ``round_to`` (keeping at least
-    ``round_to``), that still meet the budget: each group starts at its planned removal rounded down, then
-    the group with the largest shortfall against its plan removes ``round_to`` more, one step at a time,
-    until ``reached(counts)`` holds (or nothing more can go). Rounding every group the same way at once
-    would move the total in coarse jumps (every 16-channel group from 16 to 8 together) and miss the target."""
-    groups = [g for g in cg.groups() if g["prunable"]]
-    members = cg.classes()
-    steps = [group_step(cg, g, round_to, members) for g in groups]
-    want = [group_ratio(cg, g, ratios) * g["channels"] for g in groups]
-    removed = [min(int(w // st) * st, max(g["channels"] - st, 0)) for g, w, st in zip(groups, want, steps, strict=True)]
-
-    def counts() -> dict[tuple, int]:
-        return {tuple(g["layers"]): r for g, r in zip(groups, removed, strict=True)}
-
-    while not reached(counts()):
-        room = [k for k, g in enumerate(groups) if removed[k] + steps[k] <= g["channels"] - steps[k]]
-        if not room:
-            break
-        k = max(room, key=lambda k: (want[k] - removed[k], -k))
-        removed[k] += steps[k]
-    return counts()
-
-
-def kept_fractions(cg: ChannelGraph, remove: set[int]) -> dict[str, tuple[float, float]]:
-    """Layer name -> (fraction of input channels kept, fraction of output channels kept) after removing
-    ``remove``: a layer's weights and FLOPs scale with their product (a depthwise layer's with one of them)."""
-    by_node = {layer.node: name for name, layer in cg.layers.items()}
-    out: dict[str, list[float]] = {}
-    for edit in cg.edits:
-        if edit.kind not in ("weight_out", "weight_in") or edit.node not in by_node:
-            continue
-        frac = len(_kept(cg, edit.elems, remove)) / len(edit.elems) if edit.elems else 1.0
-        entry = out.setdefault(by_node[edit.node], [1.0, 1.0])
-        entry[0 if edit.kind == "weight_in" else 1] = frac
-    return {name: (kin, kout) for name, (kin, kout) in out.items()}
-
-
-def predict(cg: ChannelGraph, remove: set[int]) -> tuple[int, int]:
-    """(parameters removed, FLOPs per sample removed) from the layers, without rewriting anything."""
-    params = flops = 0.0
-    for name, (kin, kout) in kept_fractions(cg, remove).items():
-        layer = cg.layers[name]
-        w = float(np.prod(layer.weight_shape))
-        params += w * (1 - kin * kout) + (layer.params - w) * (1 - kout)
-        flops += (layer.flops or 0) * (1 - kin * kout)
-    return int(round(params)), int(round(flops))
-
-
-def _kept(cg: ChannelGraph, elems: list[int], remove: set[int]) -> list[int]:
-    return [i for i, e in enumerate(elems) if cg.find(e) not in remove]
+__all__ = ["ShrinkChannelsPass", "shrink"]
 
 
 def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray | ir.LazyTensor) -> ir.Value:
@@ -185,13 +39,38 @@ def _take(arr: np.ndarray, cut: dict[int, list[int]]) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+class ShrinkChannelsPass(ir.passes.InPlacePass):
+    """Rewrite the model without the channel classes ``remove`` of ``cg`` (the channel graph of this very
+    model, analysed before the pass). Nodes that no longer feed anything stay for RemoveUnusedNodesPass."""
+
+    def __init__(self, cg: ChannelGraph, remove: set[int]):
+        super().__init__()
+        self.cg, self.remove = cg, remove
+        self.channels_after = {name: len(cg.kept(elems, remove)) for name, elems in cg.produced.items()}
+        self.edits = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.edits = shrink(model, self.cg, self.remove)
+        return ir.passes.PassResult(model, self.edits > 0)
+
+    def ensures(self, model: ir.Model) -> None:
+        """Every producing layer's weight has exactly the planned number of output channels."""
+        for name, channels in self.channels_after.items():
+            layer = self.cg.layers[name]
+            weight = layer.node.inputs[layer.weight_input]
+            shape = weight.const_value.shape if weight.const_value is not None else weight.shape
+            if shape is not None and shape[out_in_axes(layer)[0]] != channels:
+                raise ir.passes.PostconditionError(f"layer {name!r} has {shape[out_in_axes(layer)[0]]} output "
+                                                   f"channels after the shrink, planned {channels}")
+
+
 def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
     """Rewrite the graph without the channels of the ``remove`` classes. Returns the number of edits."""
     graph = model.graph
     weight_keep: dict[ir.Node, dict[int, list[int]]] = {}
     done = 0
     for edit in cg.edits:
-        keep = _kept(cg, edit.elems, remove)
+        keep = cg.kept(edit.elems, remove)
         if edit.kind in ("weight_out", "weight_in"):
             weight_keep.setdefault(edit.node, {})[edit.axis] = keep
         elif len(keep) == len(edit.elems) and edit.kind != "pad":
@@ -260,8 +139,8 @@ def _heads(graph: ir.Graph, edit: Edit, heads: int) -> None:
 
 
 def _pad(graph: ir.Graph, cg: ChannelGraph, edit: Edit, remove: set[int]) -> None:
-    before = len(_kept(cg, edit.extra["before"], remove))
-    after = len(_kept(cg, edit.extra["after"], remove))
+    before = len(cg.kept(edit.extra["before"], remove))
+    after = len(cg.kept(edit.extra["after"], remove))
     axes, pads = edit.extra["axes"], list(edit.extra["pads"])
     k = axes.index(edit.axis)
     if pads[k] == before and pads[len(axes) + k] == after:

@@ -15,45 +15,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.layers import Layer
-from onnxprune.weights import get_weight, lazy_from, out_in_axes, set_weight
-
-
-def magnitude_mask(w: np.ndarray, zeros: int) -> np.ndarray:
-    """0/1 mask of w's shape with the ``zeros`` smallest |w| set to 0, ties by position: the first ``zeros``
-    of a stable argsort, found in linear time (the k-th smallest value, then the ties at it in order)."""
-    a = np.abs(np.asarray(w)).reshape(-1)
-    if zeros <= 0:
-        return np.ones(w.shape, dtype=bool)
-    if zeros >= a.size:
-        return np.zeros(w.shape, dtype=bool)
-    kth = np.partition(a, zeros - 1)[zeros - 1]
-    pruned = a < kth
-    pruned[np.flatnonzero(a == kth)[: zeros - int(np.count_nonzero(pruned))]] = True
-    return ~pruned.reshape(w.shape)
-
-
-def magnitude_order(w: np.ndarray) -> np.ndarray:
-    """Flat indices of w from smallest to largest |w| (ties by position): computed once, pruned many times."""
-    return np.argsort(np.abs(np.asarray(w)).reshape(-1), kind="stable")
-
-
-def pruned_copy(w: np.ndarray, order: np.ndarray, zeros: int) -> np.ndarray:
-    """A copy of w with its ``zeros`` smallest weights (by ``order``) set to 0."""
-    flat = np.array(w, copy=True).reshape(-1)
-    flat[order[:zeros]] = 0
-    return flat.reshape(w.shape)
-
-
-def nm_mask(w: np.ndarray, n: int, m: int, in_axis: int) -> np.ndarray | None:
-    """Keep the n largest |w| in each group of m along ``in_axis``; None if that axis is not a multiple of m."""
-    if w.shape[in_axis] % m:
-        return None
-    moved = np.moveaxis(np.abs(np.asarray(w)), in_axis, -1)
-    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-    order = np.argsort(-groups, axis=-1, kind="stable")
-    keep = np.zeros(groups.shape, dtype=bool)
-    np.put_along_axis(keep, order[..., :n], True, axis=-1)
-    return np.moveaxis(keep.reshape(moved.shape), -1, in_axis)
+from onnxprune.tensors.masks import apply_mask, magnitude_mask, nm_mask
+from onnxprune.tensors.weights import get_weight, lazy_from, out_in_axes, set_weight
 
 
 @dataclass
@@ -93,16 +56,18 @@ class SparsifyPass(ir.passes.InPlacePass):
             if isinstance(source, ir.ExternalTensor):
                 # memory-mapped weights (big models): computed while the model is written, one layer at a
                 # time, so the pruned model never sits in memory beside the mapped original
-                set_weight(layer, lazy_from(source, lambda a, f=mask_of: _masked(a, f(a))))
+                set_weight(layer, lazy_from(source, lambda a, f=mask_of: apply_mask(a, f(a))))
                 n, m = self.nm or (0, 1)
                 self.report.zeros[layer.name] = self.targets[layer.name] if self.nm is None else w.size // m * (m - n)
             else:
                 mask = mask_of(w)
-                set_weight(layer, _masked(w, mask))
+                set_weight(layer, apply_mask(w, mask))
                 self.report.zeros[layer.name] = int(mask.size - np.count_nonzero(mask))
             modified = True
         return ir.passes.PassResult(model, modified)
 
-
-def _masked(w: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return np.where(mask, w, np.zeros((), dtype=w.dtype)).astype(w.dtype, copy=False)
+    def ensures(self, model: ir.Model) -> None:
+        """Unstructured: every layer got exactly its planned number of zeros."""
+        if self.nm is None and any(self.report.zeros[layer.name] != self.targets[layer.name]
+                                   for layer in self.layers):
+            raise ir.passes.PostconditionError("zeroed weights differ from the plan's counts")

@@ -112,13 +112,13 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
                     flip: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """The teacher's logits for ``x`` (and for ``x`` flipped), and the per-channel mean and variance of the
     tensors ``names`` over the first ``stats_samples`` samples; one ONNX Runtime pass each."""
-    from onnxprune.passes.reconstruct import _with_outputs
+    from onnxprune.runtime.graph_io import with_outputs
 
     proto = teacher if isinstance(teacher, onnx.ModelProto) else (
         ir.serde.serialize_model(teacher) if isinstance(teacher, ir.Model) else onnx.load(str(teacher)))
     output = proto.graph.output[0].name
     plain = create_session(proto.SerializeToString(), provider).session
-    stats_sess = create_session(_with_outputs(proto, names).SerializeToString(), provider).session if names else None
+    stats_sess = create_session(with_outputs(proto, names).SerializeToString(), provider).session if names else None
     moments = {name: ChannelMoments() for name in names}
     n = len(x)
     logits, flipped = [], []

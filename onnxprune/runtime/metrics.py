@@ -33,3 +33,9 @@ class Accuracy:
 
     def percent(self, hits: int) -> float | None:
         return None if self.labelled == 0 else 100.0 * hits / self.labelled
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.reshape(z.shape[0], -1).astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))

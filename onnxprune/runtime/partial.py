@@ -1,18 +1,18 @@
-"""Partial-graph evaluation: run the unmodified model once, keep the activations entering each unit, and
-evaluate only the part of the graph from the unit to the outputs with other weights for the unit.
+"""Partial-graph evaluation: run the unmodified model once, keep the activations entering each part, and
+evaluate only the graph from the part to the outputs with other weights for the part.
 
-A *unit* is a set of nodes whose weights get replaced (one layer, or every layer of a residual block). For
-a unit whose first node sits at position p of the topological order, the *cut* is every run-time value
+A *part* is a set of nodes whose weights get replaced (one layer, or every layer of a residual block). For
+a part whose first node sits at position p of the topological order, the *cut* is every run-time value
 produced before p and used at or after p (for a layer inside a residual block this includes the block's
-skip value). The prefix session is the whole model with every cut value as an extra output; each unit's
+skip value). The prefix session is the whole model with every cut value as an extra output; each part's
 suffix graph holds nodes p.. of the graph and takes the cut values as inputs. It is serialised once; other
-weights for the unit never re-serialise it. Two ways to inject them:
+weights for the part never re-serialise it. Two ways to inject them:
 
-- ``inject="inputs"``: the unit's weights are inputs of one suffix session per unit, so trying another
+- ``inject="inputs"``: the part's weights are inputs of one suffix session per part, so trying another
   weight is one ``run`` with other arrays. Right for many weight variants on little data (sensitivity
   curves, search), but ONNX Runtime cannot pre-pack weights that are inputs (on x86 its blocked NCHWc
   convolutions need constant weights), so each run is slower: about 1.8x on ResNet-56.
-- ``inject="initializers"``: the unit's weights are initializers whose bytes are supplied when a session is
+- ``inject="initializers"``: the part's weights are initializers whose bytes are supplied when a session is
   made (``SessionOptions.add_external_initializers``: no copy of the model, no serialisation), one session
   per weight set (:meth:`PartialEvaluator.bind`). Each run is as fast as the unmodified model's. Right for
   a few weight sets on much data (SR-init: one per seed).
@@ -28,29 +28,30 @@ import onnx_ir as ir
 from onnx import helper
 
 from onnxprune.analysis.graph import GraphInfo
+from onnxprune.runtime.graph_io import weight_tensor_type
 from onnxprune.runtime.session import Session, create_session
 
 INJECTED = "onnxprune-injected-weights"  # external-data location of weights supplied at session creation
 
 
 @dataclass
-class Unit:
+class Part:
     name: str
-    nodes: list[str]  # node names belonging to the unit
+    nodes: list[str]  # node names belonging to the part
     weights: list[str]  # value names of the weights that get replaced
 
 
 @dataclass
 class _Suffix:
-    unit: Unit
+    part: Part
     position: int
     cut: list[str]
     model: bytes  # the serialised suffix graph
-    session: Session | None = None  # inject="inputs": the one session of this unit
+    session: Session | None = None  # inject="inputs": the one session of this part
 
 
 class Bound:
-    """A suffix session with one set of the unit's weights built in (or fed on each run)."""
+    """A suffix session with one set of the part's weights built in (or fed on each run)."""
 
     def __init__(self, suffix: _Suffix, session: Session, outputs: list[str], feeds: dict | None = None,
                  keep: list | None = None):
@@ -74,7 +75,7 @@ def _elem_type(info: GraphInfo, value: ir.Value) -> int:
 
 
 class PartialEvaluator:
-    def __init__(self, model: ir.Model, info: GraphInfo, units: list[Unit], provider: str = "cpu",
+    def __init__(self, model: ir.Model, info: GraphInfo, parts: list[Part], provider: str = "cpu",
                  threads: int | None = None, inject: str = "inputs"):
         if inject not in ("inputs", "initializers"):
             raise ValueError(f"inject must be inputs or initializers, got {inject!r}")
@@ -94,13 +95,13 @@ class PartialEvaluator:
         self.output_names = [o.name for o in graph.output]
         self.suffixes: dict[str, _Suffix] = {}
         needed_cut: set[str] = set()
-        for unit in units:
-            p = min(position[n] for n in unit.nodes)
-            model_bytes, cut = self._slice(p, len(nodes), self.output_names, unit.weights)
-            suffix = _Suffix(unit, p, cut, model_bytes)
+        for part in parts:
+            p = min(position[n] for n in part.nodes)
+            model_bytes, cut = self._slice(p, len(nodes), self.output_names, part.weights)
+            suffix = _Suffix(part, p, cut, model_bytes)
             if inject == "inputs":
                 suffix.session = create_session(suffix.model, provider, threads, spin=False)
-            self.suffixes[unit.name] = suffix
+            self.suffixes[part.name] = suffix
             needed_cut.update(cut)
         self._prefix_extra = sorted(needed_cut - set(self.output_names) - {i.name for i in graph.input})
         self._prefix: Session | None = None
@@ -124,7 +125,7 @@ class PartialEvaluator:
             body, eyes = self._layout_bridges(cut if start > 0 else [], body, outputs)
             inits += eyes
         for w in weights:
-            data_type, shape = _weight_type(self._initializers, const_nodes, w)
+            data_type, shape = weight_tensor_type(self._initializers, const_nodes, w)
             if self.inject == "inputs":
                 inputs.append(helper.make_tensor_value_info(w, data_type, shape))
             else:
@@ -209,31 +210,31 @@ class PartialEvaluator:
         acts.update(feeds)
         return acts
 
-    def weight_bytes(self, unit: str) -> int:
-        """About the bytes of weights a session of ``unit``'s suffix holds."""
-        suffix = self.suffixes[unit]
-        own = sum(int(np.prod(_weight_type(self._initializers, self._const_nodes, w)[1], dtype=np.int64))
-                  * _itemsize(_weight_type(self._initializers, self._const_nodes, w)[0]) for w in suffix.unit.weights)
+    def weight_bytes(self, part: str) -> int:
+        """About the bytes of weights a session of ``part``'s suffix holds."""
+        suffix = self.suffixes[part]
+        own = sum(int(np.prod(weight_tensor_type(self._initializers, self._const_nodes, w)[1], dtype=np.int64))
+                  * _itemsize(weight_tensor_type(self._initializers, self._const_nodes, w)[0]) for w in suffix.part.weights)
         return len(suffix.model) + (own if self.inject == "initializers" else 0)
 
-    def bind(self, unit: str, weights: dict[str, np.ndarray]) -> Bound:
-        """A runnable suffix of ``unit`` with these weights (every weight of the unit, by value name)."""
-        suffix = self.suffixes[unit]
-        missing = set(suffix.unit.weights) - set(weights)
+    def bind(self, part: str, weights: dict[str, np.ndarray]) -> Bound:
+        """A runnable suffix of ``part`` with these weights (every weight of the part, by value name)."""
+        suffix = self.suffixes[part]
+        missing = set(suffix.part.weights) - set(weights)
         if missing:
-            raise ValueError(f"weights for unit {unit!r} miss {sorted(missing)}")
+            raise ValueError(f"weights for part {part!r} miss {sorted(missing)}")
         if self.inject == "inputs":
             return Bound(suffix, suffix.session, self.output_names, feeds=dict(weights))
-        names = list(suffix.unit.weights)
+        names = list(suffix.part.weights)
         arrays = [np.require(weights[n], requirements="C") for n in names]
         values = [_ort().OrtValue.ortvalue_from_numpy(a) for a in arrays]
         session = create_session(suffix.model, self.provider, self.threads, spin=False,
                                  external=dict(zip(names, values, strict=True)))
         return Bound(suffix, session, self.output_names, keep=arrays + values)
 
-    def run_unit(self, unit: str, acts: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The model outputs with ``unit``'s weights replaced, from the cached activations of one batch."""
-        return self.bind(unit, weights).run(acts)
+    def run_part(self, part: str, acts: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The model outputs with ``part``'s weights replaced, from the cached activations of one batch."""
+        return self.bind(part, weights).run(acts)
 
 
 def _ort():
@@ -255,15 +256,6 @@ def _placeholder(name: str, data_type: int, shape: list[int]) -> onnx.TensorProt
 
 def _itemsize(data_type: int) -> int:
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
-
-
-def _weight_type(initializers: dict, const_nodes: dict, name: str) -> tuple[int, list[int]]:
-    if name in initializers:
-        t = initializers[name]
-        return t.data_type, list(t.dims)
-    node = const_nodes[name]
-    t = next(a.t for a in node.attribute if a.name == "value")
-    return t.data_type, list(t.dims)
 
 
 def _all_values(model: ir.Model):

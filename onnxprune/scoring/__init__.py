@@ -1,1 +1,2 @@
-"""Per-layer importance: data-free capacity (from the weights) and, later, measured sensitivity."""
+"""Per-layer importance: data-free capacity (from the weights) and measured sensitivity, compactness and
+SR-init (on data); every method is registered in onnxprune.scoring.registry."""

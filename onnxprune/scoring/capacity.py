@@ -25,7 +25,11 @@ import math
 import numpy as np
 
 from onnxprune.analysis.layers import Layer
-from onnxprune.weights import as_matrix, get_weight
+from onnxprune.analysis.model import AnalysedModel
+from onnxprune.artefacts import Scores
+from onnxprune.errors import InputError
+from onnxprune.scoring.common import Progress, ScoreRequest, layer_entry, owned_layers, relative_to_max
+from onnxprune.tensors.weights import as_matrix, get_weight, release_weight
 
 METRICS = {
     "mean_abs": "mean |w|",
@@ -33,6 +37,7 @@ METRICS = {
     "effective_rank": "exp(entropy of normalised singular values) / min(out, in)",
     "stable_rank": "||W||_F^2 / ||W||_2^2 / min(out, in)",
 }
+DEFAULT_METRIC = "stable_rank"  # the best capacity metric of the allocation benchmark
 NORM_METRICS = ("mean_abs", "l2")
 EXACT_RANK_LIMIT = 2048
 RANDOMIZED_K = 256
@@ -108,7 +113,24 @@ def layer_metrics(layer: Layer, metrics: list[str]) -> tuple[dict[str, float], d
     return {m: values[m] for m in values if m in metrics or m in NORM_METRICS}, info
 
 
-def capacity_importance(values: list[float]) -> list[float]:
-    """importance = metric / max(metric); all equal if every metric is 0."""
-    top = max(values) if values else 0.0
-    return [v / top if top > 0 else 1.0 for v in values]
+def check(request: ScoreRequest) -> None:
+    metric = request.metric or DEFAULT_METRIC
+    if metric not in METRICS:
+        raise InputError(f"unknown capacity metric {metric!r}; use one of {', '.join(METRICS)}")
+
+
+def score_capacity(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
+    """Each layer's capacity metric; importance = metric / the largest."""
+    metric = request.metric or DEFAULT_METRIC
+    layers = owned_layers(am)
+    units = []
+    for i, layer in enumerate(layers):
+        values, how = layer_metrics(layer, [metric])
+        release_weight(layer)
+        units.append({**layer_entry(am, layer), "metrics": values, **how})
+        if progress:
+            progress(i + 1, len(layers))
+    for unit, imp in zip(units, relative_to_max([u["metrics"][metric] for u in units]), strict=True):
+        unit["importance"] = imp
+    return Scores(method="capacity", fingerprint=am.fingerprint, units=units, metric=metric,
+                  options={"metric_definition": METRICS[metric]})

@@ -9,6 +9,7 @@ each layer's variants run only the graph from that layer on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -16,18 +17,18 @@ import onnx_ir as ir
 
 from onnxprune.analysis.graph import GraphInfo, analyse_graph
 from onnxprune.analysis.layers import Layer, find_layers
-from onnxprune.passes.sparsify import magnitude_order, pruned_copy
-from onnxprune.runtime.partial import PartialEvaluator, Unit
+from onnxprune.analysis.model import AnalysedModel
+from onnxprune.artefacts import Plan, Scores, check_fingerprint, curve_drop, load_plan
+from onnxprune.errors import InputError
+from onnxprune.tensors.masks import magnitude_order, pruned_copy
+from onnxprune.runtime.metrics import log_softmax
+from onnxprune.runtime.partial import Part, PartialEvaluator
+from onnxprune.scoring.common import Progress, ScoreRequest, calibration, layer_entry, relative_to_max, sample_count
 from onnxprune.runtime.session import create_session
-from onnxprune.weights import get_weight, set_weight
+from onnxprune.tensors.weights import get_weight, set_weight
 
 DEFAULT_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.reshape(z.shape[0], -1).astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+METRICS = ("kl", "agreement", "top1")
 
 
 class DropAccumulator:
@@ -81,7 +82,7 @@ def layer_sensitivity(
             w = dense[name]
             set_weight(by_name[name], pruned_copy(w, magnitude_order(w), int(round(sp * w.size))))
         layers = [by_name[layer.name] for layer in layers]
-    evaluator = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in layers],
+    evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.name], [layer.weight]) for layer in layers],
                                  provider=provider)
     variants: dict[str, list[tuple[float, np.ndarray]]] = {}
     for layer in layers:
@@ -106,7 +107,7 @@ def layer_sensitivity(
         at_point.update(ref_logp, ref_top, out0, labels)
         for layer in layers:
             for sp, w in variants[layer.name]:
-                out = evaluator.run_unit(layer.name, acts, {layer.weight: w})[0]
+                out = evaluator.run_part(layer.name, acts, {layer.weight: w})[0]
                 acc[(layer.name, sp)].update(ref_logp, ref_top, out, labels)
             done += 1
             if progress:
@@ -132,7 +133,7 @@ def layer_compactness(
     (percentage points of top-1 with labels, else of top-1 agreement with the unmodified model), found by
     bisection over [0, max_sparsity] in ``steps`` halvings. The unmodified model runs once; each probe runs
     only the graph from the layer on, over the cached activations of every calibration batch."""
-    evaluator = PartialEvaluator(model, info, [Unit(layer.name, [layer.name], [layer.weight]) for layer in layers],
+    evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.name], [layer.weight]) for layer in layers],
                                  provider=provider)
     cached = []
     ref = DropAccumulator()
@@ -152,7 +153,7 @@ def layer_compactness(
             pruned = pruned_copy(w, order, int(round(sp * w.size)))
             acc = DropAccumulator()
             for acts, labels, logp, top in cached:
-                out = evaluator.run_unit(layer.name, acts, {layer.weight: pruned})[0]
+                out = evaluator.run_part(layer.name, acts, {layer.weight: pruned})[0]
                 acc.update(logp, top, out, labels)
             r = acc.result()
             return base["top1"] - r["top1"] if use_top1 else 100.0 - r["agreement"]
@@ -171,3 +172,66 @@ def layer_compactness(
         if progress:
             progress(i + 1, len(layers))
     return results, base
+
+
+def check_sensitivity(request: ScoreRequest) -> None:
+    metric = request.metric or "kl"
+    if metric not in METRICS:
+        raise InputError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(METRICS)}")
+    if not all(0 <= g < 1 for g in tuple(request.grid or DEFAULT_GRID)):
+        raise InputError(f"--grid sparsities must be in (0, 1), got {tuple(request.grid or DEFAULT_GRID)}")
+
+
+def score_sensitivity(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
+    """Each layer's drop curve under magnitude pruning; importance = mean drop / the largest."""
+    metric = request.metric or "kl"
+    grid = tuple(request.grid or DEFAULT_GRID)
+    layers, provider, batches = calibration(am, request.data)
+    if metric == "top1" and any(labels is None for _, labels in batches):
+        raise InputError("--metric top1 needs labels in the data; use kl or agreement without labels")
+    at_sparsities = None
+    if request.at is not None:
+        at_plan = request.at if isinstance(request.at, Plan) else load_plan(request.at)
+        check_fingerprint(at_plan.fingerprint, am.fingerprint, "plan given to --at", False)
+        at_sparsities = at_plan.sparsities()
+        grid = tuple(sorted(set(grid) | {0.0}))
+    t0 = time.perf_counter()
+    curves, base = layer_sensitivity(am.model, am.info, layers, batches, grid, provider=provider, progress=progress,
+                                     at=at_sparsities)
+    seconds = time.perf_counter() - t0
+    units = []
+    for layer in layers:
+        curve = curves[layer.name]
+        drops = [curve_drop(p, base, metric) for p in curve[1:]]
+        units.append({**layer_entry(am, layer), "curve": curve, "mean_drop": float(np.mean(drops))})
+    for u, imp in zip(units, relative_to_max([u["mean_drop"] for u in units]), strict=True):
+        u["importance"] = imp
+    return Scores(method="sensitivity", fingerprint=am.fingerprint, units=units, metric=metric,
+                  options={"grid": list(grid), "samples": sample_count(batches), "data": request.data.record(),
+                           "provider": provider, "reference": base, "at": at_sparsities,
+                           "definition": "output drop of the model with only this layer magnitude-pruned"},
+                  timing={"seconds": round(seconds, 3)})
+
+
+def check_compactness(request: ScoreRequest) -> None:
+    if not request.tolerance > 0:
+        raise InputError(f"--tolerance must be positive (percentage points), got {request.tolerance:g}")
+
+
+def score_compactness(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
+    """Each layer's compactness (highest sparsity within the tolerance); importance = 1 - compactness."""
+    layers, provider, batches = calibration(am, request.data)
+    t0 = time.perf_counter()
+    results, base = layer_compactness(am.model, am.info, layers, batches, request.tolerance, provider=provider,
+                                      progress=progress)
+    units = []
+    for layer in layers:
+        c = results[layer.name]["compactness"]
+        units.append({**layer_entry(am, layer), "metrics": {"compactness": c},
+                      "importance": max(1.0 - c, 0.01), "criterion": results[layer.name]["criterion"]})
+    return Scores(method="compactness", fingerprint=am.fingerprint, units=units, metric="compactness",
+                  options={"tolerance": request.tolerance, "samples": sample_count(batches),
+                           "data": request.data.record(), "reference": base, "provider": provider,
+                           "definition": "highest sparsity of this layer alone whose drop stays within the "
+                                         "tolerance; importance = 1 - compactness (at least 0.01)"},
+                  timing={"seconds": round(time.perf_counter() - t0, 3)})

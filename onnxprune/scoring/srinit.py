@@ -24,10 +24,13 @@ import numpy as np
 
 from onnxprune.analysis.graph import GraphInfo, constant_array
 from onnxprune.analysis.layers import Layer
+from onnxprune.analysis.model import AnalysedModel
+from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
-from onnxprune.runtime.partial import PartialEvaluator, Unit
-from onnxprune.scoring.sensitivity import log_softmax
-from onnxprune.weights import get_weight, out_in_axes
+from onnxprune.runtime.partial import Part, PartialEvaluator
+from onnxprune.scoring.common import Progress, ScoreRequest, calibration, layer_entry, relative_to_max
+from onnxprune.runtime.metrics import log_softmax
+from onnxprune.tensors.weights import get_weight, out_in_axes
 
 METRICS = ("top1", "agreement", "kl")
 
@@ -97,6 +100,7 @@ class _Paired:
         return mean * scale, np.sqrt(var / count) * scale
 
 
+UNIT_KINDS = ("blocks", "layers")  # what --units re-initialises
 DEFAULT_MAX_MEMORY = 2 << 30  # bytes: suffix sessions alive at once plus one batch of cached activations
 
 
@@ -124,7 +128,7 @@ def srinit_scores(
             inits[seed].update(fresh)
     weight_names = {name: sorted({k for layer in layers for k in _param_names(layer, nodes)} | set(norms[name]))
                     for name, _, layers in units}
-    evaluator = PartialEvaluator(model, info, [Unit(name, node_names, weight_names[name])
+    evaluator = PartialEvaluator(model, info, [Part(name, node_names, weight_names[name])
                                                for name, node_names, _ in units],
                                  provider=provider, inject="initializers")
     pairs = [(name, seed) for name, _, _ in units for seed in seeds]
@@ -212,3 +216,56 @@ def _param_names(layer: Layer, nodes: dict) -> list[str]:
     if layer.bn is not None:
         names += [v.name for v in nodes[layer.bn].inputs[1:5] if v is not None]
     return names
+
+
+def check(request: ScoreRequest) -> None:
+    metric = request.metric or "top1"
+    if metric not in METRICS:
+        raise InputError(f"unknown SR-init metric {metric!r}; use one of {', '.join(METRICS)}")
+    if request.units not in UNIT_KINDS:
+        raise InputError(f"--units must be blocks or layers, got {request.units!r}")
+    if request.seeds < 1:
+        raise InputError(f"--seeds must be at least 1, got {request.seeds}")
+    if request.max_memory is not None and request.max_memory < 1:
+        raise InputError(f"--max-memory must be positive, got {request.max_memory}")
+
+
+def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
+    """Each residual block's (or layer's) drop when re-initialised; importance = drop / the largest."""
+    metric, seed, seeds = request.metric or "top1", request.seed, request.seeds
+    max_memory = DEFAULT_MAX_MEMORY if request.max_memory is None else request.max_memory
+    layers, provider, batches = calibration(am, request.data)
+    if metric == "top1" and any(labels is None for _, labels in batches):
+        raise InputError("--metric top1 needs labels in the data; use agreement or kl without labels")
+    by_name = {layer.name: layer for layer in layers}
+    if request.units == "blocks":
+        blocks = am.blocks
+        if not blocks:
+            raise InputError("the model has no residual blocks; use --units layers")
+        unit_defs = [(b.name, b.nodes, [by_name[n] for n in b.layers if n in by_name]) for b in blocks]
+        entries = {b.name: {"name": b.name, "kind": "block", "params": b.params, "flops": b.flops, "skip": b.skip,
+                            "removable": b.removable, "layers": b.layers} for b in blocks}
+    else:
+        unit_defs = [(layer.name, [layer.name], [layer]) for layer in layers]
+        entries = {layer.name: {**layer_entry(am, layer), "kind": "layer"} for layer in layers}
+    t0 = time.perf_counter()
+    results, base = srinit_scores(am.model, am.info, unit_defs, batches, list(range(seed, seed + seeds)),
+                                  provider=provider, progress=progress, max_memory=max_memory)
+    seconds = time.perf_counter() - t0
+    passes = base.pop("passes")
+    out = []
+    unit_seconds = {}
+    for name, _, _ in unit_defs:
+        r = results[name]
+        unit_seconds[name] = r.pop("seconds")
+        extra = {"drop_seed_std": r[f"{metric}_seed_std"]} if seeds > 1 else {}
+        out.append({**entries[name], "drop": r[metric], "drop_se": r[f"{metric}_se"], **extra, "metrics": r,
+                    "importance": r[metric]})
+    for u, imp in zip(out, relative_to_max([u["importance"] for u in out], absolute=True), strict=True):
+        u["importance"] = imp
+    return Scores(method="srinit", fingerprint=am.fingerprint, units=out, metric=metric, unit_kind=request.units,
+                  seed=seed,
+                  options={"seed": seed, "seeds": seeds, "samples": base["samples"], "data": request.data.record(),
+                           "reference": base, "provider": provider, "passes": passes, "max_memory": max_memory,
+                           "init": "Kaiming normal (fan_in, ReLU gain), zero bias, fresh BatchNorm"},
+                  timing={"seconds": round(seconds, 3), "units": unit_seconds})

@@ -7,8 +7,11 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.graph import constant_array
-from onnxprune.analysis.layers import Layer
+from onnxprune.analysis.layers import Layer, out_in_axes
 from onnxprune.errors import InputError
+from onnxprune.io import release
+
+__all__ = ["as_matrix", "get_weight", "lazy_from", "out_in_axes", "release_weight", "set_weight"]
 
 
 def _source(layer: Layer) -> ir.Value | ir.Node:
@@ -32,8 +35,6 @@ def get_weight(layer: Layer) -> np.ndarray:
 
 def release_weight(layer: Layer) -> None:
     """Done reading a memory-mapped weight: unmap it, so that a pass over a big model keeps one layer resident."""
-    from onnxprune.io import release
-
     tensor = layer.node.inputs[layer.weight_input].const_value
     if isinstance(tensor, ir.ExternalTensor):
         release(tensor)
@@ -42,8 +43,6 @@ def release_weight(layer: Layer) -> None:
 def lazy_from(source: ir.ExternalTensor, fn, shape: tuple[int, ...] | None = None) -> ir.LazyTensor:
     """A tensor computed as ``fn(source array)`` only when the model is written, after which the source's
     memory map is released: a pass over a big model then holds one layer at a time, never a second copy."""
-    from onnxprune.io import release
-
     def compute() -> ir.Tensor:
         out = np.ascontiguousarray(fn(source.numpy()))
         release(source)
@@ -61,24 +60,6 @@ def set_weight(layer: Layer, array: np.ndarray | ir.LazyTensor) -> None:
         src.const_value = tensor
     else:
         src.attributes["value"] = ir.AttrTensor("value", tensor)
-
-
-def out_in_axes(layer: Layer) -> tuple[int, int]:
-    """(output axis, reduction/input axis) of the weight tensor in its ONNX layout."""
-    rank = len(layer.weight_shape)
-    if layer.op_type == "Conv":
-        return 0, 1
-    if layer.op_type == "ConvTranspose":
-        return 1, 0
-    if layer.op_type == "Gemm":
-        trans = layer.node.attributes.get_int("transB" if layer.weight_input == 1 else "transA", 0)
-        if layer.weight_input == 1:
-            return (0, 1) if trans else (1, 0)
-        return (1, 0) if trans else (0, 1)
-    # MatMul: x @ W, W (..., K, N): inputs on axis -2; W @ x, W (..., M, K): inputs on axis -1
-    if layer.weight_input == 1:
-        return rank - 1, rank - 2
-    return rank - 2, rank - 1
 
 
 def as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:

@@ -33,15 +33,14 @@ import numpy as np
 
 from onnxprune.analysis.layers import Layer
 from onnxprune.errors import InputError
-from onnxprune.weights import get_weight, release_weight
+from onnxprune.tensors.weights import get_weight, release_weight
 
-METHODS = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity")
-IMPORTANCE_METHODS = ("capacity", "sensitivity")  # methods that read scores.json
+RULES = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity")  # the rules s_l(x) above
 TOLERANCE = 0.001  # the total must be met to within 0.1 % (absolute sparsity)
 
 
 @dataclass
-class Unit:
+class Allocatable:
     """One prunable weight tensor as the allocator sees it."""
 
     name: str
@@ -63,7 +62,7 @@ class Allocation:
     total_flops: float
 
 
-def _weights(units: Sequence[Unit], budget: str) -> np.ndarray:
+def _weights(units: Sequence[Allocatable], budget: str) -> np.ndarray:
     if budget == "params":
         return np.array([u.n for u in units], np.float64)
     if budget == "flops":
@@ -74,7 +73,7 @@ def _weights(units: Sequence[Unit], budget: str) -> np.ndarray:
     raise InputError(f"unknown budget {budget!r}; use params or flops")
 
 
-def _weight_share(units: Sequence[Unit], budget: str) -> np.ndarray:
+def _weight_share(units: Sequence[Allocatable], budget: str) -> np.ndarray:
     """The budget fraction one zeroed weight of each layer removes."""
     total = _weights(units, budget)
     n = np.array([max(u.n, 1) for u in units], np.float64)
@@ -109,7 +108,7 @@ def _proportional(importance: np.ndarray, lo: np.ndarray, hi: np.ndarray):
 SKETCH_ABOVE, SKETCH = 1 << 20, 1 << 16
 
 
-def _sorted_scores(units: Sequence[Unit], kind: str) -> list[np.ndarray | tuple[np.ndarray, np.ndarray, int]]:
+def _sorted_scores(units: Sequence[Allocatable], kind: str) -> list[np.ndarray | tuple[np.ndarray, np.ndarray, int]]:
     """Per layer, its scores in ascending order: all of them, or (values, positions, size) for big layers."""
     out = []
     for u in units:
@@ -147,11 +146,11 @@ def _top(scores) -> float:
 
 
 def allocate_sparsities(
-    units: Sequence[Unit], method: str, target: float, budget: str = "params"
+    units: Sequence[Allocatable], method: str, target: float, budget: str = "params"
 ) -> np.ndarray:
     """Per-unit sparsities (before rounding) meeting ``target`` under ``budget``."""
-    if method not in METHODS:
-        raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in RULES:
+        raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(RULES)}")
     weights = _weights(units, budget)
     lo = np.array([u.lo for u in units])
     hi = np.array([u.hi for u in units])
@@ -212,7 +211,7 @@ def _clipped_curve(curve: list[tuple[float, float]], lo: float, hi: float) -> li
     return [(lo, float(np.interp(lo, xs, ys)))] + inner + ([(hi, float(np.interp(hi, xs, ys)))] if hi > lo else [])
 
 
-def _hull_allocation(units: Sequence[Unit], weights: np.ndarray, target: float, lo: np.ndarray,
+def _hull_allocation(units: Sequence[Allocatable], weights: np.ndarray, target: float, lo: np.ndarray,
                      hi: np.ndarray) -> np.ndarray:
     s = lo.astype(np.float64).copy()
     need = target * float(weights.sum()) - float(np.dot(weights, lo))
@@ -234,27 +233,27 @@ def _hull_allocation(units: Sequence[Unit], weights: np.ndarray, target: float, 
 
 
 def allocate(
-    units: Sequence[Unit], method: str, target: float, budget: str = "params"
+    units: Sequence[Allocatable], method: str, target: float, budget: str = "params"
 ) -> Allocation:
     _check_request(units, target)
     return _finish(units, allocate_sparsities(units, method, target, budget), method, target, budget)
 
 
-def allocate_measured(units: Sequence[Unit], target: float, budget: str, solver) -> tuple[Allocation, object]:
+def allocate_measured(units: Sequence[Allocatable], target: float, budget: str, solver) -> tuple[Allocation, object]:
     """Like allocate, with the sparsities from ``solver(units, target, budget_weights) -> (sparsities, log)``."""
     _check_request(units, target)
     s, log = solver(units, target, _weights(units, budget))
     return _finish(units, s, "search", target, budget), log
 
 
-def _check_request(units: Sequence[Unit], target: float) -> None:
+def _check_request(units: Sequence[Allocatable], target: float) -> None:
     if not 0.0 <= target < 1.0:
         raise InputError(f"--target-sparsity must be in [0, 1), got {target:g}")
     if not units:
         raise InputError("the model has no prunable layers to allocate sparsity to")
 
 
-def _round_counts(units: Sequence[Unit], s: np.ndarray, target: float, budget: str) -> np.ndarray:
+def _round_counts(units: Sequence[Allocatable], s: np.ndarray, target: float, budget: str) -> np.ndarray:
     """Whole zero counts from continuous sparsities: each layer gets floor or ceil of s * n (largest fractional
     parts first, within its bounds) so that the budget total comes as close to the target as whole weights
     allow. Plain rounding per layer misses the target by up to half a weight per layer (small models)."""
@@ -273,7 +272,7 @@ def _round_counts(units: Sequence[Unit], s: np.ndarray, target: float, budget: s
     return zeros.astype(np.int64)
 
 
-def _finish(units: Sequence[Unit], s: np.ndarray, method: str, target: float, budget: str) -> Allocation:
+def _finish(units: Sequence[Allocatable], s: np.ndarray, method: str, target: float, budget: str) -> Allocation:
     counts = _round_counts(units, s, target, budget)
     zeros = {u.name: int(c) for u, c in zip(units, counts, strict=True)}
     fracs = {u.name: zeros[u.name] / u.n if u.n else 0.0 for u in units}

@@ -16,9 +16,9 @@ import io
 import os
 from pathlib import Path
 
-from onnxprune import __version__
+from onnxprune._version import __version__
 from onnxprune.errors import InputError
-from onnxprune.plan import Plan, Scores
+from onnxprune.artefacts import Plan, Scores
 
 REMOVED, KEPT, LINE = "#d9534f", "#4a78b0", "#333333"
 

@@ -177,7 +177,7 @@ def save_model(
         tmp_file = tmpdir / out.name
         data_name = out.name + ".data" if external_data else None
         if sparse:
-            from onnxprune.passes.sparse_store import to_sparse_initializers
+            from onnxprune.io.sparse import to_sparse_initializers
 
             proto = ir.serde.serialize_model(model)
             converted = to_sparse_initializers(proto, set(sparse))
@@ -262,6 +262,15 @@ def check_output_path(out: Path, *, input_path=None, force: bool = False, forcea
                 and not (force and forceable):
             raise InputError(f"output {out} is the input {given}; choose another -o path"
                              + (" or pass --force" if forceable else ""))
+
+
+def model_file_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a saved model: the .onnx file and its external data files."""
+    path = Path(path)
+    m = onnx.load(str(path), load_external_data=False)
+    total = path.stat().st_size
+    locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
 def fingerprint(model: ir.Model) -> str:

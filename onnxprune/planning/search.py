@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxprune.allocation import Unit, allocate_sparsities
-from onnxprune.passes.sparsify import magnitude_order, pruned_copy
+from onnxprune.planning.allocation import Allocatable, allocate_sparsities
+from onnxprune.tensors.masks import magnitude_order, pruned_copy
 from onnxprune.runtime.session import create_session
-from onnxprune.scoring.sensitivity import log_softmax
-from onnxprune.weights import get_weight
+from onnxprune.runtime.graph_io import weights_as_inputs
+from onnxprune.runtime.metrics import log_softmax
+from onnxprune.tensors.weights import get_weight
 
 
 @dataclass
@@ -45,22 +45,9 @@ class SearchLog:
 class _Objective:
     """KL(dense || pruned) on calibration feeds, for per-layer sparsities."""
 
-    def __init__(self, model: ir.Model, units: Sequence[Unit], feeds: list[dict[str, np.ndarray]], provider: str):
-        proto = ir.serde.serialize_model(model)
+    def __init__(self, model: ir.Model, units: Sequence[Allocatable], feeds: list[dict[str, np.ndarray]], provider: str):
         names = {u.layer.weight for u in units}
-        kept = []
-        for init in proto.graph.initializer:
-            if init.name in names:
-                proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-            else:
-                kept.append(init)
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(kept)
-        consts = [n for n in proto.graph.node if n.op_type == "Constant" and set(n.output) & names]
-        for n in consts:  # weights held by Constant nodes become inputs too
-            t = next(a.t for a in n.attribute if a.name == "value")
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(n.output[0], t.data_type, list(t.dims)))
-            proto.graph.node.remove(n)
+        proto = weights_as_inputs(ir.serde.serialize_model(model), names)
         self.session = create_session(proto.SerializeToString(), provider).session
         self.output = self.session.get_outputs()[0].name
         self.units = units
@@ -92,7 +79,7 @@ class _Objective:
 
 
 def search_allocation(
-    model: ir.Model, units: Sequence[Unit], target: float, budget_weights: np.ndarray,
+    model: ir.Model, units: Sequence[Allocatable], target: float, budget_weights: np.ndarray,
     feeds: list[dict[str, np.ndarray]], *, iterations: int = 150, seed: int = 0, provider: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, SearchLog]:

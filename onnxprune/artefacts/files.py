@@ -1,0 +1,44 @@
+"""Reading and writing the JSON artefacts: schema and fingerprint checks, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from onnxprune.errors import InputError
+from onnxprune.io import write_text
+
+__all__ = ["check_fingerprint", "check_schema", "read_json", "write_json"]
+
+
+def check_schema(d: Any, schema: str, source: str) -> None:
+    if not isinstance(d, dict):
+        raise InputError(f"{source} is not a JSON object; give a file written by onnxprune")
+    found = d.get("schema")
+    if found != schema:
+        raise InputError(f"{source} has schema {found!r}, expected {schema!r}; give a file written by onnxprune")
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} file not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p} is not valid JSON ({exc}); give a {what} file written by onnxprune") from exc
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> Path:
+    """Atomic write (temporary file in the same folder, then rename); keys in a stable order."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_fingerprint(artefact_fp: str, model_fp: str, what: str, force: bool) -> None:
+    if artefact_fp != model_fp and not force:
+        raise InputError(
+            f"the {what} was made for another model (fingerprint {artefact_fp[:12]}..., this model "
+            f"{model_fp[:12]}...); make a new {what} for this model, or pass --force"
+        )

@@ -1,0 +1,99 @@
+"""The option groups commands share: common flags, evaluation data and provider, output, (later) input shapes."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from onnxprune import api
+from onnxprune.cli.state import set_flag
+
+
+def _apply(fn, decorators):
+    """Apply DECORATORS as if stacked above FN in this order (so --help lists them in this order)."""
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# common: on every command
+
+
+def common_options(fn):
+    """--json, --quiet and --debug on every command."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return _apply(wrapper, [
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (human text on stderr)."),
+        click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=set_flag("quiet"),
+                     help="Print only results, no notices or progress."),
+        click.option("--debug", is_flag=True, expose_value=False, callback=set_flag("debug"), is_eager=True,
+                     help="Show the full traceback on errors."),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data: what the model is run on
+
+
+def _data_group(batch_size: int, batch_help: str | None) -> list:
+    return [
+        click.option("--data", type=click.Path(path_type=str), help="An .npz with inputs (and labels)."),
+        click.option("--data-loader-script", metavar="FILE.py[:func]",
+                     help="A Python function (default load_data) yielding dicts {input: array, 'labels': array}."),
+        click.option("--input-key", default="x", show_default=True, help="Array of the .npz holding the inputs."),
+        click.option("--label-key", default="y", show_default=True, help="Array of the .npz holding the labels."),
+        click.option("--mean", metavar="M[,M...]", help="Per-channel mean, after uint8 inputs are scaled to [0,1]."),
+        click.option("--std", metavar="S[,S...]", help="Per-channel standard deviation."),
+        click.option("--batch-size", default=batch_size, show_default=True, type=int, help=batch_help),
+        click.option("--limit", type=int, help="Use only the first N samples (after --offset)."),
+        click.option("--offset", type=int, default=0, show_default=True, help="Skip the first N samples of --data."),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# provider: where the model runs
+
+def provider_option():
+    return click.option("--provider", type=click.Choice(api.PROVIDERS), default="auto", show_default=True,
+                        help="ONNX Runtime execution provider (auto: CUDA if available, else CPU).")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# input shapes: the place for options that fix dynamic input dimensions (none yet)
+
+
+def runtime_options(batch_size: int = 256, batch_help: str | None = None):
+    """The data options and --provider, handed to the command as one data_spec (a DataSpec)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            spec = api.DataSpec(
+                data=kwargs.pop("data"), loader=kwargs.pop("data_loader_script"), input_key=kwargs.pop("input_key"),
+                label_key=kwargs.pop("label_key"), mean=api.parse_floats(kwargs.pop("mean"), "mean"),
+                std=api.parse_floats(kwargs.pop("std"), "std"), batch_size=kwargs.pop("batch_size"),
+                limit=kwargs.pop("limit"), offset=kwargs.pop("offset"), provider=kwargs.pop("provider"),
+            )
+            return fn(*args, data_spec=spec, **kwargs)
+
+        return _apply(wrapper, [*_data_group(batch_size, batch_help), provider_option()])
+
+    return decorate
+
+
+data_options = runtime_options()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# output
+
+
+def output_option(help_text: str):
+    """-o/--output, required: the file a command writes."""
+    return click.option("-o", "--output", required=True, type=click.Path(path_type=str), help=help_text)

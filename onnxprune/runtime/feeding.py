@@ -1,0 +1,59 @@
+"""Feeding data to a model: batches of (feeds, labels) from a DataSpec, checked against the model's inputs."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnxprune.errors import InputError
+from onnxprune.runtime import data as rdata
+
+__all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches"]
+
+# Preprocessing a model can carry in its metadata (written by models/export.py), used when no --mean/--std.
+META_MEAN = "onnxprune.preprocess.mean"
+META_STD = "onnxprune.preprocess.std"
+
+
+def batches(model: ir.Model, sess, spec: rdata.DataSpec):
+    """(batches of (feeds, labels), sample count or None, preprocessing note) for the model whose ONNX
+    Runtime session is ``sess``; the data is checked against the session's inputs."""
+    if (spec.data is None) == (spec.loader is None):
+        raise InputError("give exactly one of --data FILE.npz or --data-loader-script FILE.py[:func]")
+    if spec.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {spec.batch_size}")
+    if spec.limit is not None and spec.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {spec.limit}")
+    if spec.offset < 0:
+        raise InputError(f"--offset must be at least 0, got {spec.offset}")
+    specs = [rdata.InputSpec(i.name, i.type, list(i.shape)) for i in sess.session.get_inputs()]
+    if spec.data is None:
+        if spec.offset:
+            raise InputError("--offset applies to --data; skip samples inside the loader script instead")
+        return rdata.script_batches(rdata.load_loader_script(spec.loader), specs, spec.limit), spec.limit, None
+    if len(specs) != 1:
+        raise InputError(f"the model has {len(specs)} inputs; an .npz feeds one, use --data-loader-script for several")
+    x, y = rdata.load_npz(spec.data, spec.input_key, spec.label_key)
+    if spec.offset >= len(x):
+        raise InputError(f"--offset {spec.offset} leaves no samples of the {len(x)} in {spec.data}")
+    x, y = x[spec.offset:], (None if y is None else y[spec.offset:])
+    rdata.check_array(x, specs[0], str(spec.data))
+    mean, std, source = spec.mean, spec.std, "options"
+    if mean is None and std is None:
+        mean = rdata.parse_floats(model.metadata_props.get(META_MEAN), "mean")
+        std = rdata.parse_floats(model.metadata_props.get(META_STD), "std")
+        source = "model metadata"
+    note = None
+    if mean is not None or std is not None:
+        note = f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}"
+    total = len(x) if spec.limit is None else min(spec.limit, len(x))
+    feeds = rdata.npz_batches(x, y, specs[0], rdata.Preprocess(mean, std), spec.batch_size, spec.limit)
+    return feeds, total, note
+
+
+def calibration_batches(model: ir.Model, spec: rdata.DataSpec) -> tuple[str, list]:
+    """(the provider a session really got, all batches as a list) for measuring ``model`` in memory."""
+    from onnxprune.runtime.session import create_session
+
+    sess = create_session(ir.serde.serialize_model(model).SerializeToString(), spec.provider)
+    found, _, _ = batches(model, sess, spec)
+    return sess.provider, list(found)

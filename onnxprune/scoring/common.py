@@ -1,0 +1,69 @@
+"""What every scorer shares: the request, a layer's entry in scores.json, calibration data, normalisation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.analysis.layers import Layer
+from onnxprune.analysis.model import AnalysedModel
+from onnxprune.artefacts import Plan
+from onnxprune.errors import InputError
+from onnxprune.runtime import data as rdata
+from onnxprune.runtime.feeding import calibration_batches
+
+__all__ = ["Progress", "ScoreRequest", "calibration", "layer_entry", "owned_layers", "relative_to_max",
+           "sample_count"]
+
+Progress = Callable[[int, int | None], None]
+NO_LAYERS = "the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
+
+
+@dataclass
+class ScoreRequest:
+    """Every scorer's options; each method reads its own (see ``onnxprune.api.score``)."""
+
+    metric: str | None = None
+    data: rdata.DataSpec | None = None
+    grid: tuple[float, ...] | None = None
+    at: Plan | str | os.PathLike | None = None  # sensitivity: measure around this plan (or its file)
+    tolerance: float = 1.0
+    units: str = "blocks"  # srinit: blocks | layers
+    seed: int = 1
+    seeds: int = 1
+    max_memory: int | None = None
+
+
+def owned_layers(am: AnalysedModel) -> list[Layer]:
+    """The layers that own their weight, refusing a model without any."""
+    layers = am.owned_layers
+    if not layers:
+        raise InputError(NO_LAYERS)
+    return layers
+
+
+def layer_entry(am: AnalysedModel, layer: Layer) -> dict:
+    """A layer's fields in scores.json (FLOPs of every layer sharing its weight)."""
+    return {"name": layer.name, "op_type": layer.op_type, "weight": layer.weight,
+            "weight_shape": list(layer.weight_shape), "params": int(np.prod(layer.weight_shape)),
+            "flops": am.weight_flops(layer)}
+
+
+def calibration(am: AnalysedModel, spec: rdata.DataSpec) -> tuple[list[Layer], str, list]:
+    """The layers to score, the provider ONNX Runtime really gave, and every calibration batch."""
+    layers = owned_layers(am)
+    provider, batches = calibration_batches(am.model, spec)
+    return layers, provider, batches
+
+
+def sample_count(batches: list) -> int:
+    return sum(len(next(iter(f.values()))) for f, _ in batches)
+
+
+def relative_to_max(values: list[float], absolute: bool = False) -> list[float]:
+    """Importance: each value over the largest (of the absolute values with ``absolute``); all 1 if that is 0."""
+    top = max((abs(v) if absolute else v for v in values), default=0.0)
+    return [v / top if top > 0 else 1.0 for v in values]

@@ -1,0 +1,280 @@
+"""``apply``: rewrite a model by a plan with onnx-ir passes and write a checked model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxprune._version import __version__
+from onnxprune.analysis.model import AnalysedModel
+from onnxprune.artefacts import Plan, check_fingerprint, load_plan
+from onnxprune.errors import InputError
+from onnxprune.io import check_output_path, model_file_bytes, save_model
+from onnxprune.passes import (
+    ProvenancePass,
+    RefitPass,
+    RemoveBlocksPass,
+    ShrinkChannelsPass,
+    SparsifyPass,
+    run_passes,
+)
+from onnxprune.planning.channel_selection import CRITERIA, choose
+from onnxprune.planning.channels import describe_blocked
+from onnxprune.runtime import data as rdata
+from onnxprune.runtime.feeding import calibration_batches
+from onnxprune.runtime.session import create_session
+from onnxprune.runtime.timing import random_feeds
+from onnxprune.verbs.inspect import summarise
+from onnxprune.verbs.loading import data_path, open_model
+
+__all__ = ["APPLY_METADATA", "ApplyResult", "GRANULARITIES", "apply", "check_runs"]
+
+GRANULARITIES = ("unstructured", "n:m", "channel")
+APPLY_METADATA = "onnxprune.apply"
+
+
+@dataclass
+class ApplyResult:
+    path: Path
+    layers: list[dict]
+    totals: dict
+    input_bytes: int
+    output_bytes: int
+    sparse_initializers: list[str]
+    skipped: dict[str, str]
+    checked: str
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.path), "checked": self.checked, "totals": self.totals, "input_bytes": self.input_bytes,
+                "output_bytes": self.output_bytes, "sparse_initializers": len(self.sparse_initializers),
+                "skipped": self.skipped, "layers": self.layers}
+
+
+def check_runs(path: Path) -> None:
+    """The written model passes onnx.checker (full_check) and runs one batch in ONNX Runtime.
+
+    onnx's strict type inference does not accept sparse initializers as operator inputs (ONNX Runtime
+    densifies them at load), so a model with sparse initializers gets the structural check only.
+    """
+    proto = onnx.load(str(path), load_external_data=False)
+    full = len(proto.graph.sparse_initializer) == 0
+    del proto
+    try:
+        onnx.checker.check_model(str(path), full_check=full)
+    except Exception as exc:
+        raise RuntimeError(f"the pruned model fails onnx.checker: {exc}") from exc
+    sess = create_session(path, "cpu", prepack=False).session
+    sess.run(None, random_feeds(sess))
+
+
+def apply(
+    model: str | os.PathLike | AnalysedModel,
+    plan: Plan | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    granularity: str | None = None,
+    nm: tuple[int, int] = (2, 4),
+    store: str = "dense",
+    force: bool = False,
+    external_data: bool | None = None,
+    check: bool = True,
+    criterion: str | None = None,
+    round_to: int | None = None,
+    data: rdata.DataSpec | str | os.PathLike | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    **data_options,
+) -> ApplyResult:
+    """Rewrite the model per the plan and write a checked model to ``output``.
+
+    ``granularity``: ``unstructured`` (zero the smallest weights), ``n:m`` (N of every M), or ``channel``
+    (remove whole output channels, each layer's planned sparsity taken as its fraction of channels; coupled
+    channels go together, chosen by the ``criterion`` l1 | l2 norm of their filters; kept counts multiples of
+    ``round_to``). By default the plan's granularity, criterion and rounding.
+
+    ``data`` (channel granularity): calibration data (an .npz path or a DataSpec, DataSpec options as
+    keywords); every layer that loses input channels is then refit by least squares to reproduce its original
+    output (onnxprune.passes.reconstruct), which recovers much of the accuracy without training.
+
+    ``model``: a path, or an AnalysedModel loaded from one (its model is rewritten: do not use it after)."""
+    pl = plan if isinstance(plan, Plan) else load_plan(plan)
+    if granularity is None:
+        granularity = "channel" if pl.granularity == "channel" else "unstructured"
+    if granularity not in GRANULARITIES:
+        raise InputError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+    if store not in ("dense", "sparse"):
+        raise InputError(f"unknown --store {store!r}; use dense or sparse")
+    n, mm = nm
+    if not 0 < n < mm:
+        raise InputError(f"--nm must be N:M with 0 < N < M, got {n}:{mm}")
+    model_path = model.path if isinstance(model, AnalysedModel) else Path(model)
+    check_output_path(Path(output), input_path=model_path, force=force)
+    check_output_path(Path(output), input_path=[None if isinstance(plan, Plan) else plan, data_path(data)],
+                      forceable=False)
+    am = open_model(model)
+    check_fingerprint(pl.fingerprint, am.fingerprint, "plan", force)
+    target = _Target(Path(output), model_path, force, external_data, check)
+    if granularity == "channel":
+        criterion = criterion or pl.options.get("criterion", "l2")
+        round_to = round_to or pl.options.get("round_to", 1)
+        spec = rdata.DataSpec.of(data, **data_options) if data is not None or data_options.get(
+            "data_loader_script") else None
+        return _apply_channels(am, pl, target, criterion, round_to, spec, progress)
+    if data is not None:
+        raise InputError("--data calibrates channel removal only; drop it or use --granularity channel")
+    return _apply_sparsity(am, pl, target, granularity, (n, mm), store)
+
+
+@dataclass
+class _Target:
+    """Where and how the rewritten model is written."""
+
+    output: Path
+    input_path: Path
+    force: bool
+    external_data: bool | None
+    check: bool
+
+    def save(self, am: AnalysedModel, sparse: set[str] | None = None):
+        return save_model(am.model, self.output, external_data=self.external_data, input_path=self.input_path,
+                          force=self.force, sparse=sparse, verify=check_runs if self.check else None)
+
+    def checked(self, sparse: bool) -> str:
+        if not self.check:
+            return "not checked (--no-check)"
+        if sparse:
+            return "onnx.checker (structural: its strict type inference rejects sparse initializers), ONNX Runtime run"
+        return "onnx.checker full_check, ONNX Runtime run"
+
+
+def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: str, nm: tuple[int, int],
+                    store: str) -> ApplyResult:
+    """Unstructured or N:M zeros per layer, after removing the plan's blocks (if any)."""
+    input_fingerprint = am.fingerprint
+    before = None
+    if pl.blocks:
+        before = summarise(am)
+        by_block = {b.name: b for b in before.blocks}
+        missing = [b["name"] for b in pl.blocks if b["name"] not in by_block]
+        if missing:
+            raise InputError(f"the plan names block(s) not in the model: {missing[:3]}; make a new plan")
+        run_passes(am.model, [RemoveBlocksPass([by_block[b["name"]] for b in pl.blocks])])
+        am = am.after_rewrite()
+    by_name = {layer.name: layer for layer in am.owned_layers}
+    gone = {name for b in pl.blocks for name in b.get("layers", [])}
+    planned = {name: sp for name, sp in pl.sparsities().items() if name not in gone}
+    unknown = [name for name in planned if name not in by_name]
+    if unknown:
+        raise InputError(f"the plan names layer(s) not in the model: {unknown[:3]}; make a new plan")
+    sizes = {name: int(np.prod(by_name[name].weight_shape)) for name in planned}
+    targets = {name: int(round(s * sizes[name])) for name, s in planned.items()}
+    n, mm = nm
+    sparsify = SparsifyPass([by_name[name] for name in planned], targets, nm=nm if granularity == "n:m" else None)
+    options = {"granularity": granularity, "nm": f"{n}:{mm}" if granularity == "n:m" else None, "store": store}
+    run_passes(am.model, [sparsify, _provenance(pl, input_fingerprint, options)])
+    rep = sparsify.report
+    flops = {name: by_name[name].flops or 0 for name in planned}
+    total_w = sum(sizes.values()) or 0
+    total_f = sum(flops.values())
+    achieved = {
+        "params_sparsity": sum(rep.zeros.values()) / total_w if total_w else 0.0,
+        "flops_sparsity": (sum(flops[k] * rep.zeros[k] / sizes[k] for k in planned) / total_f) if total_f else 0.0,
+        "zeros": sum(rep.zeros.values()), "weights": total_w,
+        "planned_params_sparsity": pl.totals.get("params_sparsity"),
+        "planned_flops_sparsity": pl.totals.get("flops_sparsity"), "granularity": granularity,
+    }
+    if granularity == "n:m":
+        achieved["nm"] = f"{n}:{mm}"
+    if before is not None:
+        after = summarise(am, fingerprint=False)
+        achieved.update({"blocks_removed": len(pl.blocks), "params_before": before.params,
+                         "params_after": after.params, "flops_before": before.flops, "flops_after": after.flops,
+                         "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
+                         "flops_fraction_removed": (1 - after.flops / before.flops) if before.flops else 0.0})
+    weight_values = {by_name[name].weight for name in planned if rep.zeros.get(name)}
+    saved = target.save(am, sparse=weight_values if store == "sparse" else None)
+    per_layer = [{"name": name, "planned_sparsity": planned[name], "sparsity": rep.zeros[name] / sizes[name],
+                  "zeros": rep.zeros[name], "params": sizes[name]} for name in planned]
+    return ApplyResult(path=saved.path, layers=per_layer, totals=achieved,
+                       input_bytes=model_file_bytes(target.input_path), output_bytes=saved.size_bytes,
+                       sparse_initializers=saved.sparse_initializers, skipped=rep.skipped,
+                       checked=target.checked(bool(saved.sparse_initializers)))
+
+
+def _apply_channels(am: AnalysedModel, pl: Plan, target: _Target, criterion: str, round_to: int,
+                    spec: rdata.DataSpec | None, progress) -> ApplyResult:
+    """Whole channels removed (the consumers refit on ``spec``'s data first, when given)."""
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown --criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+    if round_to < 1:
+        raise InputError(f"--round-to must be at least 1, got {round_to}")
+    if pl.blocks:
+        raise InputError("a block plan removes whole blocks; apply it without --granularity channel")
+    before = summarise(am)
+    by_name = {layer.name: layer for layer in am.layers}
+    planned = pl.sparsities()
+    if pl.granularity == "channel":  # reproduce the plan's choice: the ratios it gave the groups
+        planned = {entry["name"]: float(entry.get("allocated_sparsity", entry["sparsity"])) for entry in pl.layers}
+    unknown = [name for name in planned if name not in by_name]
+    if unknown:
+        raise InputError(f"the plan names layer(s) not in the model: {unknown[:3]}; make a new plan")
+    cg = am.channel_graph(pl.options.get("coupled", "prune"))
+    counts = None
+    if pl.granularity == "channel" and pl.options.get("group_removed") and round_to == pl.options.get("round_to", 1):
+        counts = {tuple(e["layers"]): int(e["removed"]) for e in pl.options["group_removed"]}  # the plan's counts
+    remove, choices = choose(cg, planned, criterion, round_to, counts)
+    passes = []
+    refit = None
+    if spec is not None:
+        provider, batches = calibration_batches(am.model, spec)
+        refit = RefitPass(cg, remove, [f for f, _ in batches], provider=provider, progress=progress)
+        passes.append(refit)
+    out_before = {name: len(elems) for name, elems in cg.produced.items()}
+    shrink = ShrinkChannelsPass(cg, remove)
+    options = {"granularity": "channel", "criterion": criterion, "round_to": round_to,
+               "refit_data": None if spec is None else spec.record()}
+    passes += [shrink, RemoveUnusedNodesPass(), _provenance(pl, am.fingerprint, options)]
+    run_passes(am.model, passes)
+    after = summarise(am.after_rewrite(), fingerprint=False)
+    blocked = [g for g in cg.groups() if not g["prunable"] and any(planned.get(n, 0) > 0 for n in g["layers"])]
+    totals = {
+        "granularity": "channel", "criterion": criterion, "round_to": round_to,
+        "params_before": before.params, "params_after": after.params,
+        "flops_before": before.flops, "flops_after": after.flops,
+        "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
+        "flops_fraction_removed": 1 - after.flops / before.flops if before.flops else 0.0,
+        "channels_removed": sum(c.removed for c in choices),
+        "groups": len(choices), "groups_blocked": len(blocked),
+        "planned_params_sparsity": pl.totals.get("params_sparsity"),
+        "planned_flops_sparsity": pl.totals.get("flops_sparsity"),
+    }
+    if refit is not None:
+        rep = refit.report
+        totals["refit"] = {"layers": len(rep.refit), "samples": rep.samples, "skipped": rep.skipped,
+                           "mean_error_before": float(np.mean(list(rep.error_before.values()) or [0.0])),
+                           "mean_error_after": float(np.mean(list(rep.error_after.values()) or [0.0]))}
+    saved = target.save(am)
+    out_after = shrink.channels_after
+    per_layer = [{"name": name, "planned_sparsity": planned.get(name, 0.0), "channels": out_before[name],
+                  "channels_after": out_after[name],
+                  "sparsity": 1 - out_after[name] / out_before[name] if out_before[name] else 0.0}
+                 for name in out_before]
+    return ApplyResult(path=saved.path, layers=per_layer, totals=totals,
+                       input_bytes=model_file_bytes(target.input_path), output_bytes=saved.size_bytes,
+                       sparse_initializers=[], skipped=describe_blocked(blocked), checked=target.checked(False))
+
+
+def _provenance(pl: Plan, input_fingerprint: str, options: dict) -> ProvenancePass:
+    """What made this model: version, the input's fingerprint, the plan (digest) and the options."""
+    record = {"onnxprune_version": __version__, "input_fingerprint": input_fingerprint, "options": options,
+              "plan": {"method": pl.method, "seed": pl.seed, "budget": pl.budget, "granularity": pl.granularity,
+                       "layers": len(pl.layers), "blocks": [b["name"] for b in pl.blocks],
+                       "sha256": hashlib.sha256(json.dumps(pl.to_dict(), sort_keys=True).encode()).hexdigest()[:32]}}
+    return ProvenancePass(APPLY_METADATA, record)
