@@ -46,13 +46,10 @@ def write_section(name: str, body: str) -> None:
 
 def weight_sparsity(path: str | Path) -> float:
     """Fraction of zeros over the weights of the prunable layers the graph really uses (any pruner's output)."""
-    from onnxprune.analysis.graph import analyse_graph
-    from onnxprune.analysis.layers import find_layers
-    from onnxprune.io import load_model
     from onnxprune.tensors.weights import get_weight
+    from onnxprune.verbs.loading import open_model
 
-    model = load_model(path)
-    layers = [layer for layer in find_layers(analyse_graph(model)) if not layer.shared_with]
+    layers = open_model(path).owned_layers
     zeros = sum(int(np.count_nonzero(get_weight(layer) == 0)) for layer in layers)
     total = sum(int(np.prod(layer.weight_shape)) for layer in layers)
     return zeros / total

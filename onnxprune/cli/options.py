@@ -57,15 +57,18 @@ def _data_group(batch_size: int, batch_help: str | None) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# provider: where the model runs
+# provider: where the model runs (split from the data group, applied with it by runtime_options)
+
 
 def provider_option():
+    """--provider, the ONNX Runtime execution provider."""
     return click.option("--provider", type=click.Choice(api.PROVIDERS), default="auto", show_default=True,
                         help="ONNX Runtime execution provider (auto: CUDA if available, else CPU).")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# input shapes: the place for options that fix dynamic input dimensions (none yet)
+# input shapes: PLACEHOLDER. Options that fix dynamic input dimensions go here (a later issue adds
+# --input-shape); there are none yet, so no command's --help shows one.
 
 
 def runtime_options(batch_size: int = 256, batch_help: str | None = None):

@@ -1,0 +1,93 @@
+"""tensors.masks (magnitude and N:M masks) and runtime.graph_io (weights as inputs, extra outputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxprune.runtime.graph_io import weights_as_inputs, with_outputs
+from onnxprune.tensors.masks import apply_mask, magnitude_mask, magnitude_order, nm_mask, pruned_copy
+from tests.graphs import make_model, tensor, weights
+from tests.unit.nets import run, sample, stable_mask
+
+
+def tied(*shape, seed: int = 0) -> np.ndarray:
+    """Small integers of both signs: many ties in |w|, including a w and -w pair."""
+    return np.random.default_rng(seed).integers(-3, 4, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("zeros", [0, 1, 7, 20, 47, 48, 60])
+@pytest.mark.parametrize("make", [tied, sample], ids=["ties", "distinct"])
+def test_magnitude_mask_is_the_stable_argsort(make, zeros):
+    w = make(4, 12, seed=3)
+    mask = magnitude_mask(w, zeros)
+    assert mask.shape == w.shape and mask.dtype == bool
+    np.testing.assert_array_equal(mask, stable_mask(w, zeros))
+    assert int((~mask).sum()) == min(zeros, w.size)
+
+
+@pytest.mark.parametrize("zeros", [0, 5, 23, 48])
+def test_pruned_copy_agrees_with_magnitude_mask(zeros):
+    w = tied(3, 16, seed=5)
+    got = pruned_copy(w, magnitude_order(w), zeros)
+    np.testing.assert_array_equal(got, apply_mask(w, magnitude_mask(w, zeros)))
+    assert not np.shares_memory(got, w)
+    assert np.count_nonzero(w) == np.count_nonzero(tied(3, 16, seed=5))  # the input is untouched
+
+
+def test_apply_mask_keeps_dtype():
+    w = sample(4, 4).astype(np.float16)
+    out = apply_mask(w, magnitude_mask(w, 6))
+    assert out.dtype == np.float16 and int((out == 0).sum()) == 6
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 8), 1), ((8, 3), 0), ((2, 4, 3, 3), 1)])
+def test_nm_mask_keeps_the_n_largest_of_every_m(shape, axis):
+    w = sample(*shape, seed=1)
+    keep = nm_mask(w, 2, 4, axis)
+    groups = lambda a: np.moveaxis(a, axis, -1).reshape(-1, 4)  # noqa: E731
+    kept, mags = groups(keep), groups(np.abs(w))
+    assert (kept.sum(1) == 2).all()
+    assert (np.where(kept, mags, np.inf).min(1) >= np.where(kept, -np.inf, mags).max(1)).all()
+
+
+def test_nm_mask_ties_go_to_the_first_and_odd_axes_are_refused():
+    w = np.ones((1, 8), np.float32)
+    np.testing.assert_array_equal(nm_mask(w, 2, 4, 1), [[1, 1, 0, 0, 1, 1, 0, 0]])
+    assert nm_mask(np.ones((6, 6), np.float32), 2, 4, 1) is None
+
+
+def weighted_model() -> onnx.ModelProto:
+    """y = (x @ w) + c with w an initializer and c the output of a Constant node."""
+    c = numpy_helper.from_array(sample(3, seed=2), "c")
+    nodes = [helper.make_node("Constant", [], ["c"], value=c), helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Add", ["h", "c"], ["y"])]
+    return make_model(nodes, [tensor("x", "N", 4)], [tensor("y", "N", 3)], [weights("w", 4, 3, seed=1)])
+
+
+def test_weights_as_inputs_feeds_initializers_and_constants():
+    proto = weighted_model()
+    fed = weights_as_inputs(proto, ["w", "c", "not_a_weight"])
+    assert [i.name for i in fed.graph.input] == ["x", "w", "c"]
+    assert [i.type.tensor_type.shape.dim[0].dim_value for i in fed.graph.input[1:]] == [4, 3]
+    assert not fed.graph.initializer and all(n.op_type != "Constant" for n in fed.graph.node)
+    assert len(proto.graph.initializer) == 1  # the original is untouched
+    x = sample(2, 4, seed=3)
+    w = numpy_helper.to_array(proto.graph.initializer[0])
+    c = numpy_helper.to_array(proto.graph.node[0].attribute[0].t)
+    (want,) = run(proto, {"x": x})
+    np.testing.assert_allclose(run(fed, {"x": x, "w": w, "c": c})[0], want, rtol=1e-6)
+    np.testing.assert_allclose(run(fed, {"x": x, "w": 2 * w, "c": 0 * c})[0], 2 * x @ w, rtol=1e-5)
+
+
+def test_with_outputs_adds_each_value_once():
+    proto = weighted_model()
+    more = with_outputs(proto, ["h", "y", "h"])
+    assert [o.name for o in more.graph.output] == ["y", "h"]
+    assert [o.name for o in proto.graph.output] == ["y"]
+    x = sample(2, 4, seed=4)
+    y, h = run(more, {"x": x})
+    np.testing.assert_allclose(h, x @ numpy_helper.to_array(proto.graph.initializer[0]), rtol=1e-5)
+    np.testing.assert_allclose(y, run(proto, {"x": x})[0], rtol=1e-6)
