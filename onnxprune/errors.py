@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["InputError", "OnnxpruneError", "WriteError"]
+
 
 class OnnxpruneError(Exception):
     """A problem with the user's input or usage: the CLI prints the message and exits with ``exit_code``.

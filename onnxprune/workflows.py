@@ -18,7 +18,6 @@ from onnxprune.runtime import data as rdata
 from onnxprune.verbs.allocate import allocate
 from onnxprune.verbs.apply import ApplyResult, apply
 from onnxprune.verbs.evaluate import evaluate
-from onnxprune.verbs.inspect import summarise
 from onnxprune.verbs.loading import data_path, open_model
 from onnxprune.verbs.score import score
 

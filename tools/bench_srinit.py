@@ -33,7 +33,6 @@ from onnxprune.scoring.srinit import fresh_init
 from tools.benchlib import REFERENCE_BLOCKS, ROOT, bench_resnet56, machine, reference_block_plan, today, write_section
 
 
-
 def images(limit: int) -> tuple[np.ndarray, np.ndarray]:
     d = np.load(cifar_data("jpeg"))
     return d["x"][:limit], d["y"][:limit]

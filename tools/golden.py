@@ -168,6 +168,11 @@ def capture(models: Path, out: Path) -> None:
                 entry["stdout_lines"] = len(res.stdout.splitlines())
             results[name] = entry
             print(f"{name}: exit {res.exit_code}", file=sys.stderr, flush=True)
+            if res.exit_code == 0 and "--json" in args:  # the human output too: it must not fail
+                text = CliRunner().invoke(main, [a for a in args if a != "--json"])
+                results[name + "_text"] = {"exit_code": text.exit_code, "stdout_lines": len(text.stdout.splitlines()),
+                                           "error": (text.stderr.strip().splitlines() or [""])[-1]
+                                           if text.exit_code else None}
     finally:
         os.chdir(cwd)
     files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()

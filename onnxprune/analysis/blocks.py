@@ -24,6 +24,8 @@ import onnx_ir as ir
 from onnxprune.analysis.graph import FLOAT_TYPES, GraphInfo, constant_source
 from onnxprune.analysis.layers import Layer
 
+__all__ = ["RESIDUAL_OPS", "Block", "branch_params", "find_blocks"]
+
 RESIDUAL_OPS = ("Add", "Sum")
 
 

@@ -27,6 +27,8 @@ import onnx_ir as ir
 from onnxprune.analysis.graph import GraphInfo, constant_array
 from onnxprune.analysis.layers import Layer, out_in_axes
 
+__all__ = ["BINARY", "POOLS", "UNARY", "ChannelGraph", "Edit", "Track", "channel_graph"]
+
 UNARY = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
     "Softsign", "Clip", "Gelu", "Erf", "Mish", "Identity", "Dropout", "Cast", "Abs", "Neg", "Sqrt", "Exp", "Log",

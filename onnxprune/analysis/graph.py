@@ -9,6 +9,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+__all__ = ["FLOAT_TYPES", "GraphInfo", "analyse_graph", "const_shape", "constant_array", "constant_source",
+           "fold_small_constants", "infer_shapes", "logger", "numel", "per_sample_count"]
+
 logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = {

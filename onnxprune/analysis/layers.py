@@ -21,6 +21,8 @@ from onnxprune.analysis.graph import (
     per_sample_count,
 )
 
+__all__ = ["PRUNABLE_OPS", "Layer", "find_layers", "model_params", "out_in_axes"]
+
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 

@@ -14,6 +14,8 @@ from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, fmt_kib, notice,
 from onnxprune.errors import InputError
 from onnxprune.io import check_output_path
 
+__all__ = ["prune", "report", "sweep"]
+
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=str))
@@ -74,8 +76,8 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
         change = f"{y / x:.2f}x" if better_lower and x else f"{y - x:+.2f} pts"
         table.add_row(label, fmt(x), fmt(y), change)
 
-    row("parameters", b.params, a.params, _fmt_int)
-    row("FLOPs/sample", b.flops, a.flops, _fmt_flops)
+    row("parameters", b.params, a.params, fmt_int)
+    row("FLOPs/sample", b.flops, a.flops, fmt_flops)
     row("file", b.file_bytes, a.file_bytes, fmt_kib)
     row("latency (batch 1)", b.latency_ms, a.latency_ms, lambda v: f"{v:.3f} ms")
     row("top-1", b.top1, a.top1, lambda v: f"{v:.2f} %", better_lower=False)

@@ -10,6 +10,8 @@ from onnxprune import api
 from onnxprune.cli.options import common_options, data_options
 from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, notice, notices, out, progress_bar, titled_table
 
+__all__ = ["eval_cmd", "inspect"]
+
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))

@@ -9,6 +9,8 @@ import click
 from onnxprune import api
 from onnxprune.cli.state import set_flag
 
+__all__ = ["common_options", "data_options", "output_option", "provider_option", "runtime_options"]
+
 
 def _apply(fn, decorators):
     """Apply DECORATORS as if stacked above FN in this order (so --help lists them in this order)."""

@@ -13,6 +13,8 @@ from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, fmt_kib, notice,
 from onnxprune.errors import InputError
 from onnxprune.io import check_output_path
 
+__all__ = ["allocate", "apply", "score"]
+
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=str))

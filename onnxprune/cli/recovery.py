@@ -11,6 +11,8 @@ from onnxprune.cli.render import emit_json, err, notice, notices, out, progress_
 from onnxprune.errors import InputError
 from onnxprune.recovery.options import FinetuneOptions
 
+__all__ = ["finetune"]
+
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=str))

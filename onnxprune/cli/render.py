@@ -14,6 +14,9 @@ from rich.table import Table
 
 from onnxprune.cli.state import flag
 
+__all__ = ["ProgressBar", "emit_json", "err", "fmt_flops", "fmt_int", "fmt_kib", "notice", "notices", "out",
+           "progress_bar", "quiet", "titled_table"]
+
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+__all__ = ["flag", "set_flag"]
+
 _KEY = "onnxprune.{}"
 
 

@@ -24,6 +24,10 @@ import onnx_ir as ir
 
 from onnxprune.errors import InputError, WriteError
 
+__all__ = ["DEFAULT_IR_VERSION", "PROTOBUF_LIMIT", "SUPPORTED_OPSET", "SavedModel", "check_output_path", "fingerprint",
+           "has_external_data", "load_model", "make_temp", "model_file_bytes", "model_nbytes", "release",
+           "release_mapped", "save_model", "write_text"]
+
 # Above this size a model cannot be a single protobuf file.
 PROTOBUF_LIMIT = 2**31 - 1
 # For models that carry no IR version: one every current onnxruntime reads (onnx 1.23 would write 14).

@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+__all__ = ["to_sparse_initializers"]
+
 
 def to_sparse_initializers(proto: onnx.ModelProto, names: set[str]) -> list[str]:
     """Convert the named dense initializers in place where that makes them smaller; returns converted names."""

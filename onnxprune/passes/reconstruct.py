@@ -33,6 +33,8 @@ from onnxprune.runtime.graph_io import with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.tensors.weights import get_weight, out_in_axes, set_weight
 
+__all__ = ["ReconstructReport", "RefitPass", "reconstruct"]
+
 
 @dataclass
 class ReconstructReport:

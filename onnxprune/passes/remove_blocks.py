@@ -14,6 +14,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxprune.analysis.blocks import Block
 from onnxprune.errors import InputError
 
+__all__ = ["RemoveBlocksPass"]
+
 
 class RemoveBlocksPass(ir.passes.InPlacePass):
     def __init__(self, blocks: list[Block]):

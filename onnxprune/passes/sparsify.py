@@ -18,6 +18,8 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.tensors.masks import apply_mask, magnitude_mask, nm_mask
 from onnxprune.tensors.weights import get_weight, lazy_from, out_in_axes, set_weight
 
+__all__ = ["SparsifyPass", "SparsifyReport"]
+
 
 @dataclass
 class SparsifyReport:

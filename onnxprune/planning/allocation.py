@@ -35,6 +35,8 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.errors import InputError
 from onnxprune.tensors.weights import get_weight, release_weight
 
+__all__ = ["RULES", "TOLERANCE", "Allocatable", "Allocation", "allocate", "allocate_measured", "allocate_sparsities"]
+
 RULES = ("capacity", "uniform", "global", "lamp", "erk", "sensitivity")  # the rules s_l(x) above
 TOLERANCE = 0.001  # the total must be met to within 0.1 % (absolute sparsity)
 

@@ -24,11 +24,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.planning.allocation import Allocatable, allocate_sparsities
-from onnxprune.tensors.masks import magnitude_order, pruned_copy
-from onnxprune.runtime.session import create_session
 from onnxprune.runtime.graph_io import weights_as_inputs
 from onnxprune.runtime.metrics import log_softmax
+from onnxprune.runtime.session import create_session
+from onnxprune.tensors.masks import magnitude_order, pruned_copy
 from onnxprune.tensors.weights import get_weight
+
+__all__ = ["SearchLog", "search_allocation"]
 
 
 @dataclass

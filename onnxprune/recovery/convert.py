@@ -27,6 +27,8 @@ from torch import nn
 
 from onnxprune.errors import InputError
 
+__all__ = ["BN_EPS", "OPS", "InsertedBN", "OnnxModule"]
+
 BN_EPS = 1e-5
 
 

@@ -37,6 +37,9 @@ from onnxprune.recovery.convert import BN_EPS, OnnxModule
 from onnxprune.recovery.options import FinetuneOptions
 from onnxprune.runtime.session import create_session
 
+__all__ = ["PRUNABLE_OPS", "ChannelMoments", "EpochRecord", "Progress", "TrainReport", "build_module", "recalibrate",
+           "teacher_outputs", "train"]
+
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 @dataclass

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from onnxprune.errors import InputError
 
+__all__ = ["AUGMENTATIONS", "FinetuneOptions"]
+
 AUGMENTATIONS = ("auto", "flip", "crop")  # auto: flip for image inputs (N, C, H, W), nothing otherwise
 
 

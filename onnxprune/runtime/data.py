@@ -20,6 +20,9 @@ import numpy as np
 
 from onnxprune.errors import InputError
 
+__all__ = ["DataSpec", "InputSpec", "Preprocess", "check_array", "file_sha256", "load_loader_script", "load_npz",
+           "npz_batches", "parse_floats", "parse_size", "script_batches"]
+
 _NP_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = ["Accuracy", "log_softmax", "topk_hits"]
+
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     """Number of samples whose label is among the ``k`` highest scores."""

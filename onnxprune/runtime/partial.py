@@ -31,6 +31,8 @@ from onnxprune.analysis.graph import GraphInfo
 from onnxprune.runtime.graph_io import weight_tensor_type
 from onnxprune.runtime.session import Session, create_session
 
+__all__ = ["INJECTED", "Bound", "Part", "PartialEvaluator"]
+
 INJECTED = "onnxprune-injected-weights"  # external-data location of weights supplied at session creation
 
 

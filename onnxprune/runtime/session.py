@@ -9,6 +9,8 @@ import onnxruntime as ort
 
 from onnxprune.errors import InputError
 
+__all__ = ["PROVIDERS", "Session", "create_session"]
+
 PROVIDERS = ("auto", "cpu", "cuda")
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"

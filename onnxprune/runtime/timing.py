@@ -10,6 +10,8 @@ import numpy as np
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.session import create_session
 
+__all__ = ["latency", "random_feeds"]
+
 
 def random_feeds(sess, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """One input per model input: dynamic dimensions become ``batch`` (first) or 1, floats are N(0, 1)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from importlib import resources
 
+__all__ = ["load"]
+
 
 def load(name: str) -> dict:
     """The schema ``name`` (scores, plan, sweep, or a command: inspect, eval, score, allocate, apply, prune,

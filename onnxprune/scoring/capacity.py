@@ -31,6 +31,9 @@ from onnxprune.errors import InputError
 from onnxprune.scoring.common import Progress, ScoreRequest, layer_entry, owned_layers, relative_to_max
 from onnxprune.tensors.weights import as_matrix, get_weight, release_weight
 
+__all__ = ["DEFAULT_METRIC", "EXACT_RANK_LIMIT", "METRICS", "NORM_METRICS", "RANDOMIZED_K", "check",
+           "effective_rank_fraction", "layer_metrics", "norms", "score_capacity", "singular_values"]
+
 METRICS = {
     "mean_abs": "mean |w|",
     "l2": "||W||_F / sqrt(n): L2 norm per parameter",

@@ -20,12 +20,15 @@ from onnxprune.analysis.layers import Layer, find_layers
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, Scores, check_fingerprint, curve_drop, load_plan
 from onnxprune.errors import InputError
-from onnxprune.tensors.masks import magnitude_order, pruned_copy
 from onnxprune.runtime.metrics import log_softmax
 from onnxprune.runtime.partial import Part, PartialEvaluator
-from onnxprune.scoring.common import Progress, ScoreRequest, calibration, layer_entry, relative_to_max, sample_count
 from onnxprune.runtime.session import create_session
+from onnxprune.scoring.common import Progress, ScoreRequest, calibration, layer_entry, relative_to_max, sample_count
+from onnxprune.tensors.masks import magnitude_order, pruned_copy
 from onnxprune.tensors.weights import get_weight, set_weight
+
+__all__ = ["DEFAULT_GRID", "METRICS", "DropAccumulator", "check_compactness", "check_sensitivity", "layer_compactness",
+           "layer_sensitivity", "score_compactness", "score_sensitivity"]
 
 DEFAULT_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 METRICS = ("kl", "agreement", "top1")

@@ -27,10 +27,13 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
+from onnxprune.runtime.metrics import log_softmax
 from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.scoring.common import Progress, ScoreRequest, calibration, layer_entry, relative_to_max
-from onnxprune.runtime.metrics import log_softmax
 from onnxprune.tensors.weights import get_weight, out_in_axes
+
+__all__ = ["DEFAULT_MAX_MEMORY", "METRICS", "UNIT_KINDS", "check", "fresh_init", "fresh_norms", "score_srinit",
+           "srinit_scores"]
 
 METRICS = ("top1", "agreement", "kl")
 

@@ -17,8 +17,10 @@ import os
 from pathlib import Path
 
 from onnxprune._version import __version__
-from onnxprune.errors import InputError
 from onnxprune.artefacts import Plan, Scores
+from onnxprune.errors import InputError
+
+__all__ = ["CSS", "build_report", "layers_figure", "srinit_figure", "sweep_figure", "write_report"]
 
 REMOVED, KEPT, LINE = "#d9534f", "#4a78b0", "#333333"
 
