@@ -11,8 +11,8 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 import onnxprune
 from onnxprune import api
-from onnxprune.errors import InputError
 from onnxprune.artefacts import Plan, write_json
+from onnxprune.errors import InputError
 
 SR_INIT_RESNET56_BLOCKS = [1, 8, 17, 19, 21, 22, 23, 24, 25, 26]  # the reference's 10 removed blocks (0-based)
 

@@ -27,11 +27,12 @@ def test_complete_splits(splits):
 
 
 def test_example_cnn_round_trip(splits, tmp_path):
+    import onnxruntime as ort
+
     from models.export import export_onnx
+    from models.small import PlainCNN
     from onnxprune.io import load_model
     from onnxprune.recovery.convert import OnnxModule
-    from models.small import PlainCNN
-    import onnxruntime as ort
 
     (_, _), (xte, _) = splits
     torch.manual_seed(0)

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 import onnxprune
 from models.resnet_cifar import CIFAR_MEAN, CIFAR_STD
 from onnxprune import api
-from onnxprune.planning import allocation
+from onnxprune.artefacts import load_plan, write_json
 from onnxprune.errors import InputError
 from onnxprune.io import load_model
-from onnxprune.artefacts import load_plan, write_json
+from onnxprune.planning import allocation
 from tests.graphs import initializers_to_constants
 
 CLI = [sys.executable, "-m", "onnxprune.cli"]

@@ -11,10 +11,10 @@ import pytest
 import onnxprune
 from models.resnet_cifar import CIFAR_MEAN, CIFAR_STD
 from onnxprune import api
-from onnxprune.planning import allocation
 from onnxprune.analysis.graph import analyse_graph
 from onnxprune.analysis.layers import Layer, find_layers
 from onnxprune.errors import InputError
+from onnxprune.planning import allocation
 from onnxprune.runtime.partial import Part, PartialEvaluator
 
 

@@ -94,6 +94,13 @@ class AnalysedModel:
         return self._channel_graphs[coupled]
 
     @property
+    def input_shapes(self) -> dict[str, tuple]:
+        """The shape of every graph input as the analysis used it (int, symbolic name or None per dimension):
+        the one place where a shape setting (the next issue's ``--input-shape``) will go."""
+        return {v.name: self.info.shapes.get(v.name) for v in self.model.graph.inputs
+                if v.name not in self.model.graph.initializers}
+
+    @property
     def input_dims(self) -> set[str]:
         """Symbolic input dimensions other than the leading (batch) one."""
         dims = set()

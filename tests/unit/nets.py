@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.runtime.session import create_session
@@ -32,17 +32,33 @@ def head(x: str, features: int, seed: int = 50) -> tuple[list[onnx.NodeProto], l
     return nodes, [weights("wf", CLASSES, features, seed=seed), weights("bf", CLASSES, seed=seed + 1)]
 
 
-def conv_chain(channels: tuple[int, int] = (8, 6), with_head: bool = True) -> onnx.ModelProto:
-    """x (N, 3, 8, 8) -> Conv c1 -> Relu -> Conv c2 -> Relu [-> head fc], convs with biases."""
-    c1, c2 = channels
-    nodes = [conv("c1", "x", "h1", "w1", "b1"), relu("h1", "r1"), conv("c2", "r1", "h2", "w2", "b2"),
-             relu("h2", "r2")]
-    inits = [weights("w1", c1, 3, 3, 3, seed=1), weights("b1", c1, seed=2), weights("w2", c2, c1, 3, 3, seed=3),
-             weights("b2", c2, seed=4)]
+def conv_chain(channels: tuple[int, ...] = (8, 6), with_head: bool = True) -> onnx.ModelProto:
+    """x (N, 3, 8, 8) -> (Conv c{i} with bias -> Relu) for each of ``channels`` [-> head fc]; value names
+    h{i} (conv output) and r{i} (after the Relu)."""
+    nodes, inits, x, cin = [], [], "x", 3
+    for i, cout in enumerate(channels, 1):
+        nodes += [conv(f"c{i}", x, f"h{i}", f"w{i}", f"b{i}"), relu(f"h{i}", f"r{i}")]
+        inits += [weights(f"w{i}", cout, cin, 3, 3, seed=2 * i - 1), weights(f"b{i}", cout, seed=2 * i)]
+        x, cin = f"r{i}", cout
     if not with_head:
-        return make_model(nodes, [tensor("x", "N", 3, 8, 8)], [tensor("r2", "N", c2, 8, 8)], inits)
-    hn, hi = head("r2", c2)
+        return make_model(nodes, [tensor("x", "N", 3, 8, 8)], [tensor(x, "N", cin, 8, 8)], inits)
+    hn, hi = head(x, cin)
     return make_model(nodes + hn, [tensor("x", "N", 3, 8, 8)], [tensor("logits", "N", CLASSES)], inits + hi)
+
+
+def mlp(widths: tuple[int, ...], scales: tuple[float, ...] | None = None) -> onnx.ModelProto:
+    """x (N, widths[0]) -> MatMul l0 -> Relu -> MatMul l1 -> ... -> (N, widths[-1]); layer i's weight
+    (widths[i], widths[i + 1]) drawn with scale ``scales[i]``."""
+    scales = scales or (1.0,) * (len(widths) - 1)
+    nodes, inits, x = [], [], "x"
+    for i in range(len(widths) - 1):
+        out = "logits" if i == len(widths) - 2 else f"a{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [out], name=f"l{i}"))
+        inits.append(weights(f"w{i}", widths[i], widths[i + 1], seed=30 + i, scale=scales[i]))
+        if out != "logits":
+            nodes.append(relu(out, f"r{i}"))
+            x = f"r{i}"
+    return make_model(nodes, [tensor("x", "N", widths[0])], [tensor("logits", "N", widths[-1])], inits)
 
 
 def gemm_chain(features: int = 16, hidden: int = 12) -> onnx.ModelProto:
@@ -114,3 +130,24 @@ def stable_mask(w: np.ndarray, zeros: int) -> np.ndarray:
 
 def layer(am: AnalysedModel, name: str):
     return next(layer for layer in am.layers if layer.name == name)
+
+
+def with_weights(proto: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose initializers named in ``arrays`` hold those values instead."""
+    q = onnx.ModelProto()
+    q.CopyFrom(proto)
+    for t in q.graph.initializer:
+        if t.name in arrays:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(arrays[t.name], np.float32), t.name))
+    return q
+
+
+def initializer(proto: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == name))
+
+
+def assert_n_of_m(keep: np.ndarray, magnitudes: np.ndarray, axis: int, n: int = 2, m: int = 4) -> None:
+    """Oracle for N:M sparsity: each group of ``m`` along ``axis`` keeps exactly ``n``, the largest."""
+    kept, mags = (np.moveaxis(a, axis, -1).reshape(-1, m) for a in (keep, magnitudes))
+    assert (kept.sum(1) == n).all()
+    assert (np.where(kept, mags, np.inf).min(1) >= np.where(kept, -np.inf, mags).max(1)).all()
