@@ -12,8 +12,10 @@ from __future__ import annotations
 from onnxprune.analysis.layers import find_layers
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, Scores, Sweep, load_plan, load_scores, load_sweep, write_json
+from onnxprune.io import check_output_path
 from onnxprune.planning.channel_selection import CRITERIA
 from onnxprune.planning.registry import LAYER_METHODS, PLANNERS
+from onnxprune.recovery.options import INSERT_BN, FinetuneOptions
 from onnxprune.runtime.data import DataSpec, parse_floats, parse_size
 from onnxprune.runtime.session import PROVIDERS
 from onnxprune.scoring.capacity import DEFAULT_METRIC as DEFAULT_CAPACITY_METRIC
@@ -42,10 +44,10 @@ STORES = ("dense", "sparse")
 
 __all__ = [
     "ALLOCATION_GRANULARITIES", "ALLOCATION_METHODS", "BUDGETS", "CAPACITY_METRICS", "COUPLED", "CRITERIA",
-    "DEFAULT_CAPACITY_METRIC", "GRANULARITIES", "LAYER_METHODS", "PROVIDERS", "SCORE_METHODS",
+    "DEFAULT_CAPACITY_METRIC", "GRANULARITIES", "INSERT_BN", "LAYER_METHODS", "PROVIDERS", "SCORE_METHODS",
     "SENSITIVITY_METRICS", "SRINIT_METRICS", "SRINIT_UNITS", "STORES",
-    "AnalysedModel", "ApplyResult", "DataSpec", "EvalResult", "FinetuneResult", "InspectResult", "ModelLike", "Plan",
+    "AnalysedModel", "ApplyResult", "DataSpec", "EvalResult", "FinetuneOptions", "FinetuneResult", "InspectResult", "ModelLike", "Plan",
     "Scores", "Sweep",
-    "allocate", "apply", "check_runs", "evaluate", "find_layers", "finetune", "inspect", "load_plan", "load_scores",
+    "allocate", "apply", "check_output_path", "check_runs", "evaluate", "find_layers", "finetune", "inspect", "load_plan", "load_scores",
     "load_sweep", "open_model", "parse_floats", "parse_size", "report", "score", "write_json",
 ]

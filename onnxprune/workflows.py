@@ -143,9 +143,9 @@ def prune(
                   else score(am, "capacity"))
         say("allocating")
         plan = allocate(am, method=method, scores=scores, data=spec if method == "search" else None,
-                            target_sparsity=target_sparsity if mode == "unstructured" else target_flops,
-                            budget="params" if mode == "unstructured" else "flops",
-                            granularity=mode, round_to=round_to, seed=seed)
+                        target_sparsity=target_sparsity if mode == "unstructured" else target_flops,
+                        budget="params" if mode == "unstructured" else "flops",
+                        granularity=mode, round_to=round_to, seed=seed)
     say("applying")
     refit = spec if mode == "channel" else None
     before = _stats(model, am)
@@ -237,8 +237,8 @@ def sweep(
                 row = {"method": method, "sparsity": s}
                 try:
                     plan: Plan = allocate(am, method=method, target_sparsity=s, scores=scores.get(method),
-                                              budget=budget, granularity=granularity, seed=seed,
-                                              data=spec if method == "search" else None)
+                                          budget=budget, granularity=granularity, seed=seed,
+                                          data=spec if method == "search" else None)
                     applied = apply(model, plan, tmp / "pruned.onnx", check=False, force=True)
                     res = evaluate(applied.path, spec)
                     t = applied.totals

@@ -66,6 +66,11 @@ class ChannelGraph:
     blocked: dict[int, str]  # root -> reason
     edits: list[Edit]
     produced: dict[str, list[int]]  # layer name -> its output elements
+    # classes() and groups(), computed once: the classes do not change once the graph is built, the groups
+    # only when keep_coupled() blocks some (it clears them). Planning asks for both dozens of times.
+    _classes: dict[int, list[int]] | None = field(default=None, init=False, repr=False, compare=False)
+    _groups: list[dict] | None = field(default=None, init=False, repr=False, compare=False)
+    _roots: list[int] | None = field(default=None, init=False, repr=False, compare=False)  # element -> class root
 
     def find(self, e: int) -> int:
         while self.parent[e] != e:
@@ -74,20 +79,32 @@ class ChannelGraph:
         return e
 
     def classes(self) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for e in range(len(self.parent)):
-            out.setdefault(self.find(e), []).append(e)
-        return out
+        """Class root -> its elements (do not modify: it is shared)."""
+        if self._classes is None:
+            out: dict[int, list[int]] = {}
+            for e in range(len(self.parent)):
+                out.setdefault(self.find(e), []).append(e)
+            self._classes = out
+        return self._classes
 
     def kept(self, elems: list[int], remove: set[int]) -> list[int]:
         """Indices into ``elems`` of the elements whose class is not in ``remove``."""
-        return [i for i, e in enumerate(elems) if self.find(e) not in remove]
+        if self._roots is None:
+            self._roots = [self.find(e) for e in range(len(self.parent))]
+        roots = self._roots
+        return [i for i, e in enumerate(elems) if roots[e] not in remove]
 
     def reason(self, root: int) -> str | None:
         return self.blocked.get(self.find(root))
 
     def groups(self) -> list[dict]:
-        """Classes with the same producing layers, aggregated: what is coupled, and whether it can shrink."""
+        """Classes with the same producing layers, aggregated: what is coupled, and whether it can shrink
+        (do not modify: it is shared)."""
+        if self._groups is None:
+            self._groups = self._aggregate()
+        return self._groups
+
+    def _aggregate(self) -> list[dict]:
         by_sig: dict[tuple, dict] = {}
         for root, members in self.classes().items():
             layers = tuple(sorted({self.owners[e][1] for e in members if self.owners[e][0] == "layer"}))
@@ -107,6 +124,7 @@ class ChannelGraph:
             if len(g["layers"]) > 1 and g["prunable"]:
                 for root in g["roots"]:
                     self.blocked[self.find(root)] = "kept whole (--coupled keep): written by several layers"
+        self._groups = None
 
     def describe(self) -> list[dict]:
         """The groups for users: coupled layers, channel count, prunable or why not, and every constant

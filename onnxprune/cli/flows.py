@@ -12,7 +12,6 @@ from onnxprune import api, workflows
 from onnxprune.cli.options import common_options, data_options, output_option
 from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, fmt_kib, notice, notices, out, progress_bar
 from onnxprune.errors import InputError
-from onnxprune.io import check_output_path
 
 __all__ = ["prune", "report", "sweep"]
 
@@ -116,7 +115,7 @@ def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, outp
     """
     if not data_spec.given:
         raise InputError("sweep needs labelled data: --data FILE.npz (or --data-loader-script)")
-    check_output_path(Path(output), input_path=[model, data_spec.data], forceable=False)
+    api.check_output_path(Path(output), input_path=[model, data_spec.data], forceable=False)
     targets = api.parse_floats(sparsities, "sparsities")
     names = tuple(x.strip() for x in methods.split(",") if x.strip())
     with progress_bar("sweeping") as tick:
@@ -162,7 +161,7 @@ def report(scores_path, plan_path, sweep_path, title, output, as_json):
       onnxprune report --scores sr.json --plan blocks.json --sweep sweep.json -o report.html
     """
     inputs = [p for p in (scores_path, plan_path, sweep_path) if p]
-    check_output_path(Path(output), input_path=inputs, forceable=False)
+    api.check_output_path(Path(output), input_path=inputs, forceable=False)
     path = api.report(output, scores=api.load_scores(scores_path) if scores_path else None,
                       plan=api.load_plan(plan_path) if plan_path else None,
                       sweep=api.load_sweep(sweep_path) if sweep_path else None, title=title)

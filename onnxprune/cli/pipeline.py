@@ -11,7 +11,6 @@ from onnxprune import api
 from onnxprune.cli.options import common_options, data_options, output_option
 from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, fmt_kib, notice, out, progress_bar, titled_table
 from onnxprune.errors import InputError
-from onnxprune.io import check_output_path
 
 __all__ = ["allocate", "apply", "score"]
 
@@ -49,7 +48,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
       onnxprune score build/resnet56.onnx --method compactness --tolerance 1.0 --data ... -o compactness.json
       onnxprune score build/resnet56.onnx --method srinit --data cifar10_test_jpeg_q75.npz --offset 1017 -o sr.json
     """
-    check_output_path(Path(output), input_path=[model, at_plan, data_spec.data], forceable=False)
+    api.check_output_path(Path(output), input_path=[model, at_plan, data_spec.data], forceable=False)
     memory = api.parse_size(max_memory, "max-memory")
     with progress_bar(f"scoring ({method})") as tick:
         scores = api.score(
@@ -133,7 +132,7 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
       onnxprune allocate build/resnet56.onnx --method uniform --granularity channel --budget flops \\
           --target-sparsity 0.5 --round-to 8 -o channels.json
     """
-    check_output_path(Path(output), input_path=[model, scores_path, data_spec.data], forceable=False)
+    api.check_output_path(Path(output), input_path=[model, scores_path, data_spec.data], forceable=False)
     with progress_bar(f"allocating ({method})") as tick:
         plan = api.allocate(
             model, target_sparsity=target_sparsity, method=method, scores=scores_path, min_sparsity=min_sparsity,

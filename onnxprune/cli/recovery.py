@@ -9,7 +9,6 @@ from onnxprune import api
 from onnxprune.cli.options import common_options, output_option, runtime_options
 from onnxprune.cli.render import emit_json, err, notice, notices, out, progress_bar, quiet
 from onnxprune.errors import InputError
-from onnxprune.recovery.options import FinetuneOptions
 
 __all__ = ["finetune"]
 
@@ -36,7 +35,7 @@ __all__ = ["finetune"]
 @click.option("--recalibrate-bn", is_flag=True,
               help="No training: only re-estimate the BatchNorm statistics on the data (seconds). Folded graphs "
                    "need --teacher: their convolutions are mapped to the teacher's statistics.")
-@click.option("--insert-bn", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+@click.option("--insert-bn", type=click.Choice(api.INSERT_BN), default="auto", show_default=True,
               help="Put BatchNorm after convolutions for training (auto: when the graph has none); folded back.")
 @click.option("--calibration", type=int, default=2048, show_default=True,
               help="Samples for the BatchNorm statistics.")
@@ -71,7 +70,7 @@ def finetune(model, output, teacher, labels, epochs, lr, max_minutes, augment, t
     if data_spec.data is None and data_spec.loader is None:
         raise InputError("finetune needs training data: --data FILE.npz or --data-loader-script FILE.py[:func]")
     aug = tuple(a.strip() for a in augment.split(",") if a.strip() and a.strip() != "none")
-    opts = FinetuneOptions(epochs=0 if recalibrate_bn else (10 if epochs is None else epochs), lr=lr,
+    opts = api.FinetuneOptions(epochs=0 if recalibrate_bn else (10 if epochs is None else epochs), lr=lr,
                            batch_size=data_spec.batch_size, weight_decay=weight_decay, augment=aug,
                            temperature=temperature, label_weight=label_weight, insert_bn=insert_bn,
                            calibration=calibration, keep_zeros=keep_zeros, max_minutes=max_minutes, seed=seed,

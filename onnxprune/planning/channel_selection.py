@@ -41,15 +41,16 @@ def filter_norms(layer, criterion: str) -> np.ndarray:
 
 
 class ChannelSelector:
-    """Chooses the channels to remove in a channel graph by ``criterion``. The filter norms are computed
-    once per selector (allocation chooses dozens of times; on a big model each computation reads every
-    weight); weights must not change while a selector is in use."""
+    """Chooses the channels to remove in a channel graph by ``criterion``. The filter norms, and each group's
+    channels ranked by them, are computed once per selector (allocation chooses dozens of times; on a big
+    model each norm computation reads every weight); weights must not change while a selector is in use."""
 
     def __init__(self, cg: ChannelGraph, criterion: str = "l2"):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}")
         self.cg, self.criterion = cg, criterion
         self._norms: dict[str, np.ndarray] | None = None
+        self._ranked: dict[tuple, list[int]] = {}
 
     def norms(self) -> dict[str, np.ndarray]:
         """Each producing layer's filter norms over their mean."""
@@ -61,10 +62,46 @@ class ChannelSelector:
                 release_weight(self.cg.layers[name])
         return self._norms
 
+    def ranked(self, group: dict) -> list[int]:
+        """A group's channel classes, lowest summed normalised norm first (ties by class)."""
+        key = tuple(group["layers"])
+        if key not in self._ranked:
+            norms, members, owners = self.norms(), self.cg.classes(), self.cg.owners
+            score = {}
+            for root in group["roots"]:
+                total = 0.0
+                for e in members[root]:
+                    kind, name, idx = owners[e]
+                    if kind == "layer" and name in norms:
+                        total += norms[name][idx]
+                score[root] = total
+            self._ranked[key] = sorted(group["roots"], key=lambda r: (score[r], r))
+        return self._ranked[key]
+
     def choose(self, ratios: dict[str, float], round_to: int = 1, counts: dict[tuple, int] | None = None
                ) -> tuple[set[int], list[GroupChoice]]:
         """See :func:`choose`."""
-        return _choose(self.cg, self.norms(), ratios, round_to, counts)
+        cg = self.cg
+        remove: set[int] = set()
+        choices = []
+        members = cg.classes()
+        for g in cg.groups():
+            if not g["prunable"]:
+                continue
+            ratio = group_ratio(cg, g, ratios)
+            n = g["channels"]
+            kept = n - int(np.floor(ratio * n + 1e-9))
+            if counts is not None and tuple(g["layers"]) in counts:
+                kept = n - counts[tuple(g["layers"])]
+            elif round_to > 1:
+                step = group_step(cg, g, round_to, members)
+                kept = int(round(kept / step)) * step
+                kept = max(kept, step)
+            kept = min(max(kept, 1), n)
+            if kept < n:
+                remove.update(self.ranked(g)[: n - kept])
+            choices.append(GroupChoice(g["layers"], n, n - kept, ratio))
+        return remove, choices
 
 
 def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", round_to: int = 1,
@@ -75,41 +112,6 @@ def choose(cg: ChannelGraph, ratios: dict[str, float], criterion: str = "l2", ro
     (never below it, never above the group's size). ``counts`` (group layers -> channels to remove), where it
     names a group, overrides the ratios (a plan's rounded counts)."""
     return ChannelSelector(cg, criterion).choose(ratios, round_to, counts)
-
-
-def _choose(cg: ChannelGraph, norms: dict[str, np.ndarray], ratios: dict[str, float], round_to: int,
-            counts: dict[tuple, int] | None) -> tuple[set[int], list[GroupChoice]]:
-    remove: set[int] = set()
-    choices = []
-    members = cg.classes()
-    for g in cg.groups():
-        if not g["prunable"]:
-            continue
-        ratio = group_ratio(cg, g, ratios)
-        n = g["channels"]
-        kept = n - int(np.floor(ratio * n + 1e-9))
-        if counts is not None and tuple(g["layers"]) in counts:
-            kept = n - counts[tuple(g["layers"])]
-        elif round_to > 1:
-            step = group_step(cg, g, round_to, members)
-            kept = int(round(kept / step)) * step
-            kept = max(kept, step)
-        kept = min(max(kept, 1), n)
-        if kept == n:
-            choices.append(GroupChoice(g["layers"], n, 0, ratio))
-            continue
-        score = {}
-        for root in g["roots"]:
-            total = 0.0
-            for e in members[root]:
-                kind, name, idx = cg.owners[e]
-                if kind == "layer" and name in norms:
-                    total += norms[name][idx]
-            score[root] = total
-        ordered = sorted(g["roots"], key=lambda r: (score[r], r))
-        remove.update(ordered[: n - kept])
-        choices.append(GroupChoice(g["layers"], n, n - kept, ratio))
-    return remove, choices
 
 
 def group_ratio(cg: ChannelGraph, group: dict, ratios: dict[str, float]) -> float:

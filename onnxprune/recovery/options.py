@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from onnxprune.errors import InputError
 
-__all__ = ["AUGMENTATIONS", "FinetuneOptions"]
+__all__ = ["AUGMENTATIONS", "INSERT_BN", "FinetuneOptions"]
 
 AUGMENTATIONS = ("auto", "flip", "crop")  # auto: flip for image inputs (N, C, H, W), nothing otherwise
+INSERT_BN = ("auto", "always", "never")  # BatchNorm after convolutions for training: auto = when the graph has none
 
 
 @dataclass
@@ -41,7 +42,7 @@ class FinetuneOptions:
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
         if bad:
             raise InputError(f"unknown augmentation(s) {', '.join(bad)}; use a comma list of {', '.join(AUGMENTATIONS)}")
-        if self.insert_bn not in ("auto", "always", "never"):
+        if self.insert_bn not in INSERT_BN:
             raise InputError(f"--insert-bn must be auto, always or never, got {self.insert_bn!r}")
         if not self.temperature > 0:
             raise InputError(f"--temperature must be positive, got {self.temperature}")
