@@ -67,6 +67,7 @@ def main() -> int:
     ap.add_argument("--old", type=Path, required=True, help="a checkout of the code before the refactor")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--only", default=None, help="run only the commands whose label contains this (no counts)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -101,13 +102,22 @@ def main() -> int:
                                           "-o", str(o / "channels.onnx")]),
         ]
 
-    names = [name for name, _ in commands("new")]
+    def chosen(label: str) -> list[tuple[str, list[str]]]:
+        return [(name, cmd) for name, cmd in commands(label) if args.only is None or args.only in name]
+
+    names = [name for name, _ in chosen("new")]
     times = {label: {name: [] for name in names} for label in codes}
     for r in range(args.rounds):
         for label in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            for name, cmd in commands(label):
+            for name, cmd in chosen(label):
                 times[label][name].append(_run(codes[label], cmd)["seconds"])
                 print(f"round {r + 1} {label} {name}: {times[label][name][-1]:.1f} s", flush=True)
+    if args.only is not None:
+        for name in names:
+            old, new = statistics.median(times["old"][name]), statistics.median(times["new"][name])
+            print(f"{name}: old {sorted(round(t, 2) for t in times['old'][name])}, new "
+                  f"{sorted(round(t, 2) for t in times['new'][name])}; medians {old:.2f} / {new:.2f} s = {new / old:.2f}x")
+        return 0
     counts = {label: {name: _run(codes[label], cmd, count=True) for name, cmd in commands(label)} for label in codes}
     for label in codes:
         for name in names:

@@ -27,7 +27,7 @@ from torch import nn
 
 from onnxprune.errors import InputError
 
-__all__ = ["BN_EPS", "OPS", "InsertedBN", "OnnxModule"]
+__all__ = ["BN_EPS", "OPS", "InsertedBN", "OnnxModule", "WriteBackPass"]
 
 BN_EPS = 1e-5
 
@@ -615,3 +615,17 @@ class OnnxModule(nn.Module):
                 node.replace_input_with(2, bias)
                 written += 1
         return written
+
+
+class WriteBackPass(ir.passes.InPlacePass):
+    """Write a trained OnnxModule's values back into the model it was built from (see
+    :meth:`OnnxModule.write_back`); ``written`` counts the initializers written."""
+
+    def __init__(self, module: OnnxModule):
+        super().__init__()
+        self.module = module
+        self.written = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.written = self.module.write_back(model)
+        return ir.passes.PassResult(model, self.written > 0)

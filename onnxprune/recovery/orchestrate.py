@@ -16,6 +16,7 @@ import torch
 from onnxprune.errors import InputError
 from onnxprune.io import load_model
 from onnxprune.recovery import finetune as ft
+from onnxprune.recovery.convert import WriteBackPass
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import batches as feed_batches
 from onnxprune.runtime.session import create_session
@@ -96,7 +97,7 @@ def finetune_model(m: ir.Model, path: str | os.PathLike, spec: rdata.DataSpec, o
     rep = ft.train(module, xt, y, opts, teacher_logits=t_logits,
                    teacher_flipped=t_flipped, teacher_stats=t_stats, eval_x=ext, eval_y=eval_y,
                    progress=progress, start_time=start, start_cpu=start_cpu)
-    module.write_back(m)
+    WriteBackPass(module)(m)
     return Outcome(report=rep, options=opts, labels=use_labels, eval_spec=espec, teacher_seconds=teacher_seconds)
 
 
