@@ -194,10 +194,7 @@ def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: s
         achieved["nm"] = f"{n}:{mm}"
     if before is not None:
         after = summarise(am, fingerprint=False)
-        achieved.update({"blocks_removed": len(pl.blocks), "params_before": before.params,
-                         "params_after": after.params, "flops_before": before.flops, "flops_after": after.flops,
-                         "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
-                         "flops_fraction_removed": (1 - after.flops / before.flops) if before.flops else 0.0})
+        achieved.update({"blocks_removed": len(pl.blocks), **_size_change(before, after)})
     weight_values = {by_name[name].weight for name in planned if rep.zeros.get(name)}
     saved = target.save(am, sparse=weight_values if store == "sparse" else None)
     per_layer = [{"name": name, "planned_sparsity": planned[name], "sparsity": rep.zeros[name] / sizes[name],
@@ -245,11 +242,7 @@ def _apply_channels(am: AnalysedModel, pl: Plan, target: _Target, criterion: str
     after = summarise(am.after_rewrite(), fingerprint=False)
     blocked = [g for g in cg.groups() if not g["prunable"] and any(planned.get(n, 0) > 0 for n in g["layers"])]
     totals = {
-        "granularity": "channel", "criterion": criterion, "round_to": round_to,
-        "params_before": before.params, "params_after": after.params,
-        "flops_before": before.flops, "flops_after": after.flops,
-        "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
-        "flops_fraction_removed": 1 - after.flops / before.flops if before.flops else 0.0,
+        "granularity": "channel", "criterion": criterion, "round_to": round_to, **_size_change(before, after),
         "channels_removed": sum(c.removed for c in choices),
         "groups": len(choices), "groups_blocked": len(blocked),
         "planned_params_sparsity": pl.totals.get("params_sparsity"),
@@ -269,6 +262,14 @@ def _apply_channels(am: AnalysedModel, pl: Plan, target: _Target, criterion: str
     return ApplyResult(path=saved.path, layers=per_layer, totals=totals,
                        input_bytes=model_file_bytes(target.input_path), output_bytes=saved.size_bytes,
                        sparse_initializers=[], skipped=describe_blocked(blocked), checked=target.checked(False))
+
+
+def _size_change(before, after) -> dict:
+    """Parameters and FLOPs before and after a structural rewrite, and the fractions removed."""
+    return {"params_before": before.params, "params_after": after.params,
+            "flops_before": before.flops, "flops_after": after.flops,
+            "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
+            "flops_fraction_removed": 1 - after.flops / before.flops if before.flops else 0.0}
 
 
 def _provenance(pl: Plan, input_fingerprint: str, options: dict) -> ProvenancePass:
