@@ -1,6 +1,6 @@
 """Allocation by measured search: per-layer sparsities chosen by evaluating whole pruned models.
 
-Every allocation rule in onnxprune.allocation scores layers one at a time (or not at all); at high sparsity
+Every allocation rule in onnxprune.planning.allocation scores layers one at a time (or not at all); at high sparsity
 the layers' effects interact. ``search`` measures instead: the objective is the mean KL divergence between
 the unmodified model's and the pruned model's output distributions on calibration data (no labels needed),
 the pruned model being magnitude-pruned in every layer at the candidate sparsities.
