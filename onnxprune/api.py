@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from onnxprune.analysis.layers import find_layers
 from onnxprune.analysis.model import AnalysedModel
-from onnxprune.artefacts import Plan, Scores, Sweep, load_plan, load_scores, load_sweep, write_json
+from onnxprune.artefacts import Plan, Scores, Sweep, json_text, load_plan, load_scores, load_sweep, write_json
 from onnxprune.io import check_output_path
 from onnxprune.planning.channel_selection import CRITERIA
 from onnxprune.planning.registry import LAYER_METHODS, PLANNERS
@@ -46,8 +46,9 @@ __all__ = [
     "ALLOCATION_GRANULARITIES", "ALLOCATION_METHODS", "BUDGETS", "CAPACITY_METRICS", "COUPLED", "CRITERIA",
     "DEFAULT_CAPACITY_METRIC", "GRANULARITIES", "INSERT_BN", "LAYER_METHODS", "PROVIDERS", "SCORE_METHODS",
     "SENSITIVITY_METRICS", "SRINIT_METRICS", "SRINIT_UNITS", "STORES",
-    "AnalysedModel", "ApplyResult", "DataSpec", "EvalResult", "FinetuneOptions", "FinetuneResult", "InspectResult", "ModelLike", "Plan",
-    "Scores", "Sweep",
-    "allocate", "apply", "check_output_path", "check_runs", "evaluate", "find_layers", "finetune", "inspect", "load_plan", "load_scores",
-    "load_sweep", "open_model", "parse_floats", "parse_size", "report", "score", "write_json",
+    "AnalysedModel", "ApplyResult", "DataSpec", "EvalResult", "FinetuneOptions", "FinetuneResult",
+    "InspectResult", "ModelLike", "Plan", "Scores", "Sweep",
+    "allocate", "apply", "check_output_path", "check_runs", "evaluate", "find_layers", "finetune", "inspect",
+    "json_text", "load_plan", "load_scores", "load_sweep", "open_model", "parse_floats", "parse_size", "report",
+    "score", "write_json",
 ]

@@ -1,8 +1,8 @@
-"""Errors the CLI turns into one clean line and an exit code."""
+"""Errors the CLI turns into one clean line and an exit code, and the wording their messages share."""
 
 from __future__ import annotations
 
-__all__ = ["InputError", "OnnxpruneError", "WriteError"]
+__all__ = ["InputError", "OnnxpruneError", "WriteError", "plural"]
 
 
 class OnnxpruneError(Exception):
@@ -22,3 +22,9 @@ class WriteError(OnnxpruneError):
     """Writing the output failed (disk full, I/O error): nothing was written. Exit code 1."""
 
     exit_code = 1
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and the noun in agreement: "1 block", "3 blocks", "2 channel groups" (``nouns``: an irregular
+    plural)."""
+    return f"{n:,} {noun if n == 1 else (nouns or noun + 's')}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from onnxprune.errors import InputError
 from onnxprune.io import write_text
 
-__all__ = ["check_fingerprint", "check_schema", "read_json", "write_json"]
+__all__ = ["check_fingerprint", "check_schema", "json_text", "read_json", "write_json"]
 
 
 def check_schema(d: Any, schema: str, source: str) -> None:
@@ -32,8 +33,24 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
-    """Atomic write (temporary file in the same folder, then rename); keys in a stable order."""
-    return write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Atomic write (temporary file in the same folder, then rename) of strict JSON (see json_text)."""
+    return write_text(path, json_text(obj) + "\n")
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON (RFC 8259), indented: a number that is not finite (NaN, infinity) becomes null, so every
+    JSON onnxprune writes or prints parses everywhere."""
+    return json.dumps(_finite(obj), indent=2, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def check_fingerprint(artefact_fp: str, model_fp: str, what: str, force: bool) -> None:

@@ -10,7 +10,7 @@ from rich.markup import escape
 from onnxprune import api
 from onnxprune.cli.options import common_options, data_options, output_option
 from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, fmt_kib, notice, out, progress_bar, titled_table
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, plural
 
 __all__ = ["allocate", "apply", "score"]
 
@@ -226,16 +226,18 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
         return
     extra = ""
     if t.get("granularity") == "channel":
-        out.print(f"[bold]Removed[/] {t['channels_removed']} channels in {t['groups']} groups: {_smaller(t)}")
+        out.print(f"[bold]Removed[/] {plural(t['channels_removed'], 'channel')} in "
+                  f"{plural(t['groups_changed'], 'group')}: {_smaller(t)}")
         refit = t.get("refit")
         if refit:
-            out.print(f"refit {refit['layers']} layers on {refit['samples']} samples: mean relative output error "
+            out.print(f"refit {plural(refit['layers'], 'layer')} on {plural(refit['samples'], 'sample')}: "
+                      "mean relative output error "
                       f"{refit['mean_error_before']:.3f} -> {refit['mean_error_after']:.3f}")
             for name, why in refit["skipped"].items():
                 notice(f"layer {name} not refit: {why}")
     else:
         if "blocks_removed" in t:
-            out.print(f"[bold]Removed[/] {t['blocks_removed']} blocks: {_smaller(t)}")
+            out.print(f"[bold]Removed[/] {plural(t['blocks_removed'], 'block')}: {_smaller(t)}")
         planned = t.get("planned_params_sparsity")
         if t.get("granularity") == "n:m":
             against = f"the {t['nm']} pattern on every layer the plan prunes"

@@ -8,7 +8,7 @@ from rich.markup import escape
 from onnxprune import api
 from onnxprune.cli.options import common_options, output_option, runtime_options
 from onnxprune.cli.render import emit_json, err, notice, notices, out, progress_bar, quiet
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, plural
 
 __all__ = ["finetune"]
 
@@ -110,7 +110,7 @@ def finetune(model, output, teacher, labels, epochs, lr, max_minutes, augment, t
         out.print(f"[bold]Recalibrated[/] BatchNorm statistics on {opts.calibration:,} samples "
                   f"({result.graph_bn} BatchNorm layers in the graph, {result.inserted_bn} inserted)")
     else:
-        out.print(f"[bold]Fine-tuned[/] {len(result.history)} epochs ({what}) in {result.seconds / 60:.1f} min")
+        out.print(f"[bold]Fine-tuned[/] {plural(len(result.history), 'epoch')} ({what}) in {result.seconds / 60:.1f} min")
     if result.before_top1 is not None:
         out.print(f"eval top-1: {result.before_top1:.2f} % before, {result.calibrated_top1:.2f} % after BatchNorm "
                   f"calibration, {result.after_top1:.2f} % written model (ONNX Runtime)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,6 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from onnxprune import api
 from onnxprune.cli.state import flag
 
 __all__ = ["ProgressBar", "emit_json", "err", "fmt_flops", "fmt_int", "fmt_kib", "notice", "notices", "out",
@@ -37,7 +37,7 @@ def notices(texts) -> None:
 
 
 def emit_json(obj: dict) -> None:
-    click.echo(json.dumps(obj, indent=2))
+    click.echo(api.json_text(obj))
 
 
 def fmt_int(n: int | None) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, plural
 from onnxprune.planning import allocation
 from onnxprune.planning.channel_selection import CRITERIA, ChannelSelector, kept_fractions, predict, rounded_counts
 
@@ -30,6 +30,10 @@ def plan_channels(am: AnalysedModel, units: Sequence[allocation.Allocatable], me
     if round_to < 1:
         raise InputError(f"--round-to must be at least 1, got {round_to}")
     params_before, flops_before = am.params, am.flops
+    if budget == "flops" and flops_before is None:
+        unknown = [layer.name for layer in am.layers if layer.flops is None]
+        raise InputError(f"the FLOPs of {plural(len(unknown), 'layer')} are unknown (output shape not inferred: "
+                         f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}); use --budget params")
     total = flops_before if budget == "flops" else params_before
     if not total:
         raise InputError(f"the model has no {budget} to remove")
@@ -101,9 +105,9 @@ def plan_channels(am: AnalysedModel, units: Sequence[allocation.Allocatable], me
               "params_fraction_removed": params / params_before if params_before else 0.0,
               "flops_fraction_removed": flops / flops_before if flops_before else 0.0,
               "params_before": params_before, "params_after": params_before - params,
-              "flops_before": flops_before, "flops_after": flops_before - flops,
+              "flops_before": flops_before, "flops_after": None if flops_before is None else flops_before - flops,
               "channels_removed": sum(c.removed for c in choices), "groups": len(choices),
-              "groups_blocked": len(blocked)}
+              "groups_changed": sum(c.removed > 0 for c in choices), "groups_blocked": len(blocked)}
     options = {**options, "criterion": criterion, "round_to": round_to, "coupled": coupled,
                "group_removed": [{"layers": c.layers, "channels": c.channels, "removed": c.removed}
                                  for c in choices],

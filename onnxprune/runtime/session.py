@@ -33,7 +33,9 @@ class Session:
 def _options(threads: int | None = None, external: dict | None = None, spin: bool = True,
              prepack: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    # fatal only: ONNX Runtime's error log lines (a failing node, with colour codes) would reach the user's
+    # stderr before our one-line error; every error it logs is also raised, and reported from there
+    opts.log_severity_level = 4
     if not prepack:  # weights stay where they are (memory-mapped external data) instead of a packed copy
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:

@@ -244,7 +244,7 @@ def _apply_channels(am: AnalysedModel, pl: Plan, target: _Target, criterion: str
     totals = {
         "granularity": "channel", "criterion": criterion, "round_to": round_to, **_size_change(before, after),
         "channels_removed": sum(c.removed for c in choices),
-        "groups": len(choices), "groups_blocked": len(blocked),
+        "groups": len(choices), "groups_changed": sum(c.removed > 0 for c in choices), "groups_blocked": len(blocked),
         "planned_params_sparsity": pl.totals.get("params_sparsity"),
         "planned_flops_sparsity": pl.totals.get("flops_sparsity"),
     }
