@@ -35,6 +35,8 @@ def inputs(export, digits_npz, tmp_path_factory) -> Path:
     shutil.copy(digits_npz, d / "digits.npz")
     runner = CliRunner()
     for args in (["allocate", d / "mlp.onnx", "--method", "uniform", "--target-sparsity", "0.5", "-o", d / "plan.json"],
+                 ["allocate", d / "mlp.onnx", "--method", "uniform", "--granularity", "channel",
+                  "--target-sparsity", "0.3", "-o", d / "plan_ch.json"],
                  ["score", d / "mlp.onnx", "-o", d / "scores.json"]):
         result = runner.invoke(main, [str(a) for a in args])
         assert result.exit_code == 0, result.output
@@ -211,7 +213,7 @@ DATA_COMMANDS = {
     "sensitivity": ["score", "mlp.onnx", "--method", "sensitivity", "--data", "{d}", "-o", "out/s.json"],
     "search": ["allocate", "mlp.onnx", "--method", "search", "--target-sparsity", "0.5", "--data", "{d}",
                "-o", "out/p.json"],
-    "apply-refit": ["apply", "mlp.onnx", "plan.json", "--granularity", "channel", "--data", "{d}",
+    "apply-refit": ["apply", "mlp.onnx", "plan_ch.json", "--data", "{d}",
                     "-o", "out/pruned.onnx"],
     "finetune": ["finetune", "mlp.onnx", "--data", "{d}", "--epochs", "1", "-o", "out/tuned.onnx"],
 }
@@ -303,7 +305,7 @@ def test_interrupted_model_write(work, monkeypatch, command, exc, rc, fragment):
     import onnx_ir
 
     monkeypatch.setattr(onnx_ir, "save", _broken_save(exc))
-    args = {"apply": COMMANDS["apply"], "apply-channel": [*COMMANDS["apply"], "--granularity", "channel"],
+    args = {"apply": COMMANDS["apply"], "apply-channel": ["apply", "{m}", "plan_ch.json", "-o", "out/pruned.onnx"],
             "finetune": COMMANDS["finetune"]}[command]
     fails_cleanly(work, [a.format(m="mlp.onnx") for a in args], fragment, rc=rc)
 
@@ -347,3 +349,15 @@ def test_sigterm_during_a_run_cleans_up(work, export, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143 and stderr.strip() == "terminated"
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("plan, granularity, fragment", [
+    ("plan.json", "channel", "the plan gives weight sparsities, not channels to remove"),
+    ("plan_ch.json", "unstructured", "the plan removes whole channels"),
+    ("plan_ch.json", "n:m", "the plan removes whole channels"),
+])
+def test_granularity_that_contradicts_the_plan(work, plan, granularity, fragment):
+    """An unstructured plan is not silently applied as channel ratios (4x fewer FLOPs), nor the reverse."""
+    line = fails_cleanly(work, ["apply", "mlp.onnx", plan, "--granularity", granularity, "-o", "out/p.onnx"],
+                         fragment)
+    assert "onnxprune allocate" in line and "--granularity" in line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -72,13 +74,19 @@ def test_shrunk_equals_masked_original(export, cifar_lossless, digits_npz, name,
     np.testing.assert_allclose(_run(shrunk, x), _run(masked, x), atol=1e-4, rtol=1e-4)
 
 
+def as_channel_plan(plan):
+    """A hand-made channel plan: every layer's sparsity taken as its fraction of channels to remove (what
+    allocate --granularity channel writes, without scaling it to a budget)."""
+    return dataclasses.replace(plan, granularity="channel")
+
+
 def test_resnet56_channel_plan_is_fully_coupled_and_halves_flops(export, tmp_path):
     """ResNet-56 (option-A shortcuts): every residual stream is one coupled group across the three stages
     through the channel Pad, nothing is blocked but the classifier output; 30 % of channels removes ~46 %
     of the FLOPs (inputs and outputs both shrink)."""
     path = export("resnet56")
-    plan = api.allocate(path, method="uniform", target_sparsity=0.3)
-    out = api.apply(path, plan, tmp_path / "ch.onnx", granularity="channel")
+    plan = as_channel_plan(api.allocate(path, method="uniform", target_sparsity=0.3))
+    out = api.apply(path, plan, tmp_path / "ch.onnx")
     t = out.totals
     assert t["groups_blocked"] == 1 and list(out.skipped.values()) == ["graph output 'logits' keeps its shape"]
     assert 0.40 < t["flops_fraction_removed"] < 0.55
@@ -89,8 +97,8 @@ def test_resnet56_channel_plan_is_fully_coupled_and_halves_flops(export, tmp_pat
 
 def test_round_to_keeps_multiples(export, tmp_path):
     path = export("resnet56")
-    plan = api.allocate(path, method="uniform", target_sparsity=0.3)
-    out = api.apply(path, plan, tmp_path / "ch8.onnx", granularity="channel", round_to=8)
+    plan = as_channel_plan(api.allocate(path, method="uniform", target_sparsity=0.3))
+    out = api.apply(path, plan, tmp_path / "ch8.onnx", round_to=8)
     assert all(layer["channels_after"] % 8 == 0 for layer in out.layers if layer["channels_after"] != layer["channels"])
 
 
@@ -194,8 +202,8 @@ def test_attention_heads_go_whole(export, digits_npz, tmp_path, name):
         qkv = tuple(f"/layers.{i}/attn/{p}/MatMul" for p in ("k", "q", "v"))
         assert groups[qkv]["prunable"] and groups[qkv]["channels"] == 4
         assert groups[(f"/layers.{i}/fc1/MatMul",)]["channels"] == 64
-    plan = api.allocate(path, method="uniform", target_sparsity=0.5)
-    out = api.apply(path, plan, tmp_path / "heads.onnx", granularity="channel")
+    plan = as_channel_plan(api.allocate(path, method="uniform", target_sparsity=0.5))
+    out = api.apply(path, plan, tmp_path / "heads.onnx")
     by = {layer["name"]: layer for layer in out.layers}
     for i in range(2):
         for p in ("q", "k", "v"):

@@ -7,7 +7,7 @@ import onnx_ir as ir
 from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
 
-__all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches"]
+__all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches", "fixed_batch"]
 
 # Preprocessing a model can carry in its metadata (written by models/export.py), used when no --mean/--std.
 META_MEAN = "onnxprune.preprocess.mean"
@@ -42,12 +42,29 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
         mean = rdata.parse_floats(model.metadata_props.get(META_MEAN), "mean")
         std = rdata.parse_floats(model.metadata_props.get(META_STD), "std")
         source = "model metadata"
-    note = None
+    notes = []
     if mean is not None or std is not None:
-        note = f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}"
+        notes.append(f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}")
     total = len(x) if spec.limit is None else min(spec.limit, len(x))
-    feeds = rdata.npz_batches(x, y, specs[0], rdata.Preprocess(mean, std), spec.batch_size, spec.limit)
-    return feeds, total, note
+    batch_size = spec.batch_size
+    fixed = fixed_batch(specs[0])
+    if fixed is not None and fixed != batch_size:  # the graph accepts no other batch size: feed it that
+        batch_size = fixed
+        whole = total - total % fixed
+        if whole == 0:
+            raise InputError(f"the model's input {specs[0].name!r} fixes the batch at {fixed}, and the data has "
+                             f"only {total} sample(s); give at least {fixed}")
+        notes.append(f"fed in batches of {fixed}, the batch the model's graph fixes"
+                     + (f" (the last {total - whole} sample(s) left out)" if whole < total else ""))
+        total = whole
+    feeds = rdata.npz_batches(x, y, specs[0], rdata.Preprocess(mean, std), batch_size, total)
+    return feeds, total, "; ".join(notes) or None
+
+
+def fixed_batch(spec: rdata.InputSpec) -> int | None:
+    """The batch size an input's graph fixes (its leading dimension, when that is a number), else None."""
+    first = spec.shape[0] if spec.shape else None
+    return first if isinstance(first, int) and first > 0 else None
 
 
 def calibration_batches(model: ir.Model, spec: rdata.DataSpec) -> tuple[str, list]:

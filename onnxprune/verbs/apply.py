@@ -94,10 +94,11 @@ def apply(
 ) -> ApplyResult:
     """Rewrite the model per the plan and write a checked model to ``output``.
 
-    ``granularity``: ``unstructured`` (zero the smallest weights), ``n:m`` (N of every M), or ``channel``
-    (remove whole output channels, each layer's planned sparsity taken as its fraction of channels; coupled
-    channels go together, chosen by the ``criterion`` l1 | l2 norm of their filters; kept counts multiples of
-    ``round_to``). By default the plan's granularity, criterion and rounding.
+    ``granularity``: ``unstructured`` (zero the smallest weights) or ``n:m`` (N of every M) for a plan of
+    weight sparsities; ``channel`` (remove whole output channels; coupled channels go together, chosen by the
+    ``criterion`` l1 | l2 norm of their filters; kept counts multiples of ``round_to``) for a channel plan.
+    By default the plan's granularity, criterion and rounding; a granularity the plan was not made for is
+    refused.
 
     ``data`` (channel granularity): calibration data (an .npz path or a DataSpec, DataSpec options as
     keywords); every layer that loses input channels is then refit by least squares to reproduce its original
@@ -109,6 +110,7 @@ def apply(
         granularity = "channel" if pl.granularity == "channel" else "unstructured"
     if granularity not in GRANULARITIES:
         raise InputError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+    _check_granularity(pl, granularity)
     if store not in ("dense", "sparse"):
         raise InputError(f"unknown --store {store!r}; use dense or sparse")
     n, mm = nm
@@ -130,6 +132,16 @@ def apply(
     if data is not None:
         raise InputError("--data calibrates channel removal only; drop it or use --granularity channel")
     return _apply_sparsity(am, pl, target, granularity, (n, mm), store)
+
+
+def _check_granularity(pl: Plan, granularity: str) -> None:
+    """A plan is applied as what it plans: channel ratios are not weight sparsities, nor the reverse."""
+    if pl.granularity == "channel" and granularity != "channel":
+        raise InputError(f"the plan removes whole channels; --granularity {granularity} needs a plan of weight "
+                         f"sparsities (onnxprune allocate without --granularity channel), or drop --granularity")
+    if pl.granularity == "unstructured" and granularity == "channel":
+        raise InputError("the plan gives weight sparsities, not channels to remove; make a channel plan "
+                         "(onnxprune allocate --granularity channel) or drop --granularity channel")
 
 
 @dataclass
@@ -216,15 +228,14 @@ def _apply_channels(am: AnalysedModel, pl: Plan, target: _Target, criterion: str
         raise InputError("a block plan removes whole blocks; apply it without --granularity channel")
     before = summarise(am)
     by_name = {layer.name: layer for layer in am.layers}
-    planned = pl.sparsities()
-    if pl.granularity == "channel":  # reproduce the plan's choice: the ratios it gave the groups
-        planned = {entry["name"]: float(entry.get("allocated_sparsity", entry["sparsity"])) for entry in pl.layers}
+    # reproduce the plan's choice: the ratios it gave the groups
+    planned = {entry["name"]: float(entry.get("allocated_sparsity", entry["sparsity"])) for entry in pl.layers}
     unknown = [name for name in planned if name not in by_name]
     if unknown:
         raise InputError(f"the plan names layer(s) not in the model: {unknown[:3]}; make a new plan")
     cg = am.channel_graph(pl.options.get("coupled", "prune"))
     counts = None
-    if pl.granularity == "channel" and pl.options.get("group_removed") and round_to == pl.options.get("round_to", 1):
+    if pl.options.get("group_removed") and round_to == pl.options.get("round_to", 1):
         counts = {tuple(e["layers"]): int(e["removed"]) for e in pl.options["group_removed"]}  # the plan's counts
     remove, choices = choose(cg, planned, criterion, round_to, counts)
     passes = []
