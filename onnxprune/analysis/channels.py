@@ -19,6 +19,7 @@ removed, and the reason names the node.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,8 @@ import onnx_ir as ir
 
 from onnxprune.analysis.graph import GraphInfo, constant_array
 from onnxprune.analysis.layers import Layer, out_in_axes
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BINARY", "POOLS", "UNARY", "ChannelGraph", "Edit", "Track", "channel_graph"]
 
@@ -208,7 +211,8 @@ class _Builder:
             try:
                 self.visit(node)
             except (ValueError, IndexError, TypeError) as exc:  # an unexpected form: block, never corrupt
-                self.block_inputs(node, f"not understood ({exc})")
+                logger.debug("channel analysis of %s %r: %s", node.op_type, node.name, exc)
+                self.block_inputs(node, "not understood (a shape or constant it needs is unknown or unexpected)")
         for v in graph.outputs:
             t = self.tracks.get(v)
             if t is not None:
@@ -399,6 +403,9 @@ class _Builder:
     def concat(self, node: ir.Node, ins: list[Track | None]) -> None:
         out = node.outputs[0]
         rank = self.rank(out)
+        if rank is None:
+            self.block_inputs(node, "joins tensors whose rank shape inference could not tell")
+            return
         axis = node.attributes.get_int("axis", 0) % rank
         parts = []
         for v, t in zip(node.inputs, ins, strict=True):
