@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 
 __all__ = ["FLOAT_TYPES", "GraphInfo", "analyse_graph", "const_shape", "constant_array", "constant_source",
-           "fold_small_constants", "infer_shapes", "logger", "numel", "per_sample_count"]
+           "fold_small_constants", "infer_shapes", "numel", "per_sample_count"]
 
 logger = logging.getLogger(__name__)
 

@@ -27,11 +27,9 @@ class AnalysedModel:
     (shapes, constants), ``layers``, ``blocks``, ``channel_graph()``, ``fingerprint``, ``params``, ``flops``.
     ``path``: the file it was loaded from, if any."""
 
-    def __init__(self, model: ir.Model, path: Path | None = None, fingerprint: str | None = None):
+    def __init__(self, model: ir.Model, path: Path | None = None):
         self.model = model
         self.path = path
-        if fingerprint is not None:
-            self.__dict__["fingerprint"] = fingerprint
         self._channel_graphs: dict[str, ChannelGraph] = {}
 
     def after_rewrite(self) -> AnalysedModel:

@@ -59,9 +59,10 @@ class ShrinkChannelsPass(ir.passes.InPlacePass):
             layer = self.cg.layers[name]
             weight = layer.node.inputs[layer.weight_input]
             shape = weight.const_value.shape if weight.const_value is not None else weight.shape
-            if shape is not None and shape[out_in_axes(layer)[0]] != channels:
-                raise ir.passes.PostconditionError(f"layer {name!r} has {shape[out_in_axes(layer)[0]]} output "
-                                                   f"channels after the shrink, planned {channels}")
+            found = None if shape is None else shape[out_in_axes(layer)[0]]
+            if found is not None and found != channels:
+                raise ir.passes.PostconditionError(f"layer {name!r} has {found} output channels after the "
+                                                   f"shrink, planned {channels}")
 
 
 def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:

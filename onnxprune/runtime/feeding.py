@@ -6,8 +6,9 @@ import onnx_ir as ir
 
 from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.session import create_session
 
-__all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches", "fixed_batch"]
+__all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches", "fed_batch_size"]
 
 # Preprocessing a model can carry in its metadata (written by models/export.py), used when no --mean/--std.
 META_MEAN = "onnxprune.preprocess.mean"
@@ -25,7 +26,7 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
         raise InputError(f"--limit must be at least 1, got {spec.limit}")
     if spec.offset < 0:
         raise InputError(f"--offset must be at least 0, got {spec.offset}")
-    specs = [rdata.InputSpec(i.name, i.type, list(i.shape)) for i in sess.session.get_inputs()]
+    specs = _input_specs(sess)
     if spec.data is None:
         if spec.offset:
             raise InputError("--offset applies to --data; skip samples inside the loader script instead")
@@ -46,31 +47,36 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
     if mean is not None or std is not None:
         notes.append(f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}")
     total = len(x) if spec.limit is None else min(spec.limit, len(x))
-    batch_size = spec.batch_size
-    fixed = fixed_batch(specs[0])
-    if fixed is not None and fixed != batch_size:  # the graph accepts no other batch size: feed it that
-        batch_size = fixed
-        whole = total - total % fixed
+    batch_size = fed_batch_size(sess, spec)
+    if batch_size != spec.batch_size:  # the graph accepts no other batch size: feed it that
+        whole = total - total % batch_size
         if whole == 0:
-            raise InputError(f"the model's input {specs[0].name!r} fixes the batch at {fixed}, and the data has "
-                             f"only {total} sample(s); give at least {fixed}")
-        notes.append(f"fed in batches of {fixed}, the batch the model's graph fixes"
+            raise InputError(f"the model's input {specs[0].name!r} fixes the batch at {batch_size}, and the data "
+                             f"has only {total} sample(s); give at least {batch_size}")
+        notes.append(f"fed in batches of {batch_size}, the batch the model's graph fixes"
                      + (f" (the last {total - whole} sample(s) left out)" if whole < total else ""))
         total = whole
     feeds = rdata.npz_batches(x, y, specs[0], rdata.Preprocess(mean, std), batch_size, total)
     return feeds, total, "; ".join(notes) or None
 
 
-def fixed_batch(spec: rdata.InputSpec) -> int | None:
-    """The batch size an input's graph fixes (its leading dimension, when that is a number), else None."""
-    first = spec.shape[0] if spec.shape else None
-    return first if isinstance(first, int) and first > 0 else None
+def fed_batch_size(sess, spec: rdata.DataSpec) -> int:
+    """The batch size ``spec``'s .npz data is fed in: the batch the graph of a single-input model fixes (its
+    leading dimension, when that is a number), else the option's."""
+    specs = _input_specs(sess)
+    if spec.data is not None and len(specs) == 1 and specs[0].shape:
+        first = specs[0].shape[0]
+        if isinstance(first, int) and first > 0:
+            return first
+    return spec.batch_size
+
+
+def _input_specs(sess) -> list[rdata.InputSpec]:
+    return [rdata.InputSpec(i.name, i.type, list(i.shape)) for i in sess.session.get_inputs()]
 
 
 def calibration_batches(model: ir.Model, spec: rdata.DataSpec) -> tuple[str, list]:
     """(the provider a session really got, all batches as a list) for measuring ``model`` in memory."""
-    from onnxprune.runtime.session import create_session
-
     sess = create_session(ir.serde.serialize_model(model).SerializeToString(), spec.provider)
     found, _, _ = batches(model, sess, spec)
     return sess.provider, list(found)

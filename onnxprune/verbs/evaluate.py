@@ -13,7 +13,7 @@ from onnxprune.errors import InputError
 from onnxprune.io import load_model
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import batches as feed_batches
-from onnxprune.runtime.feeding import fixed_batch
+from onnxprune.runtime.feeding import fed_batch_size
 from onnxprune.runtime.metrics import Accuracy
 from onnxprune.runtime.session import create_session
 
@@ -51,16 +51,6 @@ class EvalResult:
             "preprocess": self.preprocess,
             "notice": self.notice,
         }
-
-
-def _fed_batch_size(sess, spec: rdata.DataSpec) -> int:
-    """The batch size the data was fed in: the option's, or the one a single input's graph fixes."""
-    inputs = sess.session.get_inputs()
-    if spec.data is not None and len(inputs) == 1:
-        fixed = fixed_batch(rdata.InputSpec(inputs[0].name, inputs[0].type, list(inputs[0].shape)))
-        if fixed is not None:
-            return fixed
-    return spec.batch_size
 
 
 def evaluate(
@@ -101,7 +91,7 @@ def evaluate(
         seconds=run_seconds,
         wall_seconds=time.perf_counter() - start,
         provider=sess.provider,
-        batch_size=_fed_batch_size(sess, spec),
+        batch_size=fed_batch_size(sess, spec),
         notice=sess.notice,
         preprocess=preprocess_note,
     )

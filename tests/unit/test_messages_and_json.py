@@ -34,21 +34,27 @@ def test_plural(n, noun, expected):
     assert plural(n, noun) == expected
 
 
-@pytest.fixture()
-def unknown_flops(tmp_path):
-    """Conv layers behind a Reshape to a run-time shape: their output shapes, hence FLOPs, are unknown."""
-    nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="reshape"),
-             helper.make_node("Conv", ["y", "w1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "w2"], ["c2"], name="conv2"),
-             helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="gap"),
+def _behind_runtime_reshape(path, body, initializers):
+    """x (N, 48) reshaped to the run-time shape input s (so nothing after it has a known shape), then
+    ``body`` from value y to value c (4 channels), global pooling and Flatten to out (N, 4)."""
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="reshape"), *body,
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
              helper.make_node("Flatten", ["p"], ["out"], name="flat")]
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 48]),
                                helper.make_tensor_value_info("s", TensorProto.INT64, [None])],
-                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
-                       [weights("w1", 8, 3, 3, 3, seed=1), weights("b1", 8, seed=2), weights("w2", 4, 8, 1, 1, seed=3)])
-    path = tmp_path / "unknown_flops.onnx"
+                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])], initializers)
     path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture()
+def unknown_flops(tmp_path):
+    """Conv layers behind a Reshape to a run-time shape: their output shapes, hence FLOPs, are unknown."""
+    path = _behind_runtime_reshape(tmp_path / "unknown_flops.onnx", [
+        helper.make_node("Conv", ["y", "w1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["c"], name="conv2"),
+    ], [weights("w1", 8, 3, 3, 3, seed=1), weights("b1", 8, seed=2), weights("w2", 4, 8, 1, 1, seed=3)])
     assert api.inspect(path).flops is None
     return path
 
@@ -119,21 +125,13 @@ def test_channel_group_reasons_speak_of_the_graph_not_of_python(tmp_path):
     """A Concat whose rank shape inference cannot tell (behind a Reshape to a run-time shape) keeps its
     channels with a reason in the user's terms; it used to read "not understood (unsupported operand
     type(s) for %: 'int' and 'NoneType')"."""
-    nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="reshape"),
-             helper.make_node("Conv", ["y", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["y", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
-             helper.make_node("Concat", ["a", "b"], ["ab"], name="concat", axis=1),
-             helper.make_node("Relu", ["ab"], ["r"], name="relu"),
-             helper.make_node("Conv", ["r", "wc"], ["c"], name="conv_c"),
-             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
-             helper.make_node("Flatten", ["p"], ["out"], name="flat")]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 48]),
-                               helper.make_tensor_value_info("s", TensorProto.INT64, [None])],
-                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
-                       [weights("wa", 4, 3, 3, 3, seed=1), weights("wb", 4, 3, 3, 3, seed=2),
-                        weights("wc", 4, 8, 1, 1, seed=3)])
-    path = tmp_path / "concat.onnx"
-    path.write_bytes(model.SerializeToString())
+    path = _behind_runtime_reshape(tmp_path / "concat.onnx", [
+        helper.make_node("Conv", ["y", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["y", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["a", "b"], ["ab"], name="concat", axis=1),
+        helper.make_node("Relu", ["ab"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "wc"], ["c"], name="conv_c"),
+    ], [weights("wa", 4, 3, 3, 3, seed=1), weights("wb", 4, 3, 3, 3, seed=2), weights("wc", 4, 8, 1, 1, seed=3)])
     reasons = [g["reason"] for g in api.inspect(path).groups if g["reason"]]
     assert any("'concat'" in r and "rank shape inference could not tell" in r for r in reasons), reasons
     assert not any("NoneType" in r or "operand" in r for r in reasons), reasons
