@@ -18,7 +18,7 @@ from onnxprune.runtime import data as rdata
 from onnxprune.verbs.allocate import allocate
 from onnxprune.verbs.apply import ApplyResult, apply
 from onnxprune.verbs.evaluate import evaluate
-from onnxprune.verbs.loading import data_path, open_model
+from onnxprune.verbs.loading import InputShapesLike, data_path, open_model
 from onnxprune.verbs.score import score
 
 __all__ = ["ModelStats", "PruneResult", "artefact_paths", "prune", "sweep"]
@@ -82,6 +82,7 @@ def prune(
     latency: bool = True,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    input_shapes: InputShapesLike = None,
     **data_options,
 ) -> PruneResult:
     """Score, allocate and apply in one call, writing OUT.scores.json and OUT.plan.json beside ``output``,
@@ -114,7 +115,11 @@ def prune(
     for p in (out, scores_path, plan_path):
         check_output_path(p, input_path=model, force=force)
     check_output_path(out, input_path=[data_path(spec), data_path(eval_data)], forceable=False)
-    am = open_model(model)
+    am = open_model(model, input_shapes=input_shapes, data=spec)
+    if target_flops is not None:
+        am.require_input_sizes("FLOPs")
+    if latency:
+        am.require_input_sizes("Latency (turn it off with --no-latency)")
     espec = _eval_spec(eval_data, spec)
     before_acc = None
     if espec is not None:  # first: bad evaluation data fails before any work or any file
@@ -149,6 +154,7 @@ def prune(
     say("applying")
     refit = spec if mode == "channel" else None
     before = _stats(model, am)
+    am_shapes = am.input_shapes
     applied = apply(am, plan, out, force=force, data=refit)  # rewrites am's model: not used after this
     try:
         write_json(scores.to_dict(), scores_path)
@@ -156,12 +162,13 @@ def prune(
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    after = _stats(out)
+    after = _stats(out, input_shapes=am_shapes)
     if latency:
         say("timing")
         from onnxprune.runtime.timing import latency as measure
 
-        before.latency_ms, after.latency_ms = measure([model, out], spec.provider if spec else "cpu")
+        before.latency_ms, after.latency_ms = measure([model, out], spec.provider if spec else "cpu",
+                                                      shapes=am_shapes)
     notes = []
     if espec is not None:
         say("evaluating")
@@ -187,8 +194,8 @@ def _eval_spec(eval_data, spec: rdata.DataSpec | None) -> rdata.DataSpec | None:
                           std=base.std, batch_size=base.batch_size, provider=base.provider)
 
 
-def _stats(path: str | os.PathLike, am=None) -> ModelStats:
-    am = am if am is not None else open_model(path, check=False)
+def _stats(path: str | os.PathLike, am=None, input_shapes=None) -> ModelStats:
+    am = am if am is not None else open_model(path, check=False, input_shapes=input_shapes)
     return ModelStats(params=am.params, flops=am.flops, file_bytes=model_file_bytes(path))
 
 
@@ -206,6 +213,7 @@ def sweep(
     budget: str = "params",
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    input_shapes: InputShapesLike = None,
     **data_options,
 ) -> Sweep:
     """Prune ``model`` with each method at each sparsity (one-shot, no recovery) and measure top-1 on
@@ -219,7 +227,9 @@ def sweep(
         raise InputError(f"unknown method(s) {unknown or methods}; use some of {', '.join(LAYER_METHODS)}")
     if granularity not in ("unstructured", "channel"):
         raise InputError(f"--granularity must be unstructured or channel, got {granularity!r}")
-    am = open_model(model)
+    am = open_model(model, input_shapes=input_shapes, data=spec)
+    if budget == "flops":
+        am.require_input_sizes("FLOPs")
     dense = evaluate(model, spec)
     if dense.top1 is None:
         raise InputError("sweep measures accuracy: the data needs labels (--label-key)")

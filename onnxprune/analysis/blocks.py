@@ -201,11 +201,22 @@ def _removable(
     out_shape = info.shape(add.outputs[0])
     if skip_shape is None or out_shape is None:
         return False, "shapes unknown (shape inference could not tell whether the skip path alone fits)"
-    if len(skip_shape) != len(out_shape) or any(
-        a != b or a is None for a, b in zip(skip_shape, out_shape, strict=True)
+    if len(skip_shape) != len(out_shape) or not all(
+        _same_dim(a, b) for a, b in zip(skip_shape, out_shape, strict=True)
     ):
         return False, f"skip path shape {list(skip_shape)} differs from the block output {list(out_shape)}"
     return True, None
+
+
+def _same_dim(a, b) -> bool:
+    """Equal sizes; or two symbolic sizes one of which ONNX shape inference made up (``unk__N``): it names the
+    same dimension differently on two paths it lost track of (a skip broadcast against the branch would be a
+    number, 1, not a symbol)."""
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    return isinstance(a, str) and isinstance(b, str) and (a.startswith("unk__") or b.startswith("unk__"))
 
 
 def _leak(info: GraphInfo, add: ir.Node, branch: set[ir.Node], graph_outputs: set[ir.Value]) -> str | None:

@@ -115,9 +115,10 @@ def numel(shape: tuple | None) -> int:
     return int(np.prod(shape)) if shape is not None else 0
 
 
-def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataType], str | None,
-                                           dict[str, np.ndarray]]:
-    """ONNX shape inference with the large initializers left out (works for models over 2 GB).
+def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None
+                 ) -> tuple[dict[str, tuple], dict[str, ir.DataType], str | None, dict[str, np.ndarray]]:
+    """ONNX shape inference with the large initializers left out (works for models over 2 GB), with the
+    inputs of ``input_shapes`` at those sizes (the model itself keeps its declared shapes).
 
     Returns value name -> shape tuple (int, or str for a symbolic dim, or None for an unknown one), value
     name -> element type, an error message when inference failed (shapes then stay as declared), and the
@@ -142,7 +143,7 @@ def infer_shapes(model: ir.Model) -> tuple[dict[str, tuple], dict[str, ir.DataTy
         return inferred
 
     try:
-        proto = infer(_proto_without_big_weights(model))
+        proto = infer(_at_input_shapes(_proto_without_big_weights(model), input_shapes or {}))
         for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 dtypes[vi.name] = ir.DataType(vi.type.tensor_type.elem_type)
@@ -198,6 +199,27 @@ def _proto_without_big_weights(model: ir.Model) -> onnx.ModelProto:
         kept = graph.inputs[:inputs]
         graph.inputs.clear()
         graph.inputs.extend(kept)
+
+
+def _at_input_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """``proto`` with the named graph inputs' dimensions set to the given sizes, except a dynamic batch (the
+    leading dimension), which stays dynamic: the analysis counts per sample, and graphs cut from its shapes
+    (onnxprune.runtime.partial) must take any batch."""
+    for vi in proto.graph.input:
+        dims = input_shapes.get(vi.name)
+        if dims is None or not vi.type.HasField("tensor_type"):
+            continue
+        shape = vi.type.tensor_type.shape
+        batch = onnx.TensorShapeProto.Dimension()
+        if len(shape.dim) and not shape.dim[0].HasField("dim_value"):
+            batch.CopyFrom(shape.dim[0])
+        else:
+            batch.dim_value = int(dims[0])
+        shape.ClearField("dim")
+        shape.dim.add().CopyFrom(batch)
+        for d in dims[1:]:
+            shape.dim.add().dim_value = int(d)
+    return proto
 
 
 def _value_shapes(proto: onnx.ModelProto):
@@ -289,13 +311,14 @@ def _dim(d) -> int | str | None:
     return str(value) if value is not None else None
 
 
-def analyse_graph(model: ir.Model) -> GraphInfo:
-    """Order the nodes, infer shapes. The nodes must be named (onnxprune.passes.NameNodesPass)."""
+def analyse_graph(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> GraphInfo:
+    """Order the nodes, infer shapes (at ``input_shapes``, see infer_shapes). The nodes must be named
+    (onnxprune.passes.NameNodesPass)."""
     unnamed = next((node for node in model.graph if not node.name), None)
     if unnamed is not None:
         raise ValueError(f"a {unnamed.op_type} node has no name; run onnxprune.passes.NameNodesPass first")
     order = {node: i for i, node in enumerate(model.graph)}
-    shapes, dtypes, error, folded = infer_shapes(model)
+    shapes, dtypes, error, folded = infer_shapes(model, input_shapes)
     batch = 1
     if model.graph.inputs:
         first = shapes.get(model.graph.inputs[0].name)

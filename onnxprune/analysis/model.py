@@ -16,7 +16,9 @@ import onnx_ir as ir
 from onnxprune.analysis.blocks import Block, find_blocks
 from onnxprune.analysis.channels import ChannelGraph, channel_graph
 from onnxprune.analysis.graph import GraphInfo, analyse_graph
+from onnxprune.analysis.input_shapes import InputShapes, describe_unknown, shapes_record, unknown_dims
 from onnxprune.analysis.layers import Layer, find_layers, model_params
+from onnxprune.errors import InputError
 from onnxprune.io import fingerprint as weight_fingerprint
 
 __all__ = ["AnalysedModel"]
@@ -25,20 +27,31 @@ __all__ = ["AnalysedModel"]
 class AnalysedModel:
     """``model`` (its nodes named, see onnxprune.passes.NameNodesPass) and, computed on first use: ``info``
     (shapes, constants), ``layers``, ``blocks``, ``channel_graph()``, ``fingerprint``, ``params``, ``flops``.
-    ``path``: the file it was loaded from, if any."""
+    ``path``: the file it was loaded from, if any. ``input_shapes``: the sizes of inputs whose dimensions
+    the graph leaves dynamic (onnxprune.analysis.input_shapes); every shape and FLOP count is at them."""
 
-    def __init__(self, model: ir.Model, path: Path | None = None):
+    def __init__(self, model: ir.Model, path: Path | None = None, input_shapes: InputShapes | None = None):
         self.model = model
         self.path = path
+        self.input_shapes: InputShapes = dict(input_shapes or {})
         self._channel_graphs: dict[str, ChannelGraph] = {}
 
     def after_rewrite(self) -> AnalysedModel:
         """The same (now rewritten) model with nothing computed yet: the next graph version."""
-        return AnalysedModel(self.model, self.path)
+        return AnalysedModel(self.model, self.path, self.input_shapes)
+
+    def at_shapes(self, input_shapes: InputShapes) -> AnalysedModel:
+        """This model analysed at other input sizes (itself when they are the ones it has)."""
+        if input_shapes == self.input_shapes:
+            return self
+        other = AnalysedModel(self.model, self.path, input_shapes)
+        if "fingerprint" in self.__dict__:
+            other.fingerprint = self.fingerprint  # the weights are the same
+        return other
 
     @cached_property
     def info(self) -> GraphInfo:
-        return analyse_graph(self.model)
+        return analyse_graph(self.model, self.input_shapes)
 
     @cached_property
     def layers(self) -> list[Layer]:
@@ -60,9 +73,10 @@ class AnalysedModel:
 
     @property
     def flops(self) -> int | None:
-        """FLOPs per sample of the prunable layers; None when some layer's could not be inferred."""
+        """FLOPs per sample of the prunable layers; None when some layer's could not be inferred, or depend on
+        an input size that is unknown (``unknown_dims``: each layer's then counts such a dimension as 1)."""
         flops = [layer.flops for layer in self.layers]
-        return None if any(f is None for f in flops) else int(sum(flops))
+        return None if self.unknown_dims or any(f is None for f in flops) else int(sum(flops))
 
     @property
     def owned_layers(self) -> list[Layer]:
@@ -91,19 +105,19 @@ class AnalysedModel:
             self._channel_graphs[coupled] = cg
         return self._channel_graphs[coupled]
 
-    @property
-    def input_shapes(self) -> dict[str, tuple]:
-        """The shape of every graph input as the analysis used it (int, symbolic name or None per dimension):
-        the one place where a shape setting (the next issue's ``--input-shape``) will go."""
-        return {v.name: self.info.shapes.get(v.name) for v in self.model.graph.inputs
-                if v.name not in self.model.graph.initializers}
+    @cached_property
+    def unknown_dims(self):
+        """Input dimensions after the batch that neither the graph nor ``input_shapes`` fix."""
+        return unknown_dims(self.model, self.input_shapes)
+
+    def require_input_sizes(self, what: str) -> None:
+        """Refuse (InputError) to compute ``what`` (e.g. "FLOPs") while an input dimension is unknown, instead
+        of computing it at a made-up size."""
+        missing = self.unknown_dims
+        if missing:
+            raise InputError(f"{what} depend on the size of {describe_unknown(missing, self.model)}")
 
     @property
-    def input_dims(self) -> set[str]:
-        """Symbolic input dimensions other than the leading (batch) one."""
-        dims = set()
-        for v in self.model.graph.inputs:
-            if v.shape is not None:
-                dims.update(str(d.value) for d in list(v.shape)[1:]
-                            if not isinstance(d, int) and d.value is not None)
-        return dims
+    def shapes_record(self) -> dict[str, list[int]]:
+        """The input sizes an artefact made from this model records (later steps reuse them)."""
+        return shapes_record(self.input_shapes)

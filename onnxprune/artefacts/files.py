@@ -11,7 +11,7 @@ from typing import Any
 from onnxprune.errors import InputError
 from onnxprune.io import write_text
 
-__all__ = ["check_fingerprint", "check_schema", "json_text", "read_json", "write_json"]
+__all__ = ["check_fingerprint", "check_schema", "json_text", "read_input_shapes", "read_json", "write_json"]
 
 
 def check_schema(d: Any, schema: str, source: str) -> None:
@@ -20,6 +20,18 @@ def check_schema(d: Any, schema: str, source: str) -> None:
     found = d.get("schema")
     if found != schema:
         raise InputError(f"{source} has schema {found!r}, expected {schema!r}; give a file written by onnxprune")
+
+
+def read_input_shapes(d: dict, source: str) -> dict[str, list[int]]:
+    """An artefact's ``input_shapes`` (input name -> positive sizes), checked; {} when absent."""
+    shapes = d.get("input_shapes") or {}
+    ok = isinstance(shapes, dict) and all(
+        isinstance(dims, list) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in dims)
+        for dims in shapes.values())
+    if not ok:
+        raise InputError(f"{source}: 'input_shapes' must map input names to lists of positive sizes; "
+                         f"make the file again")
+    return {str(name): list(dims) for name, dims in shapes.items()}
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:

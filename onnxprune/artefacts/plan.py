@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnxprune._version import __version__
-from onnxprune.artefacts.files import check_schema, read_json
+from onnxprune.artefacts.files import check_schema, read_input_shapes, read_json
 from onnxprune.errors import InputError
 
 __all__ = ["PLAN_SCHEMA", "Plan", "load_plan"]
@@ -32,6 +32,7 @@ class Plan:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None  # search's seed; None for the deterministic methods
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # the sizes it was made at (apply reuses)
 
     def to_dict(self) -> dict:
         return {
@@ -42,6 +43,7 @@ class Plan:
             "budget": self.budget,
             "granularity": self.granularity,
             "model_fingerprint": self.fingerprint,
+            "input_shapes": self.input_shapes,
             "options": self.options,
             "totals": self.totals,
             "layers": self.layers,
@@ -66,7 +68,8 @@ class Plan:
         return cls(method=str(d.get("method")), fingerprint=str(d.get("model_fingerprint")), layers=layers,
                    totals=d.get("totals") or {}, budget=d.get("budget", "params"),
                    granularity=d.get("granularity", "unstructured"), blocks=d.get("blocks") or [],
-                   options=d.get("options") or {}, seed=d.get("seed"))
+                   options=d.get("options") or {}, seed=d.get("seed"),
+                   input_shapes=read_input_shapes(d, source))
 
     def sparsities(self) -> dict[str, float]:
         return {entry["name"]: float(entry["sparsity"]) for entry in self.layers}

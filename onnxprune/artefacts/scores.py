@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnxprune._version import __version__
-from onnxprune.artefacts.files import check_schema, read_json
+from onnxprune.artefacts.files import check_schema, read_input_shapes, read_json
 from onnxprune.errors import InputError
 
 __all__ = ["SCORES_SCHEMA", "Scores", "curve_drop", "load_scores"]
@@ -30,6 +30,7 @@ class Scores:
     options: dict[str, Any] = field(default_factory=dict)
     unit_kind: str = "layers"  # layers | blocks
     seed: int | None = None  # the first seed of a random method, None for deterministic ones
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # the sizes it was measured at
     # Wall times: reported by the CLI (and its --json), never written to scores.json, which is byte-identical
     # for the same model, data, options and seed.
     timing: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -43,6 +44,7 @@ class Scores:
             "unit_kind": self.unit_kind,
             "seed": self.seed,
             "model_fingerprint": self.fingerprint,
+            "input_shapes": self.input_shapes,
             "options": self.options,
             "units": self.units,
         }
@@ -55,7 +57,7 @@ class Scores:
             raise InputError(f"{source}: 'units' must be a list of objects with a 'name'; re-run onnxprune score")
         return cls(method=str(d.get("method")), fingerprint=str(d.get("model_fingerprint")), units=units,
                    metric=d.get("metric"), options=d.get("options") or {}, unit_kind=d.get("unit_kind", "layers"),
-                   seed=d.get("seed"))
+                   seed=d.get("seed"), input_shapes=read_input_shapes(d, source))
 
     def by_name(self) -> dict[str, dict]:
         return {u["name"]: u for u in self.units}

@@ -37,7 +37,7 @@ __all__ = ["prune", "report", "sweep"]
 @output_option("The pruned model; OUT.scores.json and OUT.plan.json are written beside it.")
 @common_options
 def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, seed, no_latency, eval_data, force,
-          data_spec, output, as_json):
+          data_spec, input_shapes, output, as_json):
     """Score, allocate and apply in one command; print MODEL before and after.
 
     --data is optional: with labels it adds accuracy before and after, with --target-flops it refits the
@@ -55,7 +55,7 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
         result = workflows.prune(model, output, target_sparsity=target_sparsity, target_flops=target_flops,
                                  remove_blocks=remove_blocks, method=method, round_to=round_to, seed=seed,
                                  latency=not no_latency, force=force, data=data_spec if data_spec.given else None,
-                                 eval_data=eval_data, progress=bar.describe)
+                                 eval_data=eval_data, progress=bar.describe, input_shapes=input_shapes)
     notices(result.notes)
     for name, why in result.applied.skipped.items():
         notice(f"{name}: {why}")
@@ -104,7 +104,7 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
 @data_options
 @output_option("Where to write sweep.json.")
 @common_options
-def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, output, as_json):
+def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, input_shapes, output, as_json):
     """Accuracy against sparsity for several allocation methods (one-shot, no recovery), on labelled data.
 
     \b
@@ -120,7 +120,7 @@ def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, outp
     names = tuple(x.strip() for x in methods.split(",") if x.strip())
     with progress_bar("sweeping") as tick:
         result = workflows.sweep(model, data_spec, sparsities=targets, methods=names, granularity=granularity,
-                                 budget=budget, seed=seed, progress=tick)
+                                 budget=budget, seed=seed, progress=tick, input_shapes=input_shapes)
     api.write_json(result.to_dict(), output)
     for r in result.rows:
         if "error" in r:

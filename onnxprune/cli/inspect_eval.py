@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxprune import api
-from onnxprune.cli.options import common_options, data_options
+from onnxprune.cli.options import common_options, data_options, input_shape_option
 from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, notice, notices, out, progress_bar, titled_table
 
 __all__ = ["eval_cmd", "inspect"]
@@ -15,16 +15,19 @@ __all__ = ["eval_cmd", "inspect"]
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@input_shape_option
 @common_options
-def inspect(model: str, as_json: bool):
+def inspect(model: str, input_shapes, as_json: bool):
     """Show the prunable layers and residual blocks of MODEL, with parameters and FLOPs.
 
     \b
-    FLOPs are per sample (a dynamic batch dimension counts as 1), 2 per multiply-accumulate.
-    Example:
+    FLOPs are per sample, 2 per multiply-accumulate, at --input-shape for dynamic dimensions (without it
+    the notes say which dimension counted as 1).
+    Examples:
       onnxprune inspect build/resnet56.onnx --json
+      onnxprune inspect yolov8n.onnx --input-shape images:1,3,640,640
     """
-    result = api.inspect(model)
+    result = api.inspect(model, input_shapes=input_shapes)
     if as_json:
         emit_json(result.to_dict())
         notices(result.notes)
@@ -70,7 +73,7 @@ def _count_ops(layers) -> list[tuple[str, int]]:
 @click.argument("model", type=click.Path(path_type=str))
 @data_options
 @common_options
-def eval_cmd(model, data_spec, as_json):
+def eval_cmd(model, data_spec, input_shapes, as_json):
     """Measure top-1 / top-5 accuracy and throughput of MODEL with ONNX Runtime.
 
     \b
@@ -80,7 +83,7 @@ def eval_cmd(model, data_spec, as_json):
           --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
     """
     with progress_bar("evaluating") as tick:
-        result = api.evaluate(model, data_spec, progress=tick)
+        result = api.evaluate(model, data_spec, progress=tick, input_shapes=input_shapes)
     notice(result.notice)
     if as_json:
         emit_json(result.to_dict())

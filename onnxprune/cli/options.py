@@ -1,4 +1,4 @@
-"""The option groups commands share: common flags, evaluation data and provider, output, (later) input shapes."""
+"""The option groups commands share: common flags, evaluation data and provider, output, input shapes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import click
 from onnxprune import api
 from onnxprune.cli.state import set_flag
 
-__all__ = ["common_options", "data_options", "output_option", "provider_option", "runtime_options"]
+__all__ = ["common_options", "data_options", "input_shape_option", "output_option", "provider_option",
+           "runtime_options"]
 
 
 def _apply(fn, decorators):
@@ -69,12 +70,21 @@ def provider_option():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# input shapes: PLACEHOLDER. Options that fix dynamic input dimensions go here (a later issue adds
-# --input-shape); there are none yet, so no command's --help shows one.
+# input shapes: the sizes of dynamic input dimensions
+
+
+def input_shape_option(fn):
+    """--input-shape NAME:D0,D1,... (repeatable), handed to the command as input_shapes (a tuple of str)."""
+    return click.option(
+        "--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+        help="Size of a dynamic input (repeatable; NAME: may be left out for a one-input model), e.g. "
+             "images:1,3,640,640. FLOPs, budgets, latency and the output check use it; with --data the data "
+             "fixes it. Written models keep their dynamic dimensions.")(fn)
 
 
 def runtime_options(batch_size: int = 256, batch_help: str | None = None):
-    """The data options and --provider, handed to the command as one data_spec (a DataSpec)."""
+    """The data options and --provider, handed to the command as one data_spec (a DataSpec), and
+    --input-shape (input_shapes)."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -87,7 +97,7 @@ def runtime_options(batch_size: int = 256, batch_help: str | None = None):
             )
             return fn(*args, data_spec=spec, **kwargs)
 
-        return _apply(wrapper, [*_data_group(batch_size, batch_help), provider_option()])
+        return _apply(wrapper, [*_data_group(batch_size, batch_help), provider_option(), input_shape_option])
 
     return decorate
 

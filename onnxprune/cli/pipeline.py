@@ -9,7 +9,18 @@ from rich.markup import escape
 
 from onnxprune import api
 from onnxprune.cli.options import common_options, data_options, output_option
-from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, fmt_kib, notice, out, progress_bar, titled_table
+from onnxprune.cli.render import (
+    emit_json,
+    fmt_flops,
+    fmt_int,
+    fmt_kib,
+    fmt_percent,
+    fmt_ratio,
+    notice,
+    out,
+    progress_bar,
+    titled_table,
+)
 from onnxprune.errors import InputError, plural
 
 __all__ = ["allocate", "apply", "score"]
@@ -36,8 +47,8 @@ __all__ = ["allocate", "apply", "score"]
 @data_options
 @output_option("Where to write scores.json.")
 @common_options
-def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, max_memory, data_spec, output,
-          as_json):
+def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, max_memory, data_spec, input_shapes,
+          output, as_json):
     """Score the importance of every prunable layer of MODEL.
 
     \b
@@ -54,6 +65,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
         scores = api.score(
             model, method, metric=metric, data=data_spec, grid=api.parse_floats(grid, "grid"), at=at_plan,
             tolerance=tolerance, units=units, seed=seed, seeds=seeds, max_memory=memory, progress=tick,
+            input_shapes=input_shapes,
         )
     api.write_json(scores.to_dict(), output)
     if as_json:
@@ -118,7 +130,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
 @common_options
 def allocate(model, scores_path, target_sparsity, threshold, remove, target_params, method, min_sparsity, max_sparsity,
              keep_dense, budget, force, iterations, seed, granularity, criterion, round_to, coupled, data_spec,
-             output, as_json):
+             input_shapes, output, as_json):
     """Turn scores and a budget into a plan: a sparsity for every layer of MODEL.
 
     \b
@@ -139,6 +151,7 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
             max_sparsity=max_sparsity, keep_dense=keep_dense, budget=budget, force=force, data=data_spec,
             iterations=iterations, seed=seed, threshold=threshold, remove=remove, target_params=target_params,
             granularity=granularity, criterion=criterion, round_to=round_to, coupled=coupled, progress=tick,
+            input_shapes=input_shapes,
         )
     api.write_json(plan.to_dict(), output)
     if as_json:
@@ -153,7 +166,7 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
         t = plan.totals
         out.print(f"[bold]Remove[/] {t['blocks_removed']} of {t['blocks']} blocks: {fmt_int(t['params_removed'])} "
                   f"parameters ({100 * t['params_fraction']:.2f} %), {fmt_flops(t['flops_removed'])} FLOPs "
-                  f"({100 * t['flops_fraction']:.2f} %). wrote {escape(output)}")
+                  f"({fmt_percent(t['flops_fraction'])}). wrote {escape(output)}")
         return
     if plan.granularity == "channel":
         table = titled_table(f"{method} channel plan for {model}",
@@ -174,7 +187,7 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
     out.print(table)
     t = plan.totals
     out.print(f"[bold]Total:[/] {t['params_sparsity']:.4f} of {fmt_int(t['weights'])} weights "
-              f"({fmt_int(t['zeros'])} zeros), FLOP-weighted {t['flops_sparsity']:.4f}; target {t['target']:g} "
+              f"({fmt_int(t['zeros'])} zeros), FLOP-weighted {fmt_ratio(t['flops_sparsity'])}; target {t['target']:g} "
               f"by {t['budget']}. wrote {escape(output)}")
 
 
@@ -197,7 +210,7 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
 @data_options
 @common_options
 def apply(model, plan, output, granularity, criterion, round_to, nm, store, external_data, force, no_check,
-          data_spec, as_json):
+          data_spec, input_shapes, as_json):
     """Rewrite MODEL per PLAN and write a checked, deployable model.
 
     With --granularity channel, --data gives calibration data: every layer that loses input channels is
@@ -216,7 +229,8 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
     with progress_bar("refitting layers", visible=data_spec.given) as tick:
         result = api.apply(model, plan, output, granularity=granularity, nm=(n, m), store=store, force=force,
                            external_data=external_data, check=not no_check, criterion=criterion,
-                           round_to=round_to, data=data_spec if data_spec.given else None, progress=tick)
+                           round_to=round_to, data=data_spec if data_spec.given else None, progress=tick,
+                           input_shapes=input_shapes)
     t = result.totals
     for name, why in result.skipped.items():
         notice(f"channels of {name} stay: {why}" if t.get("granularity") == "channel"
@@ -246,7 +260,7 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
         if t["zeros"] or not t.get("blocks_removed"):
             out.print(
                 f"[bold]Pruned[/] {fmt_int(t['zeros'])} of {fmt_int(t['weights'])} weights: sparsity "
-                f"{t['params_sparsity']:.4f} ({against}), FLOP-weighted {t['flops_sparsity']:.4f}"
+                f"{t['params_sparsity']:.4f} ({against}), FLOP-weighted {fmt_ratio(t['flops_sparsity'])}"
             )
         if store == "sparse":
             extra = f" ({len(result.sparse_initializers)} sparse initializers)"
@@ -256,6 +270,9 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
 
 def _smaller(t: dict) -> str:
     """Parameters and FLOPs before and after, from a plan's or a result's totals."""
-    return (f"parameters {fmt_int(t['params_before'])} -> {fmt_int(t['params_after'])} "
-            f"({100 * t['params_fraction_removed']:.2f} % fewer), FLOPs {fmt_flops(t['flops_before'])} -> "
-            f"{fmt_flops(t['flops_after'])} ({100 * t['flops_fraction_removed']:.2f} % fewer)")
+    params = (f"parameters {fmt_int(t['params_before'])} -> {fmt_int(t['params_after'])} "
+              f"({fmt_percent(t['params_fraction_removed'])} fewer)")
+    if t.get("flops_before") is None:
+        return f"{params}, FLOPs unknown (see onnxprune inspect)"
+    return (f"{params}, FLOPs {fmt_flops(t['flops_before'])} -> {fmt_flops(t['flops_after'])} "
+            f"({fmt_percent(t['flops_fraction_removed'])} fewer)")

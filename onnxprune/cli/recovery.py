@@ -52,7 +52,7 @@ __all__ = ["finetune"]
 @common_options
 def finetune(model, output, teacher, labels, epochs, lr, max_minutes, augment, temperature, label_weight,
              weight_decay, recalibrate_bn, insert_bn, calibration, keep_zeros, eval_data, eval_offset, eval_limit,
-             seed, threads, force, data_spec, as_json):
+             seed, threads, force, data_spec, input_shapes, as_json):
     """Recover the accuracy of a pruned MODEL: fine-tune on labels and/or distil from --teacher, and write
     the same ONNX graph with the trained weights (needs torch: pip install 'onnxprune[torch]').
 
@@ -100,7 +100,7 @@ def finetune(model, output, teacher, labels, epochs, lr, max_minutes, augment, t
                 err.print("  ".join(parts), highlight=False)
 
         result = api.finetune(model, data_spec, output, teacher=teacher, labels=labels, eval_data=espec,
-                              options=opts, force=force, progress=tick)
+                              options=opts, force=force, progress=tick, input_shapes=input_shapes)
     notices(result.notes)
     if as_json:
         emit_json(result.to_dict())

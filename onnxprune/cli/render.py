@@ -53,6 +53,15 @@ def fmt_flops(n: int | None) -> str:
     return str(n)
 
 
+def fmt_percent(x: float | None) -> str:
+    """A fraction as a percentage; "?" when unknown (e.g. FLOPs at an unknown input size)."""
+    return "?" if x is None else f"{100 * x:.2f} %"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4f}"
+
+
 def fmt_kib(n: int) -> str:
     return f"{n / 1024:,.1f} KiB"
 

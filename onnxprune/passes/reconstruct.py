@@ -66,8 +66,8 @@ def _why_not(layer: Layer) -> str | None:
             return "dilated convolution"
         if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return "auto_pad"
-        if len(layer.weight_shape) != 4:
-            return "not a 2-D convolution"
+        if len(layer.weight_shape) not in (3, 4, 5):
+            return "not a 1-D, 2-D or 3-D convolution"
         return None
     if layer.op_type in ("Gemm", "MatMul") and layer.weight_input == 1 and len(layer.weight_shape) == 2:
         if layer.op_type == "Gemm" and node.attributes.get_int("transA", 0):
@@ -77,23 +77,27 @@ def _why_not(layer: Layer) -> str | None:
 
 
 def _patches(x: np.ndarray, layer: Layer) -> np.ndarray:
-    """Rows of the least-squares problem: im2col of a Conv input (columns in the weight's (C, kh, kw) order),
-    or the flattened features of a Gemm / MatMul input."""
+    """Rows of the least-squares problem: im2col of a 1-D, 2-D or 3-D Conv input (columns in the weight's
+    (C, k...) order), or the flattened features of a Gemm / MatMul input."""
     if layer.op_type != "Conv":
         return x.reshape(-1, x.shape[-1])
     node = layer.node
-    kh, kw = layer.weight_shape[2:]
-    sh, sw = node.attributes.get_ints("strides", [1, 1])
-    pads = node.attributes.get_ints("pads", [0, 0, 0, 0])
-    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-    n, c, ho, wo = win.shape[:4]
-    return np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(n * ho * wo, c * kh * kw)
+    kernel = tuple(layer.weight_shape[2:])
+    nd = len(kernel)
+    strides = node.attributes.get_ints("strides", [1] * nd)
+    pads = node.attributes.get_ints("pads", [0] * 2 * nd)
+    x = np.pad(x, ((0, 0), (0, 0), *((pads[i], pads[i + nd]) for i in range(nd))))
+    spatial = tuple(range(2, 2 + nd))
+    win = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=spatial)
+    win = win[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+    n, c, outs = win.shape[0], win.shape[1], win.shape[2:2 + nd]
+    order = (0, *spatial, 1, *range(2 + nd, 2 + 2 * nd))  # (n, out positions..., c, kernel...)
+    return np.ascontiguousarray(win.transpose(order)).reshape(n * int(np.prod(outs)), c * int(np.prod(kernel)))
 
 
 def _targets(y: np.ndarray, layer: Layer) -> np.ndarray:
     if layer.op_type == "Conv":
-        return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     return y.reshape(-1, y.shape[-1])
 
 
@@ -241,9 +245,11 @@ def _masked(proto: onnx.ModelProto, consumers: dict, todo: list[Layer], layers: 
         if layer_node is not None:
             layer = layers[layer_node]
             mask = consumers[layer_node]
-            data_index = 0 if layer.op_type == "Conv" or layer.weight_input == 1 else 1
+            data_index = 0 if layer.op_type.startswith("Conv") or layer.weight_input == 1 else 1
             x = n.input[data_index]
-            m = mask.reshape(1, -1, 1, 1) if layer.op_type == "Conv" else mask  # channels on axis 1 / last
+            # channels on axis 1 of a convolution's input (of its weight's rank), else on the last axis
+            m = (mask.reshape(1, -1, *[1] * (len(layer.weight_shape) - 2)) if layer.op_type.startswith("Conv")
+                 else mask)
             mname, out = f"{n.name}__inmask", f"{x}__masked_for_{n.name}"
             p.graph.initializer.append(numpy_helper.from_array(m.astype(np.float32), mname))
             new_nodes.append(helper.make_node("Mul", [x, mname], [out], name=f"{n.name}__mask"))

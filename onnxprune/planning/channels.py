@@ -103,7 +103,7 @@ def plan_channels(am: AnalysedModel, units: Sequence[allocation.Allocatable], me
                             "allocated_sparsity": ratios.get(u.name, 0.0)})
     totals = {"target": target, "budget": budget, "sparsity": frac,
               "params_fraction_removed": params / params_before if params_before else 0.0,
-              "flops_fraction_removed": flops / flops_before if flops_before else 0.0,
+              "flops_fraction_removed": None if flops_before is None else flops / flops_before if flops_before else 0.0,
               "params_before": params_before, "params_after": params_before - params,
               "flops_before": flops_before, "flops_after": None if flops_before is None else flops_before - flops,
               "channels_removed": sum(c.removed for c in choices), "groups": len(choices),
@@ -112,7 +112,7 @@ def plan_channels(am: AnalysedModel, units: Sequence[allocation.Allocatable], me
                "group_removed": [{"layers": c.layers, "channels": c.channels, "removed": c.removed}
                                  for c in choices],
                "blocked": describe_blocked(blocked)}
-    return Plan(method=method, fingerprint=am.fingerprint, layers=plan_layers, totals=totals, budget=budget,
+    return Plan(method=method, fingerprint=am.fingerprint, input_shapes=am.shapes_record, layers=plan_layers, totals=totals, budget=budget,
                 granularity="channel", options=options)
 
 

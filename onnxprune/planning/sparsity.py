@@ -51,8 +51,8 @@ def _plan(am: AnalysedModel, units, method: str, target: float, budget: str, opt
     ]
     totals = {
         "target": target, "budget": budget, "sparsity": result.total,
-        "params_sparsity": result.total_params, "flops_sparsity": result.total_flops,
+        "params_sparsity": result.total_params, "flops_sparsity": None if am.unknown_dims else result.total_flops,
         "weights": sum(u.n for u in units), "zeros": sum(result.zeros.values()),
     }
-    return Plan(method=method, fingerprint=am.fingerprint, layers=plan_layers, totals=totals, budget=budget,
+    return Plan(method=method, fingerprint=am.fingerprint, input_shapes=am.shapes_record, layers=plan_layers, totals=totals, budget=budget,
                 options=options, seed=seed)

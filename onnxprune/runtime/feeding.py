@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxprune.analysis.input_shapes import InputShapes, declared_inputs
 from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.session import create_session
 
-__all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches", "fed_batch_size"]
+__all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches", "data_input_shapes", "fed_batch_size"]
 
 # Preprocessing a model can carry in its metadata (written by models/export.py), used when no --mean/--std.
 META_MEAN = "onnxprune.preprocess.mean"
@@ -80,3 +81,30 @@ def calibration_batches(model: ir.Model, spec: rdata.DataSpec) -> tuple[str, lis
     sess = create_session(ir.serde.serialize_model(model).SerializeToString(), spec.provider)
     found, _, _ = batches(model, sess, spec)
     return sess.provider, list(found)
+
+
+def data_input_shapes(model: ir.Model, spec: rdata.DataSpec) -> InputShapes:
+    """The input sizes ``spec``'s data fixes, one sample each (the batch the graph fixes, else 1): from the
+    .npz array, or the first batch a loader script yields. Data that does not fit the model's declared
+    shapes fixes nothing here; feeding it reports the mismatch."""
+    inputs = declared_inputs(model)
+    if spec.data is not None:
+        if len(inputs) != 1:
+            return {}
+        x, _ = rdata.load_npz(spec.data, spec.input_key, spec.label_key)
+        found = {next(iter(inputs)): x.shape}
+    elif spec.loader is not None:
+        first = next(iter(rdata.load_loader_script(spec.loader)), None)
+        found = {k: getattr(v, "shape", None) for k, v in first.items()} if isinstance(first, dict) else {}
+    else:
+        return {}
+    shapes = {}
+    for name, shape in found.items():
+        declared = inputs.get(name)
+        if declared is None or shape is None or len(shape) != len(declared) or len(shape) == 0:
+            continue
+        if any(isinstance(d, int) and d != s for d, s in zip(declared[1:], shape[1:], strict=True)):
+            continue
+        batch = declared[0] if isinstance(declared[0], int) else 1
+        shapes[name] = (batch, *(int(s) for s in shape[1:]))
+    return shapes

@@ -13,12 +13,16 @@ from onnxprune.runtime.session import create_session
 __all__ = ["latency", "random_feeds"]
 
 
-def random_feeds(sess, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """One input per model input: dynamic dimensions become ``batch`` (first) or 1, floats are N(0, 1)."""
+def random_feeds(sess, batch: int = 1, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """One input per model input, floats N(0, 1): a dynamic leading dimension becomes ``batch``, the others
+    their size in ``shapes`` (onnxprune.analysis.input_shapes), else 1."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(spec.shape)]
+        given = (shapes or {}).get(spec.name)
+        shape = [d if isinstance(d, int) and d > 0 else batch if i == 0 else given[i] if given else 1
+                 for i, d in enumerate(spec.shape)]
         dtype = rdata.InputSpec(spec.name, spec.type, spec.shape).dtype or np.float32
         feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
                             else np.zeros(shape, dtype))
@@ -26,10 +30,11 @@ def random_feeds(sess, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def latency(paths: list[str | os.PathLike], provider: str = "cpu", batch: int = 1, runs: int = 20,
-            rounds: int = 3) -> list[float]:
-    """Median milliseconds per run of each model at ``batch``, timed in ``rounds`` interleaved rounds."""
+            rounds: int = 3, shapes: dict[str, tuple[int, ...]] | None = None) -> list[float]:
+    """Median milliseconds per run of each model at ``batch`` (and ``shapes``, see random_feeds), timed in
+    ``rounds`` interleaved rounds."""
     sessions = [create_session(p, provider).session for p in paths]
-    feeds = [random_feeds(s, batch) for s in sessions]
+    feeds = [random_feeds(s, batch, shapes=shapes) for s in sessions]
     for s, f in zip(sessions, feeds, strict=True):  # warm up
         for _ in range(3):
             s.run(None, f)

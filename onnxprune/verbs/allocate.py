@@ -15,7 +15,7 @@ from onnxprune.planning.channels import plan_channels
 from onnxprune.planning.registry import PLANNERS
 from onnxprune.planning.sparsity import plan_search, plan_sparsity
 from onnxprune.runtime import data as rdata
-from onnxprune.verbs.loading import ModelLike, open_model
+from onnxprune.verbs.loading import InputShapesLike, ModelLike, open_model
 
 __all__ = ["allocate"]
 
@@ -42,6 +42,7 @@ def allocate(
     round_to: int = 1,
     coupled: str = "prune",
     progress: Callable[[int, int | None], None] | None = None,
+    input_shapes: InputShapesLike = None,
     **data_options,
 ) -> Plan:
     """A plan: a sparsity for every prunable layer so that the budget-weighted total equals the target.
@@ -59,14 +60,20 @@ def allocate(
     the DataSpec options as keywords), see onnxprune.planning.search; every other method is computed from
     the weights and/or the scores alone. ``srinit`` removes residual blocks by one rule: ``threshold``,
     ``remove`` or ``target_params`` (onnxprune.planning.blocks).
+
+    FLOPs are counted at ``input_shapes`` (see onnxprune.api.inspect), else at the sizes the scores were made
+    at, else at the sizes ``data`` fixes; a FLOP budget with a dimension still unknown is refused.
     """
     planner = PLANNERS.get(method)
     if planner is None:
         raise InputError(f"unknown allocation method {method!r}; use one of {', '.join(PLANNERS)}")
+    sc = _scores(scores)
+    shapes = input_shapes or (sc.input_shapes if sc is not None else None)
+    spec = rdata.DataSpec.of(data, **data_options) if planner.kind == "measured" else None
     if planner.kind == "blocks":
         check_rule(threshold, remove, target_params)
-        am = open_model(model)
-        return plan_blocks(am, _scores(scores), threshold, remove, target_params, force)
+        am = open_model(model, input_shapes=shapes)
+        return plan_blocks(am, sc, threshold, remove, target_params, force)
     if target_sparsity is None:
         raise InputError(f"--method {method} needs --target-sparsity S")
     if granularity not in ("unstructured", "channel"):
@@ -78,9 +85,12 @@ def allocate(
         raise InputError(f"--target-sparsity must be in [0, 1), got {target_sparsity:g}")
     if not 0.0 <= min_sparsity <= max_sparsity < 1.0:
         raise InputError(f"need 0 <= --min-sparsity <= --max-sparsity < 1, got {min_sparsity:g} and {max_sparsity:g}")
-    am = open_model(model)
+    if budget not in ("params", "flops"):
+        raise InputError(f"unknown --budget {budget!r}; use params or flops")
+    am = open_model(model, input_shapes=shapes, data=spec)
+    if budget == "flops":
+        am.require_input_sizes("FLOPs")
     layers = am.owned_layers
-    sc = _scores(scores)
     if planner.needs_scores and sc is None:
         raise InputError(f"--method {method} needs --scores scores.json (from onnxprune score)")
     importance, curves = {}, {}
@@ -106,8 +116,7 @@ def allocate(
     options = {"min_sparsity": min_sparsity, "max_sparsity": max_sparsity, "keep_dense": list(keep_dense),
                **({"scores_method": sc.method, "scores_metric": sc.metric} if sc else {})}
     if planner.kind == "measured":
-        return plan_search(am, units, target_sparsity, budget, sc, rdata.DataSpec.of(data, **data_options),
-                           iterations, seed, progress, options)
+        return plan_search(am, units, target_sparsity, budget, sc, spec, iterations, seed, progress, options)
     if granularity == "channel":
         return plan_channels(am, units, method, target_sparsity, budget, criterion, round_to, coupled, options)
     return plan_sparsity(am, units, method, target_sparsity, budget, options)

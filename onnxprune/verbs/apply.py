@@ -14,6 +14,7 @@ import onnx
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxprune._version import __version__
+from onnxprune.analysis.input_shapes import describe_unknown
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, check_fingerprint, load_plan
 from onnxprune.errors import InputError
@@ -33,7 +34,7 @@ from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.session import create_session
 from onnxprune.runtime.timing import random_feeds
 from onnxprune.verbs.inspect import summarise
-from onnxprune.verbs.loading import data_path, open_model
+from onnxprune.verbs.loading import InputShapesLike, data_path, open_model
 
 __all__ = ["APPLY_METADATA", "ApplyResult", "GRANULARITIES", "apply", "check_runs"]
 
@@ -58,8 +59,12 @@ class ApplyResult:
                 "skipped": self.skipped, "layers": self.layers}
 
 
-def check_runs(path: Path) -> None:
-    """The written model passes onnx.checker (full_check) and runs one batch in ONNX Runtime.
+def check_runs(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None,
+               original: Path | None = None, unknown: str | None = None) -> None:
+    """The written model passes onnx.checker (full_check) and runs one batch in ONNX Runtime, at
+    ``input_shapes`` (1 for a dimension they leave dynamic). When it does not run and neither does the
+    ``original`` model at the same inputs, the sizes were made up: an InputError asks for ``unknown`` (what
+    to give, see onnxprune.analysis.input_shapes.describe_unknown).
 
     onnx's strict type inference does not accept sparse initializers as operator inputs (ONNX Runtime
     densifies them at load), so a model with sparse initializers gets the structural check only.
@@ -72,7 +77,22 @@ def check_runs(path: Path) -> None:
     except Exception as exc:
         raise RuntimeError(f"the pruned model fails onnx.checker: {exc}") from exc
     sess = create_session(path, "cpu", prepack=False).session
-    sess.run(None, random_feeds(sess))
+    feeds = random_feeds(sess, shapes=input_shapes)
+    try:
+        sess.run(None, feeds)
+    except Exception:
+        if unknown and original is not None and not _runs(original, feeds):
+            raise InputError(f"the output check needs the size of {unknown}: the model does not run at the "
+                             f"size 1 the check would otherwise use") from None
+        raise
+
+
+def _runs(path: Path, feeds: dict) -> bool:
+    try:
+        create_session(path, "cpu", prepack=False).session.run(None, feeds)
+    except Exception:  # noqa: BLE001 - any failure means no
+        return False
+    return True
 
 
 def apply(
@@ -90,6 +110,7 @@ def apply(
     round_to: int | None = None,
     data: rdata.DataSpec | str | os.PathLike | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    input_shapes: InputShapesLike = None,
     **data_options,
 ) -> ApplyResult:
     """Rewrite the model per the plan and write a checked model to ``output``.
@@ -103,6 +124,9 @@ def apply(
     ``data`` (channel granularity): calibration data (an .npz path or a DataSpec, DataSpec options as
     keywords); every layer that loses input channels is then refit by least squares to reproduce its original
     output (onnxprune.passes.reconstruct), which recovers much of the accuracy without training.
+
+    The written model is checked at ``input_shapes`` (see onnxprune.api.inspect), else at the sizes the plan
+    was made at, else at those the data fixes; it keeps its dynamic dimensions.
 
     ``model``: a path, or an AnalysedModel loaded from one (its model is rewritten: do not use it after)."""
     pl = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -120,17 +144,18 @@ def apply(
     check_output_path(Path(output), input_path=model_path, force=force)
     check_output_path(Path(output), input_path=[None if isinstance(plan, Plan) else plan, data_path(data)],
                       forceable=False)
-    am = open_model(model)
+    spec = rdata.DataSpec.of(data, **data_options) if data is not None or data_options.get(
+        "data_loader_script") else None
+    if spec is not None and granularity != "channel":
+        raise InputError("--data calibrates channel removal only; drop it or use --granularity channel")
+    am = open_model(model, input_shapes=input_shapes or pl.input_shapes, data=spec)
     check_fingerprint(pl.fingerprint, am.fingerprint, "plan", force)
-    target = _Target(Path(output), model_path, force, external_data, check)
+    unknown = describe_unknown(am.unknown_dims, am.model) if am.unknown_dims else None
+    target = _Target(Path(output), model_path, force, external_data, check, am.input_shapes, unknown)
     if granularity == "channel":
         criterion = criterion or pl.options.get("criterion", "l2")
         round_to = round_to or pl.options.get("round_to", 1)
-        spec = rdata.DataSpec.of(data, **data_options) if data is not None or data_options.get(
-            "data_loader_script") else None
         return _apply_channels(am, pl, target, criterion, round_to, spec, progress)
-    if data is not None:
-        raise InputError("--data calibrates channel removal only; drop it or use --granularity channel")
     return _apply_sparsity(am, pl, target, granularity, (n, mm), store)
 
 
@@ -153,10 +178,15 @@ class _Target:
     force: bool
     external_data: bool | None
     check: bool
+    input_shapes: dict[str, tuple[int, ...]]
+    unknown: str | None  # the input dimensions the output check has no size for (describe_unknown)
 
     def save(self, am: AnalysedModel, sparse: set[str] | None = None):
         return save_model(am.model, self.output, external_data=self.external_data, input_path=self.input_path,
-                          force=self.force, sparse=sparse, verify=check_runs if self.check else None)
+                          force=self.force, sparse=sparse, verify=self._verify if self.check else None)
+
+    def _verify(self, path: Path) -> None:
+        check_runs(path, self.input_shapes, self.input_path, self.unknown)
 
     def checked(self, sparse: bool) -> str:
         if not self.check:
@@ -197,7 +227,8 @@ def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: s
     total_f = sum(flops.values())
     achieved = {
         "params_sparsity": sum(rep.zeros.values()) / total_w if total_w else 0.0,
-        "flops_sparsity": (sum(flops[k] * rep.zeros[k] / sizes[k] for k in planned) / total_f) if total_f else 0.0,
+        "flops_sparsity": None if am.unknown_dims else
+        (sum(flops[k] * rep.zeros[k] / sizes[k] for k in planned) / total_f) if total_f else 0.0,
         "zeros": sum(rep.zeros.values()), "weights": total_w,
         "planned_params_sparsity": pl.totals.get("params_sparsity"),
         "planned_flops_sparsity": pl.totals.get("flops_sparsity"), "granularity": granularity,
@@ -280,7 +311,8 @@ def _size_change(before, after) -> dict:
     return {"params_before": before.params, "params_after": after.params,
             "flops_before": before.flops, "flops_after": after.flops,
             "params_fraction_removed": 1 - after.params / before.params if before.params else 0.0,
-            "flops_fraction_removed": 1 - after.flops / before.flops if before.flops else 0.0}
+            "flops_fraction_removed": (1 - after.flops / before.flops if before.flops else 0.0)
+            if after.flops is not None and before.flops is not None else None}
 
 
 def _provenance(pl: Plan, input_fingerprint: str, options: dict) -> ProvenancePass:

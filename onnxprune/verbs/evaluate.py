@@ -16,6 +16,7 @@ from onnxprune.runtime.feeding import batches as feed_batches
 from onnxprune.runtime.feeding import fed_batch_size
 from onnxprune.runtime.metrics import Accuracy
 from onnxprune.runtime.session import create_session
+from onnxprune.verbs.loading import InputShapesLike, open_model
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -58,6 +59,7 @@ def evaluate(
     data: rdata.DataSpec | str | os.PathLike | None = None,
     *,
     progress: Callable[[int, int | None], None] | None = None,
+    input_shapes: InputShapesLike = None,
     **data_options,
 ) -> EvalResult:
     """Top-1 / top-5 accuracy and throughput of ``model`` with ONNX Runtime.
@@ -66,9 +68,12 @@ def evaluate(
     label_key, mean, std, batch_size, limit, offset, provider, data_loader_script). uint8 inputs are scaled
     to [0, 1], then ``(x - mean) / std`` per channel; mean and std default to the model's
     ``onnxprune.preprocess.*`` metadata when it has some. ``progress(done, total)`` is called after each batch.
+    ``input_shapes`` (see onnxprune.api.inspect) are checked against the data, which fixes the sizes run.
     """
     spec = rdata.DataSpec.of(data, **data_options)
     m = load_model(model)
+    if input_shapes:
+        open_model(m, input_shapes=input_shapes, data=spec)  # a setting that contradicts the data is an error
     sess = create_session(model, spec.provider)
     batches, total, preprocess_note = feed_batches(m, sess, spec)
     acc = Accuracy()

@@ -10,13 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxprune._version import __version__
+from onnxprune.analysis.input_shapes import merge_data_shapes, parse_input_shapes
 from onnxprune.errors import InputError
 from onnxprune.io import check_output_path, fingerprint, load_model, save_model
 from onnxprune.passes import ProvenancePass
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.feeding import data_input_shapes
 from onnxprune.verbs.apply import check_runs
 from onnxprune.verbs.evaluate import evaluate
-from onnxprune.verbs.loading import data_path
+from onnxprune.verbs.loading import InputShapesLike, data_path
 
 __all__ = ["FINETUNE_METADATA", "FinetuneResult", "finetune"]
 
@@ -62,6 +64,7 @@ def finetune(
     force: bool = False,
     check: bool = True,
     progress: Callable[[str, int, int | None, dict], None] | None = None,
+    input_shapes: InputShapesLike = None,
     **data_options,
 ) -> FinetuneResult:
     """Fine-tune (labels) and/or distil (``teacher``: the unpruned ONNX model) ``model`` on ``data`` and write
@@ -72,6 +75,8 @@ def finetune(
     ``eval_data``: held-out data (an .npz path or DataSpec) measured after every epoch and, with ONNX Runtime,
     on the written model. ``progress(phase, done, total, info)``: phase is teacher, calibrated, train or epoch.
     Graphs without BatchNormalization get one after each convolution for training, folded back on export.
+    The written model is checked at the sizes of the data (``input_shapes``, see onnxprune.api.inspect, must
+    agree with it).
 
     >>> from onnxprune import FinetuneOptions  # doctest: +SKIP
     >>> finetune("pruned.onnx", "train.npz", "tuned.onnx", teacher="model.onnx",
@@ -89,6 +94,7 @@ def finetune(
     check_output_path(Path(output), input_path=model, force=force)
     check_output_path(Path(output), input_path=[teacher, spec.data, data_path(eval_data)], forceable=False)
     m = load_model(model)
+    shapes = merge_data_shapes(parse_input_shapes(input_shapes, m), data_input_shapes(m, spec), m)
     input_fp = fingerprint(m)
     run = finetune_model(m, model, spec, opts, teacher=teacher, labels=labels, eval_data=eval_data,
                          progress=progress, start=start, start_cpu=start_cpu)
@@ -99,7 +105,8 @@ def finetune(
         "input_fingerprint": input_fp, "data": spec.record(),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.__dict__.items()}},
         keep_previous=False)(m)
-    saved = save_model(m, output, input_path=model, force=force, verify=check_runs if check else None)
+    saved = save_model(m, output, input_path=model, force=force,
+                       verify=(lambda path: check_runs(path, shapes)) if check else None)
     after = None if run.eval_spec is None else evaluate(saved.path, run.eval_spec).top1
     notes = []
     if rep.inserted_bn:

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from onnxprune._version import __version__
 from onnxprune.analysis.blocks import Block
+from onnxprune.analysis.input_shapes import describe_unknown
 from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
-from onnxprune.verbs.loading import ModelLike, open_model
+from onnxprune.verbs.loading import InputShapesLike, ModelLike, open_model
 
 __all__ = ["InspectResult", "inspect", "summarise"]
 
@@ -27,12 +28,14 @@ class InspectResult:
     shape_error: str | None = None
     notes: list[str] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)  # channel dependency groups (onnxprune.analysis.channels)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # the sizes FLOPs were counted at
 
     def to_dict(self) -> dict:
         return {
             "onnxprune_version": __version__,
             "fingerprint": self.fingerprint,
             "opset": self.opset,
+            "input_shapes": self.input_shapes,
             "layers": [layer.to_dict() for layer in self.layers],
             "blocks": [block.to_dict() for block in self.blocks],
             "groups": self.groups,
@@ -50,13 +53,15 @@ class InspectResult:
         }
 
 
-def inspect(model: ModelLike) -> InspectResult:
-    """Find the prunable layers and residual blocks of ``model`` (a path or an onnx-ir Model).
+def inspect(model: ModelLike, input_shapes: InputShapesLike = None) -> InspectResult:
+    """Find the prunable layers and residual blocks of ``model`` (a path or an onnx-ir Model), FLOPs at
+    ``input_shapes`` (``["images:1,3,640,640"]`` or ``{"images": (1, 3, 640, 640)}``) for the dimensions the
+    graph leaves dynamic.
 
     >>> result = inspect("build/demo/cnn.onnx")  # doctest: +SKIP
     >>> result.to_dict()["totals"]["params"]  # doctest: +SKIP
     """
-    am = open_model(model)
+    am = open_model(model, input_shapes=input_shapes)
     return summarise(am, groups=True)
 
 
@@ -71,9 +76,9 @@ def summarise(am: AnalysedModel, groups: bool = False, fingerprint: bool = True)
         notes.append(info.shape_error)
     if any(layer.flops is None for layer in am.layers):
         notes.append("FLOPs unknown for layers whose output shape could not be inferred")
-    symbolic = sorted({d for shape in info.shapes.values() for d in shape if isinstance(d, str)} & am.input_dims)
-    if symbolic:
-        notes.append(f"symbolic input dimension(s) {', '.join(symbolic)} counted as 1 in FLOPs")
+    if am.unknown_dims:
+        notes.append(f"total FLOPs unknown: they depend on the size of {describe_unknown(am.unknown_dims, am.model)}"
+                     f"; the layers' FLOPs count those dimensions as 1")
     return InspectResult(
         layers=am.layers,
         blocks=am.blocks,
@@ -85,4 +90,5 @@ def summarise(am: AnalysedModel, groups: bool = False, fingerprint: bool = True)
         shape_error=info.shape_error,
         notes=notes,
         groups=am.channel_graph().describe() if groups else [],
+        input_shapes=am.shapes_record,
     )

@@ -10,7 +10,7 @@ from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
 from onnxprune.scoring.common import ScoreRequest
 from onnxprune.scoring.registry import SCORERS
-from onnxprune.verbs.loading import ModelLike, open_model
+from onnxprune.verbs.loading import InputShapesLike, ModelLike, open_model
 
 __all__ = ["score"]
 
@@ -29,6 +29,7 @@ def score(
     seeds: int = 1,
     max_memory: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    input_shapes: InputShapesLike = None,
     **data_options,
 ) -> Scores:
     """Per-layer importance.
@@ -47,6 +48,9 @@ def score(
     - ``compactness`` (data): for each layer alone, the highest sparsity whose top-1 drop (agreement drop
       without labels) stays within ``tolerance`` points, by bisection; importance = 1 - compactness, usable
       by ``allocate --method capacity``.
+
+    ``input_shapes`` (see onnxprune.api.inspect) size the dynamic input dimensions the data does not fix;
+    the scores record the sizes they were made at.
     """
     scorer = SCORERS.get(method)
     if scorer is None:
@@ -55,4 +59,4 @@ def score(
     request = ScoreRequest(metric=metric, data=spec, grid=grid, at=at, tolerance=tolerance, units=units,
                            seed=seed, seeds=seeds, max_memory=max_memory)
     scorer.check(request)
-    return scorer.run(open_model(model), request, progress)
+    return scorer.run(open_model(model, input_shapes=input_shapes, data=spec), request, progress)

@@ -1,0 +1,151 @@
+"""The sizes of a model's dynamic input dimensions: given by the user (``--input-shape``), fixed by the data,
+or recorded in a scores or plan file, and what is still unknown.
+
+A shape setting maps an input name to a tuple of positive ints, one per dimension. The leading dimension
+of an input is its batch: it may differ between the data and a setting (the data is fed in its own
+batches); every other dimension must agree. A symbolic dimension a setting fixes is fixed wherever the
+same name appears (``input_ids`` and ``attention_mask`` share ``sequence``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import onnx_ir as ir
+
+from onnxprune.errors import InputError, plural
+
+__all__ = ["InputShapes", "UnknownDim", "declared_inputs", "describe_unknown", "merge_data_shapes",
+           "parse_input_shapes", "shapes_record", "unknown_dims"]
+
+InputShapes = dict[str, tuple[int, ...]]
+UnknownDim = tuple[str, int, str | None]  # (input name, axis, symbolic name or None)
+
+OPTION = "--input-shape"
+
+
+def declared_inputs(model: ir.Model) -> dict[str, tuple]:
+    """Input name -> the declared shape (int, symbolic name, or None per dimension; () when unranked)."""
+    inputs = {}
+    for v in model.graph.inputs:
+        if v.name in model.graph.initializers:
+            continue
+        inputs[v.name] = () if v.shape is None else tuple(_declared(d) for d in v.shape)
+    return inputs
+
+
+def _declared(d) -> int | str | None:
+    if isinstance(d, int):
+        return d
+    value = getattr(d, "value", None)
+    if isinstance(value, int):
+        return value
+    return str(value) if value is not None else None
+
+
+def parse_input_shapes(texts: Iterable[str] | Mapping[str, Iterable[int]] | None, model: ir.Model) -> InputShapes:
+    """``NAME:D0,D1,...`` settings (split at the last colon: tf2onnx names end in ``:0``; a bare ``D0,D1,...``
+    for a model with one input), or a mapping name -> dims, checked against the model's inputs."""
+    if not texts:
+        return {}
+    inputs = declared_inputs(model)
+    pairs = list(texts.items()) if isinstance(texts, Mapping) else [_split(t, inputs) for t in texts]
+    shapes: InputShapes = {}
+    for name, dims in pairs:
+        if name not in inputs:
+            raise InputError(f"{OPTION} names {name!r}, which is not an input of the model; its inputs: "
+                             f"{', '.join(repr(n) for n in inputs)}")
+        if name in shapes:
+            raise InputError(f"{OPTION} gives {name!r} twice; give each input once")
+        dims = tuple(int(d) for d in dims)
+        if any(d < 1 for d in dims):
+            raise InputError(f"{OPTION} {name}:{_text(dims)} has a dimension below 1; every size must be positive")
+        declared = inputs[name]
+        if declared and len(declared) != len(dims):
+            raise InputError(f"{OPTION} gives {name!r} {plural(len(dims), 'dimension')}, the model declares "
+                             f"{len(declared)} ({_text(declared)})")
+        for axis, (want, have) in enumerate(zip(declared, dims)):
+            if isinstance(want, int) and want != have:
+                raise InputError(f"{OPTION} {name}:{_text(dims)} sets dimension {axis} to {have}; the model fixes "
+                                 f"it at {want}")
+        shapes[name] = dims
+    return _complete(shapes, inputs)
+
+
+def _split(text: str, inputs: dict[str, tuple]) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition(":")
+    if not sep:
+        if len(inputs) != 1:
+            raise InputError(f"{OPTION} {text!r} has no input name and the model has {len(inputs)} inputs; "
+                             f"give NAME:D0,D1,... for each (inputs: {', '.join(repr(n) for n in inputs)})")
+        name = next(iter(inputs))
+    parts = [p.strip() for p in dims.replace("x", ",").split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise InputError(f"{OPTION} {text!r} is not NAME:D0,D1,... with whole-number sizes (e.g. images:1,3,640,640)")
+    return name, tuple(int(p) for p in parts)
+
+
+def _complete(shapes: InputShapes, inputs: dict[str, tuple]) -> InputShapes:
+    """Fill the inputs the settings fix through shared symbolic names (and fixed dims)."""
+    sizes: dict[str, int] = {}
+    for name, dims in shapes.items():
+        for axis, d in enumerate(inputs[name]):
+            if isinstance(d, str) and axis < len(dims):
+                sizes.setdefault(d, dims[axis])
+    done = dict(shapes)
+    for name, declared in inputs.items():
+        if name in done or not declared:
+            continue
+        filled = tuple(d if isinstance(d, int) else sizes.get(d) if isinstance(d, str) else None for d in declared)
+        if all(isinstance(d, int) for d in filled):
+            done[name] = filled
+    return done
+
+
+def merge_data_shapes(given: InputShapes, data: InputShapes, model: ir.Model) -> InputShapes:
+    """The data's shapes, checked against ``given``: the dims after the batch must agree."""
+    shapes = dict(given)
+    for name, dims in data.items():
+        want = given.get(name)
+        if want is not None and (len(want) != len(dims) or tuple(want[1:]) != tuple(dims[1:])):
+            raise InputError(f"{OPTION} {name}:{_text(want)} contradicts the data, whose {name!r} samples are "
+                             f"{_text(dims[1:]) or 'scalars'}; drop {OPTION} or give the data's shape")
+        shapes[name] = tuple(dims) if want is None else (want[0], *dims[1:])
+    return _complete(shapes, declared_inputs(model))
+
+
+def unknown_dims(model: ir.Model, shapes: InputShapes) -> list[UnknownDim]:
+    """Dimensions after the batch of inputs that neither the graph nor ``shapes`` fix."""
+    missing = []
+    for name, declared in declared_inputs(model).items():
+        if name in shapes:
+            continue
+        missing += [(name, axis, d) for axis, d in enumerate(declared) if axis > 0 and not isinstance(d, int)]
+    return missing
+
+
+def describe_unknown(missing: list[UnknownDim], model: ir.Model) -> str:
+    """'dimension 2 ("height") of input "images"', and an example setting to give."""
+    inputs = declared_inputs(model)
+    by_input: dict[str, list[UnknownDim]] = {}
+    for entry in missing:
+        by_input.setdefault(entry[0], []).append(entry)
+    parts = []
+    for name, dims in by_input.items():
+        axes = ", ".join(f"{axis}" + (f" ({sym!r})" if sym else "") for _, axis, sym in dims)
+        parts.append(f"{'dimension' if len(dims) == 1 else 'dimensions'} {axes} of input {name!r}")
+    examples = " ".join(f"{OPTION} {name}:{_example(inputs[name])}" for name in by_input)
+    return f"{'; '.join(parts)} ({examples}, or --data)"
+
+
+def _example(declared: tuple) -> str:
+    return ",".join(str(d) if isinstance(d, int) else ("1" if axis == 0 else "N") for axis, d in enumerate(declared))
+
+
+def shapes_record(shapes: InputShapes) -> dict[str, list[int]]:
+    """How scores and plans record the shapes they were made at."""
+    return {name: list(dims) for name, dims in shapes.items()}
+
+
+def _text(dims) -> str:
+    return ",".join("?" if d is None else str(d) for d in dims)
