@@ -131,9 +131,11 @@ def prune(
             raise InputError("--remove-blocks chooses blocks by SR-init; drop --method or use --method srinit")
         if spec is None:
             raise InputError("--remove-blocks needs --data: SR-init measures each block on real inputs")
-        labelled = spec.data is not None and rdata.load_npz(spec.data, spec.input_key, spec.label_key)[1] is not None
+        if not am.blocks:
+            raise InputError("the model has no residual blocks to remove; prune channels (--target-flops) or "
+                             "weights (--target-sparsity) instead")
         say("scoring blocks (SR-init)")
-        scores = score(am, "srinit", data=spec, seed=seed, metric="top1" if labelled else "agreement")
+        scores = score(am, "srinit", data=spec, seed=seed)  # the metric suits the outputs and labels
         say("allocating")
         plan = allocate(am, method="srinit", scores=scores, remove=remove_blocks)
     else:

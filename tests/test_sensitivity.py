@@ -112,7 +112,7 @@ def test_search_allocation_improves_on_its_seeds(export, digits_npz):
              for _ in range(2)]
     log = plans[0].options["search"]
     assert abs(plans[0].totals["params_sparsity"] - 0.8) <= 0.001
-    assert log["final_kl"] <= min(log["seeds"].values())
+    assert log["final_loss"] <= min(log["seeds"].values())
     assert log["evaluations"] == 25 + len(log["seeds"])
     assert plans[0].sparsities() == plans[1].sparsities()
     with pytest.raises(InputError, match="exactly one of --data"):

@@ -75,6 +75,8 @@ def curve_drop(point: dict, base: dict, metric: str) -> float:
         return float(point["kl"])
     if metric == "agreement":
         return 100.0 - float(point["agreement"])
+    if metric == "error":
+        return float(point["error"])
     return float(base["top1"]) - float(point["top1"])
 
 

@@ -32,7 +32,8 @@ __all__ = ["allocate", "apply", "score"]
               help="capacity: data-free, from the weights; sensitivity: measured on --data.")
 @click.option("--metric", default=None,
               help=f"capacity: {', '.join(api.CAPACITY_METRICS)} (default {api.DEFAULT_CAPACITY_METRIC}); "
-                   f"sensitivity: {', '.join(api.SENSITIVITY_METRICS)} (default kl).")
+                   f"sensitivity, srinit: {', '.join(api.SENSITIVITY_METRICS)} (default: kl / top-1 for class "
+                   f"scores, error (relative output error) for any other outputs).")
 @click.option("--grid", default=None, metavar="S,S,...", help="Sparsities measured per layer (sensitivity).")
 @click.option("--at", "at_plan", type=click.Path(path_type=str), default=None,
               help="sensitivity: measure around this plan (the other layers pruned as planned).")
@@ -68,6 +69,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
             input_shapes=input_shapes,
         )
     api.write_json(scores.to_dict(), output)
+    notice(scores.options.get("metric_note"))
     if as_json:
         emit_json({**scores.to_dict(), "timing": scores.timing})
         return

@@ -1,9 +1,11 @@
 """Allocation by measured search: per-layer sparsities chosen by evaluating whole pruned models.
 
 Every allocation rule in onnxprune.planning.allocation scores layers one at a time (or not at all); at high sparsity
-the layers' effects interact. ``search`` measures instead: the objective is the mean KL divergence between
-the unmodified model's and the pruned model's output distributions on calibration data (no labels needed),
-the pruned model being magnitude-pruned in every layer at the candidate sparsities.
+the layers' effects interact. ``search`` measures instead: the objective (``loss``) is the mean KL divergence
+between the unmodified model's and the pruned model's output distributions on calibration data (no labels
+needed) when the outputs are class scores, else the output error of every output
+(onnxprune.runtime.metrics.output_error), the pruned model being magnitude-pruned in every layer at the
+candidate sparsities.
 
 1. Seeds: LAMP, ERK and uniform allocations, the sensitivity allocation when sensitivity scores are given,
    and the halfway mix of LAMP and sensitivity; the best seed starts the search.
@@ -25,7 +27,7 @@ import onnx_ir as ir
 
 from onnxprune.planning.allocation import Allocatable, allocate_sparsities
 from onnxprune.runtime.graph_io import weights_as_inputs
-from onnxprune.runtime.metrics import log_softmax
+from onnxprune.runtime.metrics import log_softmax, output_error
 from onnxprune.runtime.session import create_session
 from onnxprune.tensors.masks import magnitude_order, pruned_copy
 from onnxprune.tensors.weights import get_weight
@@ -37,30 +39,34 @@ __all__ = ["SearchLog", "search_allocation"]
 class SearchLog:
     seeds: dict[str, float]
     start: str
-    start_kl: float
-    final_kl: float
+    objective: str  # kl | error
+    start_loss: float
+    final_loss: float
     accepted: int
     iterations: int
     evaluations: int
 
 
 class _Objective:
-    """KL(dense || pruned) on calibration feeds, for per-layer sparsities."""
+    """The loss of the pruned model against the dense one on calibration feeds, for per-layer sparsities:
+    KL(dense || pruned) of class scores (``metric="kl"``), or the mean output error (``"error"``)."""
 
-    def __init__(self, model: ir.Model, units: Sequence[Allocatable], feeds: list[dict[str, np.ndarray]], provider: str):
+    def __init__(self, model: ir.Model, units: Sequence[Allocatable], feeds: list[dict[str, np.ndarray]],
+                 provider: str, metric: str = "kl"):
         names = {u.layer.weight for u in units}
         proto = weights_as_inputs(ir.serde.serialize_model(model), names)
         self.session = create_session(proto.SerializeToString(), provider).session
-        self.output = self.session.get_outputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()][:1 if metric == "kl" else None]
+        self.metric = metric
         self.units = units
         self.dense = {u.layer.weight: np.asarray(get_weight(u.layer)) for u in units}
         self.order = {k: magnitude_order(w) for k, w in self.dense.items()}
         self.feeds = feeds
-        self.ref = [log_softmax(self._run(f, self.dense)) for f in feeds]
+        self.ref = [self._run(f, self.dense) for f in feeds]
         self.evaluations = 0
 
-    def _run(self, feeds, weights):
-        return self.session.run([self.output], {**feeds, **weights})[0]
+    def _run(self, feeds, weights) -> list[np.ndarray]:
+        return self.session.run(self.outputs, {**feeds, **weights})
 
     def weights(self, sparsities: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -72,20 +78,24 @@ class _Objective:
     def __call__(self, sparsities: np.ndarray) -> float:
         self.evaluations += 1
         weights = self.weights(sparsities)
-        kl, n = 0.0, 0
+        loss, n = 0.0, 0
         for feeds, ref in zip(self.feeds, self.ref, strict=True):
-            logp = log_softmax(self._run(feeds, weights))
-            kl += float(np.sum(np.exp(ref) * (ref - logp)))
-            n += ref.shape[0]
-        return kl / n
+            outs = self._run(feeds, weights)
+            if self.metric == "kl":
+                ref_logp, logp = log_softmax(ref[0]), log_softmax(outs[0])
+                loss += float(np.sum(np.exp(ref_logp) * (ref_logp - logp)))
+            else:
+                loss += float(output_error(ref, outs).sum())
+            n += len(ref[0])
+        return loss / n
 
 
 def search_allocation(
     model: ir.Model, units: Sequence[Allocatable], target: float, budget_weights: np.ndarray,
     feeds: list[dict[str, np.ndarray]], *, iterations: int = 150, seed: int = 0, provider: str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, metric: str = "kl",
 ) -> tuple[np.ndarray, SearchLog]:
-    objective = _Objective(model, units, feeds, provider)
+    objective = _Objective(model, units, feeds, provider, metric)
     lo = np.array([u.lo for u in units])
     hi = np.array([u.hi for u in units])
     w = budget_weights.astype(np.float64)
@@ -122,6 +132,7 @@ def search_allocation(
             progress(it + 1, iterations)
     if abs(float(np.dot(w, current)) - start_total) > 1e-6 * total:  # mutations move budget, never add any
         raise RuntimeError("the search drifted off the budget")
-    log = SearchLog(seeds={k: round(v, 6) for k, v in values.items()}, start=start, start_kl=values[start],
-                    final_kl=best, accepted=accepted, iterations=iterations, evaluations=objective.evaluations)
+    log = SearchLog(seeds={k: round(v, 6) for k, v in values.items()}, start=start, objective=metric,
+                    start_loss=values[start], final_loss=best, accepted=accepted, iterations=iterations,
+                    evaluations=objective.evaluations)
     return current, log

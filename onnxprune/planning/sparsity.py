@@ -11,6 +11,7 @@ from onnxprune.planning import allocation
 from onnxprune.planning.search import search_allocation
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import calibration_batches
+from onnxprune.runtime.metrics import class_scores
 
 __all__ = ["plan_search", "plan_sparsity"]
 
@@ -33,10 +34,12 @@ def plan_search(am: AnalysedModel, units: Sequence[allocation.Allocatable], targ
                 u.curve = curves[u.name]
     provider, batches = calibration_batches(am.model, spec)
     feeds = [f for f, _ in batches]
+    metric = "kl" if class_scores([am.info.shape(v) for v in am.model.graph.outputs]) else "error"
     result, log = allocation.allocate_measured(
         units, target, budget,
         lambda s_units, t, weights: search_allocation(am.model, s_units, t, weights, feeds, iterations=iterations,
-                                                      seed=seed, provider=provider, progress=progress))
+                                                      seed=seed, provider=provider, progress=progress,
+                                                      metric=metric))
     options = {**options, "search": {**log.__dict__, "seed": seed, "data": spec.record()}}
     return _plan(am, units, "search", target, budget, options, result, seed=seed)
 

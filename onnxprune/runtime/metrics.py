@@ -1,4 +1,5 @@
-"""Classification metrics accumulated over batches."""
+"""Metrics of a model's outputs: classification (top-k, log-softmax) for class scores, and output fidelity
+(``output_error``) for outputs of any kind (boxes, probability maps, embeddings, several outputs)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Accuracy", "log_softmax", "topk_hits"]
+__all__ = ["Accuracy", "Reference", "class_scores", "log_softmax", "output_error", "topk_hits"]
 
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
@@ -41,3 +42,37 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     z = z.reshape(z.shape[0], -1).astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def output_error(refs: list[np.ndarray], outs: list[np.ndarray]) -> np.ndarray:
+    """Per sample, in percent: the squared error of each output relative to the reference output's squared
+    norm, averaged over the outputs (0 = identical; 100 = as far off as an all-zero output)."""
+    per_output = []
+    for ref, out in zip(refs, outs, strict=True):
+        r = np.asarray(ref, np.float64).reshape(len(ref), -1)
+        y = np.asarray(out, np.float64).reshape(len(out), -1)
+        per_output.append(((y - r) ** 2).sum(axis=1) / np.maximum((r ** 2).sum(axis=1), 1e-12))
+    return 100.0 * np.mean(per_output, axis=0)
+
+
+def class_scores(output_shapes: list[tuple | None]) -> bool:
+    """Whether a model's outputs look like class scores: a single output of shape (batch, classes >= 2).
+    Detectors (boxes x anchors), dense maps and models with several outputs are measured by output_error."""
+    if len(output_shapes) != 1 or output_shapes[0] is None or len(output_shapes[0]) != 2:
+        return False
+    classes = output_shapes[0][1]
+    return not (isinstance(classes, int) and classes < 2)
+
+
+@dataclass
+class Reference:
+    """The unmodified model's outputs on one batch, and its class scores' log-softmax and top-1."""
+
+    outputs: list[np.ndarray]
+    logp: np.ndarray
+    top: np.ndarray
+
+    @classmethod
+    def of(cls, outputs: list[np.ndarray]) -> Reference:
+        logp = log_softmax(outputs[0])
+        return cls(list(outputs), logp, logp.argmax(axis=1))

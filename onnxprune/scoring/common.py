@@ -14,9 +14,10 @@ from onnxprune.artefacts import Plan
 from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import calibration_batches
+from onnxprune.runtime.metrics import class_scores
 
-__all__ = ["Progress", "ScoreRequest", "calibration", "layer_entry", "owned_layers", "relative_to_max",
-           "sample_count"]
+__all__ = ["Progress", "ScoreRequest", "calibration", "choose_metric", "layer_entry", "owned_layers",
+           "relative_to_max", "sample_count"]
 
 Progress = Callable[[int, int | None], None]
 NO_LAYERS = "the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
@@ -67,3 +68,30 @@ def relative_to_max(values: list[float], absolute: bool = False) -> list[float]:
     """Importance: each value over the largest (of the absolute values with ``absolute``); all 1 if that is 0."""
     top = max((abs(v) if absolute else v for v in values), default=0.0)
     return [v / top if top > 0 else 1.0 for v in values]
+
+
+CLASS_METRICS = ("top1", "agreement", "kl")
+
+
+def choose_metric(am: AnalysedModel, requested: str | None, batches: list,
+                  classifier_default: str | None) -> tuple[str, str | None]:
+    """(the metric to measure by, a notice when it was chosen for the user). Class scores (one output of
+    shape (batch, classes)) default to ``classifier_default``, or top-1 with labels and agreement without;
+    any other outputs to ``error`` (onnxprune.runtime.metrics.output_error over every output)."""
+    labelled = all(labels is not None for _, labels in batches)
+    classes = class_scores([am.info.shape(v) for v in am.model.graph.outputs])
+    if requested is not None:
+        if requested == "top1" and not labelled:
+            raise InputError("--metric top1 needs labels in the data; use agreement, kl or error without labels")
+        if requested in CLASS_METRICS and not classes:
+            raise InputError(f"--metric {requested} compares class scores, and the model's outputs are not one "
+                             f"(batch, classes) tensor; use --metric error (output fidelity)")
+        return requested, None
+    if not classes:
+        return "error", ("the model's outputs are not class scores: measuring the relative squared error of "
+                         "every output against the unmodified model (metric error, percent)")
+    if classifier_default is not None:
+        return classifier_default, None
+    if labelled:
+        return "top1", None
+    return "agreement", "the data has no labels: measuring top-1 agreement with the unmodified model"

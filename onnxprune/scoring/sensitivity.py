@@ -2,8 +2,9 @@
 the drop of the model's outputs against the unmodified model on calibration data.
 
 Metrics per point: ``kl`` (mean KL divergence of the output distributions, no labels needed),
-``agreement`` (percent of samples whose top-1 prediction is unchanged) and ``top1`` (percent correct, with
-labels). Evaluation is partial-graph (onnxprune.runtime.partial): the unmodified model runs once per batch,
+``agreement`` (percent of samples whose top-1 prediction is unchanged), ``top1`` (percent correct, with
+labels) for class scores, and ``error`` (onnxprune.runtime.metrics.output_error, over every output) for
+outputs of any kind, the default when the outputs are not class scores. Evaluation is partial-graph (onnxprune.runtime.partial): the unmodified model runs once per batch,
 each layer's variants run only the graph from that layer on.
 """
 
@@ -20,10 +21,18 @@ from onnxprune.analysis.layers import Layer, find_layers
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, Scores, check_fingerprint, curve_drop, load_plan
 from onnxprune.errors import InputError
-from onnxprune.runtime.metrics import log_softmax
+from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.runtime.session import create_session
-from onnxprune.scoring.common import Progress, ScoreRequest, calibration, layer_entry, relative_to_max, sample_count
+from onnxprune.scoring.common import (
+    Progress,
+    ScoreRequest,
+    calibration,
+    choose_metric,
+    layer_entry,
+    relative_to_max,
+    sample_count,
+)
 from onnxprune.tensors.masks import magnitude_order, pruned_copy
 from onnxprune.tensors.weights import get_weight, set_weight
 
@@ -31,31 +40,34 @@ __all__ = ["DEFAULT_GRID", "METRICS", "DropAccumulator", "check_compactness", "c
            "layer_sensitivity", "score_compactness", "score_sensitivity"]
 
 DEFAULT_GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
-METRICS = ("kl", "agreement", "top1")
+METRICS = ("kl", "agreement", "top1", "error")
 
 
 class DropAccumulator:
-    """Sums of KL, agreement and correct predictions of a modified model against the reference outputs."""
+    """Sums of KL, agreement, correct predictions and output error of a modified model against the reference."""
 
     def __init__(self):
         self.kl = 0.0
         self.agree = 0
         self.correct = 0
+        self.error = 0.0
         self.n = 0
         self.labelled = 0
 
-    def update(self, ref_logp: np.ndarray, ref_top: np.ndarray, out: np.ndarray, labels: np.ndarray | None):
-        logp = log_softmax(out)
-        self.kl += float(np.sum(np.exp(ref_logp) * (ref_logp - logp)))
+    def update(self, ref: Reference, outs: list[np.ndarray], labels: np.ndarray | None):
+        logp = Reference.of(outs).logp
+        self.kl += float(np.sum(np.exp(ref.logp) * (ref.logp - logp)))
         top = logp.argmax(axis=1)
-        self.agree += int(np.sum(top == ref_top))
-        self.n += out.shape[0]
+        self.agree += int(np.sum(top == ref.top))
+        self.error += float(output_error(ref.outputs, outs).sum())
+        self.n += len(top)
         if labels is not None:
             self.correct += int(np.sum(top == labels.reshape(-1)))
             self.labelled += len(labels)
 
     def result(self) -> dict:
-        r = {"kl": self.kl / max(self.n, 1), "agreement": 100.0 * self.agree / max(self.n, 1)}
+        n = max(self.n, 1)
+        r = {"kl": self.kl / n, "agreement": 100.0 * self.agree / n, "error": self.error / n}
         if self.labelled:
             r["top1"] = 100.0 * self.correct / self.labelled
         return r
@@ -74,7 +86,7 @@ def layer_sensitivity(
     against the unmodified model. ``batches`` must be a list: it is consumed batch by batch, every layer
     variant evaluated on each batch before the next, so memory holds one batch's activations.
     """
-    dense = {layer.name: np.asarray(get_weight(layer)) for layer in layers}
+    weights = {layer.name: np.asarray(get_weight(layer)) for layer in layers}
     reference = None
     if at:
         reference = create_session(ir.serde.serialize_model(model).SerializeToString(), provider)
@@ -82,14 +94,14 @@ def layer_sensitivity(
         info = analyse_graph(model)
         by_name = {layer.name: layer for layer in find_layers(info)}
         for name, sp in at.items():
-            w = dense[name]
+            w = weights[name]
             set_weight(by_name[name], pruned_copy(w, magnitude_order(w), int(round(sp * w.size))))
         layers = [by_name[layer.name] for layer in layers]
     evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.name], [layer.weight]) for layer in layers],
                                  provider=provider)
     variants: dict[str, list[tuple[float, np.ndarray]]] = {}
     for layer in layers:
-        w = dense[layer.name]
+        w = weights[layer.name]
         order = magnitude_order(w)
         variants[layer.name] = [(sp, pruned_copy(w, order, int(round(sp * w.size)))) for sp in grid]
     acc = {(layer.name, sp): DropAccumulator() for layer in layers for sp in grid}
@@ -99,24 +111,19 @@ def layer_sensitivity(
     at_point = DropAccumulator()
     for feeds, labels in batches:
         acts = evaluator.run_prefix(feeds)
-        out0 = acts[evaluator.output_names[0]]
-        if reference is not None:
-            dense_out = reference.run(feeds, [evaluator.output_names[0]])[0]
-        else:
-            dense_out = out0
-        ref_logp = log_softmax(dense_out)
-        ref_top = ref_logp.argmax(axis=1)
-        ref.update(ref_logp, ref_top, dense_out, labels)
-        at_point.update(ref_logp, ref_top, out0, labels)
+        outs = [acts[name] for name in evaluator.output_names]
+        dense = Reference.of(outs if reference is None else reference.run(feeds, evaluator.output_names))
+        ref.update(dense, dense.outputs, labels)
+        at_point.update(dense, outs, labels)
         for layer in layers:
             for sp, w in variants[layer.name]:
-                out = evaluator.run_part(layer.name, acts, {layer.weight: w})[0]
-                acc[(layer.name, sp)].update(ref_logp, ref_top, out, labels)
+                out = evaluator.run_part(layer.name, acts, {layer.weight: w})
+                acc[(layer.name, sp)].update(dense, out, labels)
             done += 1
             if progress:
                 progress(done, total)
     base = ref.result()
-    base["kl"] = 0.0
+    base["kl"] = base["error"] = 0.0
     if at:  # sparsity 0 of a layer, the others at the plan, needs its own run: use the grid's 0 if measured
         curves = {layer.name: [{"sparsity": sp, **acc[(layer.name, sp)].result()} for sp in grid] for layer in layers}
         return curves, {**base, "at_plan": at_point.result()}
@@ -130,10 +137,11 @@ def layer_sensitivity(
 def layer_compactness(
     model, info: GraphInfo, layers: list[Layer], batches: list[tuple[dict, np.ndarray | None]],
     tolerance: float = 1.0, steps: int = 8, max_sparsity: float = 0.99, provider: str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, criterion: str | None = None,
 ) -> tuple[dict[str, dict], dict]:
     """For each layer alone, the highest magnitude-pruning sparsity whose drop stays within ``tolerance``
-    (percentage points of top-1 with labels, else of top-1 agreement with the unmodified model), found by
+    (percentage points of ``criterion``: by default top-1 with labels, else top-1 agreement with the
+    unmodified model; ``error`` for outputs that are not class scores), found by
     bisection over [0, max_sparsity] in ``steps`` halvings. The unmodified model runs once; each probe runs
     only the graph from the layer on, over the cached activations of every calibration batch."""
     evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.name], [layer.weight]) for layer in layers],
@@ -142,11 +150,11 @@ def layer_compactness(
     ref = DropAccumulator()
     for feeds, labels in batches:
         acts = evaluator.run_prefix(feeds)
-        logp = log_softmax(acts[evaluator.output_names[0]])
-        cached.append((acts, labels, logp, logp.argmax(axis=1)))
-        ref.update(logp, logp.argmax(axis=1), acts[evaluator.output_names[0]], labels)
+        dense = Reference.of([acts[name] for name in evaluator.output_names])
+        cached.append((acts, labels, dense))
+        ref.update(dense, dense.outputs, labels)
     base = ref.result()
-    use_top1 = "top1" in base
+    criterion = criterion or ("top1" if "top1" in base else "agreement")
     results: dict[str, dict] = {}
     for i, layer in enumerate(layers):
         w = np.asarray(get_weight(layer))
@@ -155,11 +163,9 @@ def layer_compactness(
         def drop(sp: float) -> float:
             pruned = pruned_copy(w, order, int(round(sp * w.size)))
             acc = DropAccumulator()
-            for acts, labels, logp, top in cached:
-                out = evaluator.run_part(layer.name, acts, {layer.weight: pruned})[0]
-                acc.update(logp, top, out, labels)
-            r = acc.result()
-            return base["top1"] - r["top1"] if use_top1 else 100.0 - r["agreement"]
+            for acts, labels, dense in cached:
+                acc.update(dense, evaluator.run_part(layer.name, acts, {layer.weight: pruned}), labels)
+            return curve_drop(acc.result(), base, criterion)
 
         lo, hi = 0.0, max_sparsity
         if drop(hi) <= tolerance:
@@ -171,15 +177,15 @@ def layer_compactness(
                     lo = mid
                 else:
                     hi = mid
-        results[layer.name] = {"compactness": lo, "criterion": "top1" if use_top1 else "agreement"}
+        results[layer.name] = {"compactness": lo, "criterion": criterion}
         if progress:
             progress(i + 1, len(layers))
     return results, base
 
 
 def check_sensitivity(request: ScoreRequest) -> None:
-    metric = request.metric or "kl"
-    if metric not in METRICS:
+    metric = request.metric
+    if metric is not None and metric not in METRICS:
         raise InputError(f"unknown sensitivity metric {metric!r}; use one of {', '.join(METRICS)}")
     if not all(0 <= g < 1 for g in tuple(request.grid or DEFAULT_GRID)):
         raise InputError(f"--grid sparsities must be in (0, 1), got {tuple(request.grid or DEFAULT_GRID)}")
@@ -187,11 +193,9 @@ def check_sensitivity(request: ScoreRequest) -> None:
 
 def score_sensitivity(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
     """Each layer's drop curve under magnitude pruning; importance = mean drop / the largest."""
-    metric = request.metric or "kl"
     grid = tuple(request.grid or DEFAULT_GRID)
     layers, provider, batches = calibration(am, request.data)
-    if metric == "top1" and any(labels is None for _, labels in batches):
-        raise InputError("--metric top1 needs labels in the data; use kl or agreement without labels")
+    metric, note = choose_metric(am, request.metric, batches, classifier_default="kl")
     at_sparsities = None
     if request.at is not None:
         at_plan = request.at if isinstance(request.at, Plan) else load_plan(request.at)
@@ -211,7 +215,7 @@ def score_sensitivity(am: AnalysedModel, request: ScoreRequest, progress: Progre
         u["importance"] = imp
     return Scores(method="sensitivity", fingerprint=am.fingerprint, input_shapes=am.shapes_record, units=units, metric=metric,
                   options={"grid": list(grid), "samples": sample_count(batches), "data": request.data.record(),
-                           "provider": provider, "reference": base, "at": at_sparsities,
+                           "provider": provider, "reference": base, "at": at_sparsities, "metric_note": note,
                            "definition": "output drop of the model with only this layer magnitude-pruned"},
                   timing={"seconds": round(seconds, 3)})
 
@@ -224,9 +228,10 @@ def check_compactness(request: ScoreRequest) -> None:
 def score_compactness(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
     """Each layer's compactness (highest sparsity within the tolerance); importance = 1 - compactness."""
     layers, provider, batches = calibration(am, request.data)
+    criterion, note = choose_metric(am, None, batches, classifier_default=None)
     t0 = time.perf_counter()
     results, base = layer_compactness(am.model, am.info, layers, batches, request.tolerance, provider=provider,
-                                      progress=progress)
+                                      progress=progress, criterion=criterion)
     units = []
     for layer in layers:
         c = results[layer.name]["compactness"]
@@ -235,6 +240,6 @@ def score_compactness(am: AnalysedModel, request: ScoreRequest, progress: Progre
     return Scores(method="compactness", fingerprint=am.fingerprint, input_shapes=am.shapes_record, units=units, metric="compactness",
                   options={"tolerance": request.tolerance, "samples": sample_count(batches),
                            "data": request.data.record(), "reference": base, "provider": provider,
-                           "definition": "highest sparsity of this layer alone whose drop stays within the "
+                           "metric_note": note, "definition": "highest sparsity of this layer alone whose drop stays within the "
                                          "tolerance; importance = 1 - compactness (at least 0.01)"},
                   timing={"seconds": round(time.perf_counter() - t0, 3)})

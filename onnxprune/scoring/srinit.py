@@ -27,15 +27,15 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
-from onnxprune.runtime.metrics import log_softmax
+from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
-from onnxprune.scoring.common import Progress, ScoreRequest, calibration, layer_entry, relative_to_max
+from onnxprune.scoring.common import Progress, ScoreRequest, calibration, choose_metric, layer_entry, relative_to_max
 from onnxprune.tensors.weights import get_weight, out_in_axes
 
 __all__ = ["DEFAULT_MAX_MEMORY", "METRICS", "UNIT_KINDS", "check", "fresh_init", "fresh_norms", "score_srinit",
            "srinit_scores"]
 
-METRICS = ("top1", "agreement", "kl")
+METRICS = ("top1", "agreement", "kl", "error")
 
 
 def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int) -> dict[str, np.ndarray]:
@@ -154,8 +154,8 @@ def srinit_scores(
             seconds[name] += time.perf_counter() - t0
         for b, (feeds, labels) in enumerate(batches):
             acts = first if g == 0 and b == 0 else evaluator.run_prefix(feeds)
-            ref_logp = log_softmax(acts[evaluator.output_names[0]])
-            ref_top = ref_logp.argmax(axis=1)
+            ref = Reference.of([acts[name] for name in evaluator.output_names])
+            ref_logp, ref_top = ref.logp, ref.top
             ref_ok = None if labels is None else (ref_top == labels.reshape(-1)).astype(np.float64)
             if g == 0:
                 state["n"] += len(ref_top)
@@ -164,9 +164,11 @@ def srinit_scores(
                     state["labelled"] += len(ref_ok)
             for (name, seed), bound in sessions.items():
                 t0 = time.perf_counter()
-                logp = log_softmax(bound.run(acts)[0])
+                outs = bound.run(acts)
+                logp = Reference.of(outs).logp
                 top = logp.argmax(axis=1)
                 p = acc[(name, seed)]
+                p.add("error", output_error(ref.outputs, outs))
                 p.add("agreement", (top != ref_top).astype(np.float64))
                 p.add("kl", np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=1))
                 if ref_ok is not None:
@@ -184,7 +186,7 @@ def srinit_scores(
         r: dict = {}
         for metric in METRICS:
             count = labelled if metric == "top1" else n
-            scale = 1.0 if metric == "kl" else 100.0
+            scale = 100.0 if metric in ("top1", "agreement") else 1.0  # error is in percent already
             per_seed = [acc[(name, seed)].stats(metric, count, scale) for seed in seeds]
             r[metric] = float(np.mean([m for m, _ in per_seed]))
             r[f"{metric}_se"] = float(np.mean([se for _, se in per_seed]))
@@ -192,7 +194,7 @@ def srinit_scores(
                 r[f"{metric}_seed_std"] = float(np.std([m for m, _ in per_seed], ddof=1))
         r["seconds"] = round(seconds[name], 3)
         results[name] = r
-    base = {"samples": n, "agreement": 100.0, "kl": 0.0, "passes": len(groups)}
+    base = {"samples": n, "agreement": 100.0, "kl": 0.0, "error": 0.0, "passes": len(groups)}
     if labelled:
         base["top1"] = 100.0 * state["correct"] / labelled
     return results, base
@@ -222,8 +224,8 @@ def _param_names(layer: Layer, nodes: dict) -> list[str]:
 
 
 def check(request: ScoreRequest) -> None:
-    metric = request.metric or "top1"
-    if metric not in METRICS:
+    metric = request.metric
+    if metric is not None and metric not in METRICS:
         raise InputError(f"unknown SR-init metric {metric!r}; use one of {', '.join(METRICS)}")
     if request.units not in UNIT_KINDS:
         raise InputError(f"--units must be blocks or layers, got {request.units!r}")
@@ -235,11 +237,10 @@ def check(request: ScoreRequest) -> None:
 
 def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
     """Each residual block's (or layer's) drop when re-initialised; importance = drop / the largest."""
-    metric, seed, seeds = request.metric or "top1", request.seed, request.seeds
+    seed, seeds = request.seed, request.seeds
     max_memory = DEFAULT_MAX_MEMORY if request.max_memory is None else request.max_memory
     layers, provider, batches = calibration(am, request.data)
-    if metric == "top1" and any(labels is None for _, labels in batches):
-        raise InputError("--metric top1 needs labels in the data; use agreement or kl without labels")
+    metric, note = choose_metric(am, request.metric, batches, classifier_default=None)
     by_name = {layer.name: layer for layer in layers}
     if request.units == "blocks":
         blocks = am.blocks
@@ -270,5 +271,6 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
                   seed=seed,
                   options={"seed": seed, "seeds": seeds, "samples": base["samples"], "data": request.data.record(),
                            "reference": base, "provider": provider, "passes": passes, "max_memory": max_memory,
+                           "metric_note": note,
                            "init": "Kaiming normal (fan_in, ReLU gain), zero bias, fresh BatchNorm"},
                   timing={"seconds": round(seconds, 3), "units": unit_seconds})

@@ -199,7 +199,7 @@ def test_search_meets_the_target_and_is_reproducible(mlp_path, tmp_path):
     for plan in plans:
         assert abs(plan.totals["sparsity"] - 0.6) <= TOLERANCE
         log = plan.options["search"]
-        assert log["final_kl"] <= log["start_kl"] == pytest.approx(min(log["seeds"].values()), abs=1e-6)
+        assert log["final_loss"] <= log["start_loss"] == pytest.approx(min(log["seeds"].values()), abs=1e-6)
         assert log["evaluations"] == 12 + len(log["seeds"])
     assert plans[0].sparsities() == plans[1].sparsities()
     assert plans[0].seed == 3 and plans[2].seed == 4

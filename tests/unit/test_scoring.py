@@ -205,7 +205,7 @@ def test_srinit_drop_is_the_reinitialised_model(tmp_path, metric):
 
 @pytest.mark.parametrize("method,metric,labelled,match", [
     ("srinit", "kl", True, "no residual blocks"),
-    ("srinit", None, False, "needs labels"),
+    ("srinit", "top1", False, "needs labels"),
     ("sensitivity", "top1", False, "needs labels"),
 ])
 def test_data_scorers_refuse(mlp_data, tmp_path, method, metric, labelled, match):
