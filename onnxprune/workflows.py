@@ -77,7 +77,7 @@ def prune(
     method: str | None = None,
     data: rdata.DataSpec | str | os.PathLike | None = None,
     eval_data: rdata.DataSpec | str | os.PathLike | None = None,
-    round_to: int = 1,
+    round_to: int | str = "auto",
     seed: int = 1,
     latency: bool = True,
     force: bool = False,

@@ -1,9 +1,12 @@
 """Hypothesis strategies for valid ONNX graphs built from the operators onnxprune supports.
 
 Two families, random in structure, widths, operator variants and opset:
-- vision: Conv (plain, grouped, depthwise, 1x1/3x3, with or without bias), BatchNormalization, Relu or Gelu
-  (the opset-20 operator or its Erf decomposition), residual Add or Sum (identity or projection skip), Concat,
-  MaxPool / AveragePool, then GlobalAveragePool or Flatten or Reshape into Gemm or MatMul + Add;
+- vision: Conv (plain, grouped, depthwise, 1x1/3x3, with or without bias), BatchNormalization, Relu, Gelu
+  (the opset-20 operator or its Erf decomposition), SiLU as Sigmoid x Mul or HardSwish, residual Add or Sum
+  (identity or projection skip), Concat, MaxPool / AveragePool, ConvTranspose upsampling, FPN-style Resize
+  and Concat, C2f-style Split, squeeze-and-excitation gates (HardSigmoid x Mul), then GlobalAveragePool or
+  Flatten or Reshape into Gemm or MatMul + Add; height and width dynamic in half the graphs, as detector and
+  OCR exports have them;
 - sequence: MatMul (+ Add bias) projections, attention (Reshape/Transpose heads, MatMul, Softmax),
   LayerNormalization (pre- or post-norm), MLP with Gelu or Relu, residual Add, then ReduceMean or Flatten
   into Gemm.
@@ -50,6 +53,10 @@ class _Builder:
     def act(self, x: str, kind: str) -> str:
         if kind == "relu":
             return self.node("Relu", [x])
+        if kind == "silu":  # ultralytics' SiLU as torch exports it: x * Sigmoid(x)
+            return self.node("Mul", [x, self.node("Sigmoid", [x])])
+        if kind == "hardswish":  # Paddle / MobileNetV3
+            return self.node("HardSwish", [x]) if self.opset >= 14 else self.node("Relu", [x])
         if self.opset >= 20:
             return self.node("Gelu", [x])
         # Gelu as exporters before opset 20 write it: x * 0.5 * (1 + erf(x / sqrt(2)))
@@ -63,6 +70,35 @@ class _Builder:
         w = self.weight("w", (cout, cin // group, ksize, ksize), cin // group * ksize * ksize)
         ins = [x, w] + ([self.const("b", (0.1 * self.rng.standard_normal(cout)).astype(np.float32))] if bias else [])
         return self.node("Conv", ins, pads=[ksize // 2] * 4, group=group, kernel_shape=[ksize, ksize])
+
+    def deconv(self, x: str, cin: int, cout: int) -> str:
+        """ConvTranspose, kernel 2 stride 2 (weight (in, out, k, k)): doubles the size, as DB heads upsample."""
+        w = self.weight("wt", (cin, cout, 2, 2), cin * 4)
+        return self.node("ConvTranspose", [x, w, self.const("bt", np.zeros(cout, np.float32))], strides=[2, 2],
+                         kernel_shape=[2, 2])
+
+    def resize2(self, x: str) -> str:
+        """Nearest upsampling by 2, as torch exports nn.Upsample (Resize with scales)."""
+        scales = self.const("scales", np.array([1, 1, 2, 2], np.float32))
+        if self.opset >= 13:
+            return self.node("Resize", [x, "", scales], mode="nearest")
+        return self.node("Resize", [x, self.const("roi", np.zeros(0, np.float32)), scales], mode="nearest")
+
+    def split2(self, x: str, c: int) -> tuple[str, str]:
+        """Split into two halves on the channel axis (C2f): sizes as an input (opset 13+) or an attribute."""
+        ys = [self.name("split"), self.name("split")]
+        if self.opset >= 13:
+            ins = [x, self.const("sizes", np.array([c // 2, c // 2], np.int64))]
+            self.nodes.append(helper.make_node("Split", ins, ys, name=self.name("Split"), axis=1))
+        else:
+            self.nodes.append(helper.make_node("Split", [x], ys, name=self.name("Split"), axis=1, split=[c // 2] * 2))
+        return ys[0], ys[1]
+
+    def gate(self, x: str, c: int) -> str:
+        """Squeeze-and-excitation: x * HardSigmoid(conv(relu(conv(GlobalAveragePool(x)))))."""
+        squeezed = self.node("GlobalAveragePool", [x])
+        g = self.conv(self.node("Relu", [self.conv(squeezed, c, max(c // 2, 1), ksize=1)]), max(c // 2, 1), c, ksize=1)
+        return self.node("Mul", [x, self.node("HardSigmoid", [g], alpha=1 / 6, beta=0.5)])
 
     def bn(self, x: str, c: int) -> str:
         r = self.rng
@@ -92,14 +128,15 @@ class _Builder:
 
 @st.composite
 def vision_graphs(draw) -> onnx.ModelProto:
-    b = _Builder(draw(st.integers(0, 2**16)), draw(st.sampled_from([13, 17, 20])))
-    act = draw(st.sampled_from(["relu", "gelu"]))
+    b = _Builder(draw(st.integers(0, 2**16)), draw(st.sampled_from([11, 13, 17, 20])))
+    act = draw(st.sampled_from(["relu", "gelu", "silu", "hardswish"]))
+    dynamic = draw(st.booleans())  # height and width dynamic, as detectors and OCR models are exported
     side = 8
     c = 2 * draw(st.integers(2, 5))
     x = b.act(b.conv("input", 3, c, bias=draw(st.booleans())), act)
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["plain", "bn", "residual", "projection", "depthwise", "grouped", "concat",
-                                     "pool"]))
+                                     "pool", "deconv", "fpn", "split", "gate"]))
         if kind == "plain":
             c2 = 2 * draw(st.integers(1, 5))
             x, c = b.act(b.conv(x, c, c2, ksize=draw(st.sampled_from([1, 3])), bias=draw(st.booleans())), act), c2
@@ -120,10 +157,25 @@ def vision_graphs(draw) -> onnx.ModelProto:
             c2 = 2 * draw(st.integers(1, 3))
             parts = [b.act(b.conv(x, c, c2), act), b.act(b.conv(x, c, c2, ksize=1), act), x]
             x, c = b.node("Concat", parts, axis=1), 2 * c2 + c
+        elif kind == "deconv":  # up with ConvTranspose, back down with a pool
+            c2 = 2 * draw(st.integers(1, 4))
+            x, c = b.node("MaxPool", [b.act(b.deconv(x, c, c2), act)], kernel_shape=[2, 2], strides=[2, 2]), c2
+        elif kind == "fpn":  # a strided branch upsampled by Resize and concatenated with the input (FPN / PAN)
+            c2 = 2 * draw(st.integers(1, 3))
+            down = b.act(b.node("Conv", [x, b.weight("w", (c2, c, 3, 3), c * 9)], pads=[1, 1, 1, 1], strides=[2, 2],
+                                kernel_shape=[3, 3]), act)
+            x, c = b.node("Concat", [x, b.resize2(down)], axis=1), c + c2
+        elif kind == "split":  # C2f: split in halves, a conv on the second, concat of all three
+            if c % 2 == 0:
+                first, second = b.split2(x, c)
+                x, c = b.conv(b.node("Concat", [first, second, b.act(b.conv(second, c // 2, c // 2), act)], axis=1),
+                              c + c // 2, c, ksize=1), c
+        elif kind == "gate":
+            x = b.gate(x, c)
         elif side >= 4:
             op = draw(st.sampled_from(["MaxPool", "AveragePool"]))
             x, side = b.node(op, [x], kernel_shape=[2, 2], strides=[2, 2]), side // 2
-    head = draw(st.sampled_from(["gap-gemm", "flatten-gemm", "reshape-matmul"]))
+    head = "gap-gemm" if dynamic else draw(st.sampled_from(["gap-gemm", "flatten-gemm", "reshape-matmul"]))
     if head == "gap-gemm":
         x, features = b.node("Flatten", [b.node("GlobalAveragePool", [x])], axis=1), c
     elif head == "flatten-gemm":
@@ -138,7 +190,8 @@ def vision_graphs(draw) -> onnx.ModelProto:
         shape = (CLASSES, features) if trans_b else (features, CLASSES)
         b.node("Gemm", [x, b.weight("fc", shape, features), b.const("fcb", np.zeros(CLASSES, np.float32))],
                transB=int(trans_b))
-    return b.model([tensor("input", "N", 3, 8, 8)], [tensor("logits", "N", CLASSES)])
+    size = ("H", "W") if dynamic else (8, 8)
+    return b.model([tensor("input", "N", 3, *size)], [tensor("logits", "N", CLASSES)])
 
 
 @st.composite
@@ -190,5 +243,5 @@ def graphs() -> st.SearchStrategy[onnx.ModelProto]:
 
 
 def sample_input(proto: onnx.ModelProto, n: int, seed: int = 0) -> np.ndarray:
-    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
+    dims = [d.dim_value or 8 for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]  # 8 x 8 if dynamic
     return np.random.default_rng(seed).standard_normal((n, *dims)).astype(np.float32)

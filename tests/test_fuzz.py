@@ -41,9 +41,13 @@ OUTCOMES: Counter = Counter()  # what happened, over all examples (printed at th
 ERRORS: Counter = Counter()  # the clean errors met, by their first words
 
 
+INPUT_SHAPE: list[str] = []  # --input-shape for the graph under test when its height and width are dynamic
+
+
 def cli(*args, allow_error: bool = True) -> dict | None:
     """Run a command; return its --json output, or None after a clean bad-input error (exit 2, one line)."""
-    result = CliRunner().invoke(main, [*map(str, args), "--json"])
+    shape = INPUT_SHAPE if args[0] in ("inspect", "allocate", "apply", "prune") else []
+    result = CliRunner().invoke(main, [*map(str, args), *shape, "--json"])
     label = f"{args[0]} {' '.join(str(a) for a in args if str(a).startswith('--') and a != '--json')}"
     if result.exit_code == 2 and allow_error:
         lines = result.stderr.strip().splitlines()
@@ -87,6 +91,11 @@ def pipeline(proto: onnx.ModelProto, data: st.DataObject) -> None:
         model = d / "model.onnx"
         onnx.save(proto, str(model))
         x = sample_input(proto, 24)
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+        INPUT_SHAPE[:] = ["--input-shape", "input:" + ",".join(["1", *map(str, x.shape[1:])])] if any(
+            d.dim_param for d in dims[1:]) else []
+        if INPUT_SHAPE:
+            OUTCOMES["dynamic height and width"] += 1
         np.savez(d / "data.npz", x=x, y=np.random.default_rng(0).integers(0, CLASSES, len(x)))
         reference = run(proto, x)
 
@@ -205,6 +214,7 @@ def test_fuzz_really_exercised_everything():
         pytest.skip("run with the fuzz tests")
     print(dict(OUTCOMES), dict(ERRORS))
     for what in ("apply: ok", "channel oracle", "block oracle", "finetune: ok", "eval: ok", "sensitivity",
+                 "dynamic height and width",
                  "search", "compactness"):
         assert OUTCOMES[what] > 0, (what, dict(OUTCOMES))
     assert OUTCOMES["apply: ok"] > 4 * OUTCOMES["apply: clean error"], dict(OUTCOMES)

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxprune import api, workflows
-from onnxprune.cli.options import common_options, data_options, output_option
+from onnxprune.cli.options import common_options, data_options, output_option, round_to_option
 from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, fmt_kib, notice, notices, out, progress_bar
 from onnxprune.errors import InputError
 
@@ -26,8 +26,8 @@ __all__ = ["prune", "report", "sweep"]
 @click.option("--method", default=None,
               help="Allocation: lamp (default for --target-sparsity), uniform (default for --target-flops), "
                    "capacity, global, erk, sensitivity or search (these two need --data).")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="--target-flops: kept channel counts in multiples of N (8 suits AVX2 CPUs).")
+@round_to_option("--target-flops: kept channel counts in multiples of N (auto: the multiple this machine's "
+                 "convolutions need, 8 with AVX2, 16 with AVX-512).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of SR-init and search.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--eval-data", type=click.Path(path_type=str), default=None,

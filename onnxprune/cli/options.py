@@ -10,7 +10,7 @@ from onnxprune import api
 from onnxprune.cli.state import set_flag
 
 __all__ = ["common_options", "data_options", "input_shape_option", "output_option", "provider_option",
-           "runtime_options"]
+           "round_to_option", "runtime_options"]
 
 
 def _apply(fn, decorators):
@@ -112,3 +112,24 @@ data_options = runtime_options()
 def output_option(help_text: str):
     """-o/--output, required: the file a command writes."""
     return click.option("-o", "--output", required=True, type=click.Path(path_type=str), help=help_text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# channel rounding
+
+
+class _RoundTo(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number or auto", param, ctx)
+
+
+def round_to_option(help_text: str):
+    """--round-to N|auto: kept channel counts in multiples of N; auto (the default) picks this machine's."""
+    return click.option("--round-to", type=_RoundTo(), default="auto", show_default=True, help=help_text)

@@ -8,7 +8,7 @@ import click
 from rich.markup import escape
 
 from onnxprune import api
-from onnxprune.cli.options import common_options, data_options, output_option
+from onnxprune.cli.options import common_options, data_options, output_option, round_to_option
 from onnxprune.cli.render import (
     emit_json,
     fmt_flops,
@@ -122,9 +122,9 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
                                       "parameters (or FLOPs with --budget flops) their removal takes away.")
 @click.option("--criterion", type=click.Choice(api.CRITERIA), default="l2", show_default=True,
               help="channel: the norm that ranks channels.")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="channel: keep channel counts multiples of N (8 for ONNX Runtime's fast CPU convolutions "
-                   "with AVX2, 16 with AVX-512); the target is still met.")
+@round_to_option("channel: keep channel counts multiples of N (ONNX Runtime's fast CPU convolutions work on "
+                 "blocks of 8 with AVX2, 16 with AVX-512; auto picks this machine's, recorded in the plan); "
+                 "the target is still met. An explicit N gives the same plan on every machine.")
 @click.option("--coupled", type=click.Choice(api.COUPLED), default="prune", show_default=True,
               help="channel: keep leaves channels written by several layers (residual streams) whole.")
 @data_options
@@ -180,6 +180,9 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
         t = plan.totals
         for names, why in plan.options.get("blocked", {}).items():
             notice(f"channels of {names} stay: {why}")
+        if plan.options.get("round_to_auto"):
+            notice(f"kept channel counts in multiples of {plan.options['round_to']} (--round-to auto: "
+                   f"{plan.options['round_to_auto']})")
         out.print(f"[bold]Predicted:[/] {_smaller(t)}; target {t['target']:g} by {t['budget']}. wrote {escape(output)}")
         return
     table = titled_table(f"{method} plan for {model}", ("#", "layer", "params", "sparsity", "kept"), left=("layer",))

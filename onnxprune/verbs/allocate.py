@@ -11,10 +11,11 @@ from onnxprune.artefacts import Plan, Scores, check_fingerprint, load_scores
 from onnxprune.errors import InputError
 from onnxprune.planning.allocation import Allocatable
 from onnxprune.planning.blocks import check_rule, plan_blocks
-from onnxprune.planning.channels import plan_channels
+from onnxprune.planning.channels import CHANNEL_TOLERANCE, plan_channels
 from onnxprune.planning.registry import PLANNERS
 from onnxprune.planning.sparsity import plan_search, plan_sparsity
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.hardware import channel_multiple
 from onnxprune.verbs.loading import InputShapesLike, ModelLike, open_model
 
 __all__ = ["allocate"]
@@ -39,7 +40,7 @@ def allocate(
     seed: int = 0,
     granularity: str = "unstructured",
     criterion: str = "l2",
-    round_to: int = 1,
+    round_to: int | str = "auto",
     coupled: str = "prune",
     progress: Callable[[int, int | None], None] | None = None,
     input_shapes: InputShapesLike = None,
@@ -118,8 +119,27 @@ def allocate(
     if planner.kind == "measured":
         return plan_search(am, units, target_sparsity, budget, sc, spec, iterations, seed, progress, options)
     if granularity == "channel":
-        return plan_channels(am, units, method, target_sparsity, budget, criterion, round_to, coupled, options)
+        return _plan_channels(am, units, method, target_sparsity, budget, criterion, round_to, coupled, options,
+                              spec.provider if spec is not None else data_options.get("provider", "cpu"))
     return plan_sparsity(am, units, method, target_sparsity, budget, options)
+
+
+def _plan_channels(am, units, method: str, target: float, budget: str, criterion: str, round_to: int | str,
+                   coupled: str, options: dict, provider: str) -> Plan:
+    """A channel plan; ``round_to="auto"``: the provider's channel multiple, halved until the plan lands within
+    CHANNEL_TOLERANCE of the target (coarse multiples on narrow layers overshoot it, or cannot reach it)."""
+    if round_to != "auto":
+        if isinstance(round_to, bool) or not isinstance(round_to, int):
+            raise InputError(f"--round-to must be a whole number or auto, got {round_to!r}")
+        return plan_channels(am, units, method, target, budget, criterion, round_to, coupled, options)
+    multiple, why = channel_multiple("cuda" if provider == "cuda" else "cpu")
+    while True:
+        plan = plan_channels(am, units, method, target, budget, criterion, multiple, coupled,
+                             {**options, "round_to_auto": why})
+        if multiple == 1 or target - CHANNEL_TOLERANCE <= plan.totals["sparsity"] <= target + CHANNEL_TOLERANCE:
+            return plan
+        multiple //= 2
+        why += f"; {multiple * 2} would remove {plan.totals['sparsity']:.3f} for a target of {target:g}"
 
 
 def _scores(scores: Scores | str | os.PathLike | None) -> Scores | None:
