@@ -111,6 +111,11 @@ def test_prune_and_its_refusals(panel, name, tmp_path):
     _check_runs_like(path, res.path, info, name)
     if name in CLASSIFIERS:
         assert res.before.top1 > 80 and res.after.top1 is not None
+    # recovery: labels and/or distillation (KL of class scores; relative squared error of boxes and maps),
+    # the teacher fed the batch its graph fixes
+    tuned = api.finetune(res.path, data, tmp_path / "t.onnx", teacher=path, limit=64,
+                         options=api.FinetuneOptions(epochs=1, batch_size=32))
+    _check_runs_like(path, tuned.path, info, name)
     if not api.inspect(path).blocks:
         with pytest.raises(InputError, match="no residual blocks to remove"):
             workflows.prune(path, tmp_path / "b.onnx", remove_blocks=1, data=data, force=True)

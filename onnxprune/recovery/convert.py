@@ -286,6 +286,29 @@ def _split(mod, s, x, split=None):
     return tuple(torch.split(x, sizes, axis))
 
 
+_INTERPOLATE = {("linear", 3): "linear", ("linear", 4): "bilinear", ("linear", 5): "trilinear",
+                ("cubic", 4): "bicubic"}
+
+
+def _resize(mod, s, x, roi=None, scales=None, sizes=None):
+    """ONNX Resize (opset 10: inputs X, scales) on the spatial axes: nearest (integer scales as exporters write
+    upsampling, where every nearest mode agrees) or linear / cubic (align_corners from the coordinate mode)."""
+    if scales is None and sizes is None and roi is not None and roi.numel() == x.dim():
+        scales = roi  # opset 10: the second input holds the scales
+    mode = s.attrs.get("mode", "nearest")
+    if sizes is not None and sizes.numel():
+        target = {"size": _ints(sizes)[2:]}
+    else:
+        target = {"scale_factor": [float(v) for v in scales.reshape(-1).tolist()[2:]]}
+    if mode == "nearest":
+        return F.interpolate(x, mode="nearest", **target)
+    kind = _INTERPOLATE.get((mode, x.dim()))
+    if kind is None:
+        raise ValueError(f"Resize mode {mode!r} on a rank-{x.dim()} tensor")
+    aligned = s.attrs.get("coordinate_transformation_mode", "half_pixel") == "align_corners"
+    return F.interpolate(x, mode=kind, align_corners=aligned, **target)
+
+
 def _gather(mod, s, x, idx):
     axis = s.attrs.get("axis", 0) % x.dim()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx).long()
@@ -412,6 +435,7 @@ OPS: dict[str, Callable] = {
     "Mean": lambda mod, s, *xs: _variadic(torch.add)(mod, s, *xs) / len(xs),
     "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Concat": lambda mod, s, *xs: torch.cat(xs, s.attrs["axis"]), "Split": _split, "Slice": _slice,
+    "Resize": _resize,
     "Gather": _gather, "GatherElements": _gather_elements, "Shape": _shape,
     "Size": lambda mod, s, x: torch.tensor(x.numel(), dtype=torch.int64),
     "ConstantOfShape": _constant_of_shape, "Constant": _constant, "Cast": _cast, "Expand": _expand,

@@ -14,7 +14,8 @@ The recipe (what the benchmark in tools/bench_finetune.py measured to work):
    passes in training mode, cumulative average). Graphs with their own BatchNormalization get the same
    re-estimation. This alone (``epochs=0``) often recovers most of a removed block's damage.
 4. SGD with momentum, cosine learning rate (over the epochs, or over ``max_minutes`` of wall time),
-   cross-entropy on labels and/or KL distillation at temperature T; weights that were zero stay zero (masks).
+   cross-entropy on labels and/or distillation (KL at temperature T of class scores, else the squared error
+   relative to the teacher's output); weights that were zero stay zero (masks).
 5. The trained values are written back into the graph, inserted BatchNorms folded into their convolutions.
 """
 
@@ -120,9 +121,14 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
     proto = teacher if isinstance(teacher, onnx.ModelProto) else (
         ir.serde.serialize_model(teacher) if isinstance(teacher, ir.Model) else onnx.load(str(teacher)))
     output = proto.graph.output[0].name
+    samples = len(x)
     plain = create_session(proto.SerializeToString(), provider).session
     stats_sess = create_session(with_outputs(proto, names).SerializeToString(), provider).session if names else None
     moments = {name: ChannelMoments() for name in names}
+    fixed = plain.get_inputs()[0].shape[0]
+    if isinstance(fixed, int) and fixed > 0:  # a graph that fixes its batch runs at that batch (last one padded)
+        batch_size = fixed
+        x = np.concatenate([x, np.zeros((-len(x) % fixed, *x.shape[1:]), x.dtype)])
     n = len(x)
     logits, flipped = [], []
     total = n * (2 if flip else 1)
@@ -145,8 +151,9 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
             if progress:
                 progress("teacher", done, total, {})
     stats = {name: tuple(v.astype(np.float32) for v in mom.mean_var()) for name, mom in moments.items() if mom.count}
-    return (np.concatenate(logits).astype(np.float32), np.concatenate(flipped).astype(np.float32) if flip else None,
-            stats)
+    kept = n - (-samples % batch_size if isinstance(fixed, int) and fixed > 0 else 0)
+    return (np.concatenate(logits)[:kept].astype(np.float32),
+            np.concatenate(flipped)[:kept].astype(np.float32) if flip else None, stats)
 
 
 def _accuracy(module: OnnxModule, x: torch.Tensor, y: np.ndarray, batch: int = 500) -> float:
@@ -329,9 +336,12 @@ def train(module: OnnxModule, x: torch.Tensor, y: np.ndarray | None, opts: Finet
             if t_logits is not None:
                 tl = t_logits[idx]
                 if flipped is not None and t_flipped is not None:
-                    tl = torch.where(flipped[:, None], t_flipped[idx], tl)
-                kd = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(tl / T, 1), reduction="batchmean",
-                              log_target=True) * T * T
+                    tl = torch.where(flipped.view(-1, *[1] * (tl.dim() - 1)), t_flipped[idx], tl)
+                if tl.dim() == 2:  # class scores: KL at temperature T
+                    kd = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(tl / T, 1), reduction="batchmean",
+                                  log_target=True) * T * T
+                else:  # boxes, maps: the squared error relative to the teacher's output energy
+                    kd = F.mse_loss(out, tl, reduction="sum") / tl.square().sum().clamp_min(1e-12)
                 loss = loss + (kd if not use_labels else (1 - opts.label_weight) * kd)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

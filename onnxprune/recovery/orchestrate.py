@@ -84,9 +84,12 @@ def finetune_model(m: ir.Model, path: str | os.PathLike, spec: rdata.DataSpec, o
         t_logits, t_flipped, t_stats = ft.teacher_outputs(
             tm, x, 256, [n for n in names if n in have], opts.calibration, spec.provider, progress,
             flip="flip" in opts.augment)
-        if t_logits.ndim != 2 or t_logits.shape[0] != len(x):
-            raise InputError(f"the teacher's first output has shape {list(t_logits.shape)}; it must be logits "
-                             f"(samples, classes)")
+        if t_logits.shape[0] != len(x):
+            raise InputError(f"the teacher's first output has shape {list(t_logits.shape)}; its first "
+                             f"dimension must be the {len(x)} samples")
+        if t_logits.ndim != 2 and use_labels:
+            raise InputError(f"the model's first output has shape {list(t_logits.shape)}, not class scores: "
+                             "labels cannot train it; distil from the teacher alone with --no-labels")
         teacher_seconds = time.perf_counter() - t0
     # (channels_last is faster for the convolutions of a CPU training step)
     layout = torch.channels_last if x.ndim == 4 else torch.contiguous_format
