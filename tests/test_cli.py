@@ -108,7 +108,7 @@ def test_channel_pipeline_reaches_flop_target(export, tmp_path, cifar_lossless):
     model = export("resnet56")
     plan = tmp_path / "ch.json"
     run("allocate", model, "--method", "lamp", "--granularity", "channel", "--budget", "flops",
-        "--target-sparsity", "0.5", "-o", plan)
+        "--target-sparsity", "0.5", "--round-to", "1", "-o", plan)
     out = tmp_path / "small.onnx"
     data = json.loads(run("apply", model, plan, "-o", out, "--json").stdout)
     assert data["totals"]["granularity"] == "channel" and data["totals"]["channels_removed"] > 0

@@ -126,8 +126,10 @@ def allocate(
 
 def _plan_channels(am, units, method: str, target: float, budget: str, criterion: str, round_to: int | str,
                    coupled: str, options: dict, provider: str) -> Plan:
-    """A channel plan; ``round_to="auto"``: the provider's channel multiple, halved until the plan lands within
-    CHANNEL_TOLERANCE of the target (coarse multiples on narrow layers overshoot it, or cannot reach it)."""
+    """A channel plan; ``round_to="auto"``: the provider's channel multiple, else 8 (the smallest block of the
+    fast kernels), for the first of them whose plan meets the target (it may overshoot it: a plan off the
+    kernels' blocks can run slower than the dense model); when neither can, halved further until the plan
+    lands within CHANNEL_TOLERANCE of the target (narrow layers)."""
     if round_to != "auto":
         if isinstance(round_to, bool) or not isinstance(round_to, int):
             raise InputError(f"--round-to must be a whole number or auto, got {round_to!r}")
@@ -136,7 +138,8 @@ def _plan_channels(am, units, method: str, target: float, budget: str, criterion
     while True:
         plan = plan_channels(am, units, method, target, budget, criterion, multiple, coupled,
                              {**options, "round_to_auto": why})
-        if multiple == 1 or target - CHANNEL_TOLERANCE <= plan.totals["sparsity"] <= target + CHANNEL_TOLERANCE:
+        reached = plan.totals["sparsity"] >= target - CHANNEL_TOLERANCE
+        if multiple == 1 or (reached and (multiple >= 8 or plan.totals["sparsity"] <= target + CHANNEL_TOLERANCE)):
             return plan
         multiple //= 2
         why += f"; {multiple * 2} would remove {plan.totals['sparsity']:.3f} for a target of {target:g}"

@@ -59,7 +59,7 @@ def _run(path, x):
 def test_non_2d_convolutions_are_shrunk_and_refit(tmp_path, spatial, sample):
     model = _conv_net(tmp_path / f"conv{spatial}d.onnx", spatial)
     data = _data(tmp_path / "x.npz", (64, *sample))
-    plan = api.allocate(model, method="uniform", granularity="channel", target_sparsity=0.4, data=data)
+    plan = api.allocate(model, method="uniform", granularity="channel", target_sparsity=0.4, data=data, round_to=1)
     plain = api.apply(model, plan, tmp_path / "plain.onnx")
     refit = api.apply(model, plan, tmp_path / "refit.onnx", data=data)
     assert refit.totals["refit"]["layers"] == 1 and not refit.totals["refit"]["skipped"]  # conv2, from conv1's cut
@@ -74,7 +74,7 @@ def test_conv_transpose_keeps_its_output_channels_on_axis_1(tmp_path):
     model = _deconv_net(tmp_path / "deconv.onnx")
     data = _data(tmp_path / "x.npz", (16, 3, 8, 8))
     plan = api.allocate(model, method="uniform", granularity="channel", target_sparsity=0.4,
-                        input_shapes=["x:1,3,8,8"])
+                        input_shapes=["x:1,3,8,8"], round_to=1)
     result = api.apply(model, plan, tmp_path / "out.onnx", data=data)
     after = {layer["name"]: layer["channels_after"] for layer in result.layers}
     assert after["conv1"] < 16 and after["up"] < 8

@@ -215,8 +215,13 @@ def chain_path(tmp_path_factory):
 @pytest.mark.parametrize("budget", ["params", "flops"])
 @pytest.mark.parametrize("method,target", [("uniform", 0.4), ("global", 0.6), ("erk", 0.2)])
 def test_channel_plan_meets_the_target(chain_path, tmp_path, method, target, budget):
-    plan = api.allocate(chain_path, target_sparsity=target, method=method, granularity="channel", budget=budget)
+    plan = api.allocate(chain_path, target_sparsity=target, method=method, granularity="channel", budget=budget,
+                        round_to=1)
     assert abs(plan.totals["sparsity"] - target) <= CHANNEL_TOLERANCE
+    auto = api.allocate(chain_path, target_sparsity=target, method=method, granularity="channel", budget=budget)
+    assert auto.totals["sparsity"] >= target - CHANNEL_TOLERANCE  # met, possibly past it on whole blocks
+    if auto.options["round_to"] >= 8:
+        assert all((e["channels"] - e["channels_after"]) % auto.options["round_to"] == 0 for e in auto.layers)
     key = "params_fraction_removed" if budget == "params" else "flops_fraction_removed"
     assert plan.totals[key] == plan.totals["sparsity"]
     assert 1 - plan.totals[f"{budget}_after"] / plan.totals[f"{budget}_before"] == pytest.approx(plan.totals[key])
