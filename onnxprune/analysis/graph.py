@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 
 __all__ = ["FLOAT_TYPES", "GraphInfo", "analyse_graph", "const_shape", "constant_array", "constant_source",
-           "fold_small_constants", "infer_shapes", "numel", "per_sample_count"]
+           "dim_value", "fold_small_constants", "infer_shapes", "numel", "per_sample_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +157,11 @@ def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | Non
         logger.warning("%s", error)
     for v in list(model.graph.inputs) + list(model.graph.outputs):
         if v.name not in shapes and v.shape is not None:
-            shapes[v.name] = tuple(_dim(d) for d in v.shape)
+            shapes[v.name] = tuple(dim_value(d) for d in v.shape)
     for node in model.graph:
         for v in node.outputs:
             if v.name not in shapes and v.shape is not None:
-                shapes[v.name] = tuple(_dim(d) for d in v.shape)
+                shapes[v.name] = tuple(dim_value(d) for d in v.shape)
     return shapes, dtypes, error, folded
 
 
@@ -302,7 +302,8 @@ def _numel_proto(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 
 
-def _dim(d) -> int | str | None:
+def dim_value(d) -> int | str | None:
+    """An onnx-ir dimension as an int, its symbolic name, or None (unknown)."""
     if isinstance(d, int):
         return d
     value = getattr(d, "value", None)

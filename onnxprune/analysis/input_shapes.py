@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import onnx_ir as ir
 
+from onnxprune.analysis.graph import dim_value
 from onnxprune.errors import InputError, plural
 
 __all__ = ["InputShapes", "UnknownDim", "declared_inputs", "describe_unknown", "merge_data_shapes",
@@ -30,17 +31,8 @@ def declared_inputs(model: ir.Model) -> dict[str, tuple]:
     for v in model.graph.inputs:
         if v.name in model.graph.initializers:
             continue
-        inputs[v.name] = () if v.shape is None else tuple(_declared(d) for d in v.shape)
+        inputs[v.name] = () if v.shape is None else tuple(dim_value(d) for d in v.shape)
     return inputs
-
-
-def _declared(d) -> int | str | None:
-    if isinstance(d, int):
-        return d
-    value = getattr(d, "value", None)
-    if isinstance(value, int):
-        return value
-    return str(value) if value is not None else None
 
 
 def parse_input_shapes(texts: Iterable[str] | Mapping[str, Iterable[int]] | None, model: ir.Model) -> InputShapes:

@@ -56,7 +56,8 @@ def plan_blocks(am: AnalysedModel, scores: Scores | None, threshold: float | Non
               "flops_fraction": None if flops_before is None else flops / flops_before if flops_before else 0.0, "params_before": params_before,
               "flops_before": flops_before}
     rule = {"threshold": threshold, "remove": remove, "target_params": target_params}
-    return Plan(method="srinit", fingerprint=am.fingerprint, input_shapes=am.shapes_record, layers=[], blocks=entries, totals=totals,
+    return Plan(method="srinit", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
+                layers=[], blocks=entries, totals=totals,
                 granularity="blocks",
                 options={"rule": {k: v for k, v in rule.items() if v is not None}, "scores_metric": scores.metric,
                          "candidates": "removable blocks with an identity skip"})

@@ -112,7 +112,8 @@ def plan_channels(am: AnalysedModel, units: Sequence[allocation.Allocatable], me
                "group_removed": [{"layers": c.layers, "channels": c.channels, "removed": c.removed}
                                  for c in choices],
                "blocked": describe_blocked(blocked)}
-    return Plan(method=method, fingerprint=am.fingerprint, input_shapes=am.shapes_record, layers=plan_layers, totals=totals, budget=budget,
+    return Plan(method=method, fingerprint=am.fingerprint, input_shapes=am.shapes_record,
+                layers=plan_layers, totals=totals, budget=budget,
                 granularity="channel", options=options)
 
 

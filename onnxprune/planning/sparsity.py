@@ -57,5 +57,6 @@ def _plan(am: AnalysedModel, units, method: str, target: float, budget: str, opt
         "params_sparsity": result.total_params, "flops_sparsity": None if am.unknown_dims else result.total_flops,
         "weights": sum(u.n for u in units), "zeros": sum(result.zeros.values()),
     }
-    return Plan(method=method, fingerprint=am.fingerprint, input_shapes=am.shapes_record, layers=plan_layers, totals=totals, budget=budget,
+    return Plan(method=method, fingerprint=am.fingerprint, input_shapes=am.shapes_record,
+                layers=plan_layers, totals=totals, budget=budget,
                 options=options, seed=seed)

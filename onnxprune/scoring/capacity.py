@@ -135,5 +135,6 @@ def score_capacity(am: AnalysedModel, request: ScoreRequest, progress: Progress 
             progress(i + 1, len(layers))
     for unit, imp in zip(units, relative_to_max([u["metrics"][metric] for u in units]), strict=True):
         unit["importance"] = imp
-    return Scores(method="capacity", fingerprint=am.fingerprint, input_shapes=am.shapes_record, units=units, metric=metric,
+    return Scores(method="capacity", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
+                  units=units, metric=metric,
                   options={"metric_definition": METRICS[metric]})

@@ -213,7 +213,8 @@ def score_sensitivity(am: AnalysedModel, request: ScoreRequest, progress: Progre
         units.append({**layer_entry(am, layer), "curve": curve, "mean_drop": float(np.mean(drops))})
     for u, imp in zip(units, relative_to_max([u["mean_drop"] for u in units]), strict=True):
         u["importance"] = imp
-    return Scores(method="sensitivity", fingerprint=am.fingerprint, input_shapes=am.shapes_record, units=units, metric=metric,
+    return Scores(method="sensitivity", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
+                  units=units, metric=metric,
                   options={"grid": list(grid), "samples": sample_count(batches), "data": request.data.record(),
                            "provider": provider, "reference": base, "at": at_sparsities, "metric_note": note,
                            "definition": "output drop of the model with only this layer magnitude-pruned"},
@@ -237,7 +238,8 @@ def score_compactness(am: AnalysedModel, request: ScoreRequest, progress: Progre
         c = results[layer.name]["compactness"]
         units.append({**layer_entry(am, layer), "metrics": {"compactness": c},
                       "importance": max(1.0 - c, 0.01), "criterion": results[layer.name]["criterion"]})
-    return Scores(method="compactness", fingerprint=am.fingerprint, input_shapes=am.shapes_record, units=units, metric="compactness",
+    return Scores(method="compactness", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
+                  units=units, metric="compactness",
                   options={"tolerance": request.tolerance, "samples": sample_count(batches),
                            "data": request.data.record(), "reference": base, "provider": provider,
                            "metric_note": note, "definition": "highest sparsity of this layer alone whose drop stays within the "

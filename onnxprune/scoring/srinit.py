@@ -267,7 +267,8 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
                     "importance": r[metric]})
     for u, imp in zip(out, relative_to_max([u["importance"] for u in out], absolute=True), strict=True):
         u["importance"] = imp
-    return Scores(method="srinit", fingerprint=am.fingerprint, input_shapes=am.shapes_record, units=out, metric=metric, unit_kind=request.units,
+    return Scores(method="srinit", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
+                  units=out, metric=metric, unit_kind=request.units,
                   seed=seed,
                   options={"seed": seed, "seeds": seeds, "samples": base["samples"], "data": request.data.record(),
                            "reference": base, "provider": provider, "passes": passes, "max_memory": max_memory,
