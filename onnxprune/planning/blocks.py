@@ -53,8 +53,8 @@ def plan_blocks(am: AnalysedModel, scores: Scores | None, threshold: float | Non
                 "flops": blocks[u["name"]].flops, "layers": blocks[u["name"]].layers} for u in chosen]
     totals = {"blocks_removed": len(chosen), "blocks": len(blocks), "params_removed": params,
               "params_fraction": params / params_before if params_before else 0.0, "flops_removed": flops,
-              "flops_fraction": None if flops_before is None else flops / flops_before if flops_before else 0.0, "params_before": params_before,
-              "flops_before": flops_before}
+              "flops_fraction": None if flops_before is None else flops / flops_before if flops_before else 0.0,
+              "params_before": params_before, "flops_before": flops_before}
     rule = {"threshold": threshold, "remove": remove, "target_params": target_params}
     return Plan(method="srinit", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
                 layers=[], blocks=entries, totals=totals,

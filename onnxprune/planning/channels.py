@@ -17,6 +17,7 @@ from onnxprune.artefacts import Plan
 from onnxprune.errors import InputError, plural
 from onnxprune.planning import allocation
 from onnxprune.planning.channel_selection import CRITERIA, ChannelSelector, kept_fractions, predict, rounded_counts
+from onnxprune.runtime.hardware import channel_multiple
 
 __all__ = ["CHANNEL_TOLERANCE", "describe_blocked", "plan_channels"]
 
@@ -24,7 +25,30 @@ CHANNEL_TOLERANCE = 0.01  # a channel plan may miss its target by this much (cha
 
 
 def plan_channels(am: AnalysedModel, units: Sequence[allocation.Allocatable], method: str, target: float,
-                  budget: str, criterion: str, round_to: int, coupled: str, options: dict) -> Plan:
+                  budget: str, criterion: str, round_to: int | str, coupled: str, options: dict,
+                  provider: str = "cpu") -> Plan:
+    """A channel plan whose kept counts are multiples of ``round_to``. ``"auto"``: the ``provider``'s channel
+    multiple on this machine (onnxprune.runtime.hardware), else 8 (the smallest block of the fast kernels),
+    the first of them whose plan meets the target (it may overshoot it: a plan off the kernels' blocks can
+    run slower than the dense model); when neither can, halved further until the plan lands within
+    CHANNEL_TOLERANCE of the target (narrow layers). The choice and why are recorded in the plan."""
+    if round_to != "auto":
+        if isinstance(round_to, bool) or not isinstance(round_to, int):
+            raise InputError(f"--round-to must be a whole number or auto, got {round_to!r}")
+        return _plan_at_multiple(am, units, method, target, budget, criterion, round_to, coupled, options)
+    multiple, why = channel_multiple("cuda" if provider == "cuda" else "cpu")
+    while True:
+        plan = _plan_at_multiple(am, units, method, target, budget, criterion, multiple, coupled,
+                                 {**options, "round_to_auto": why})
+        reached = plan.totals["sparsity"] >= target - CHANNEL_TOLERANCE
+        if multiple == 1 or (reached and (multiple >= 8 or plan.totals["sparsity"] <= target + CHANNEL_TOLERANCE)):
+            return plan
+        multiple //= 2
+        why += f"; {multiple * 2} would remove {plan.totals['sparsity']:.3f} for a target of {target:g}"
+
+
+def _plan_at_multiple(am: AnalysedModel, units: Sequence[allocation.Allocatable], method: str, target: float,
+                      budget: str, criterion: str, round_to: int, coupled: str, options: dict) -> Plan:
     if criterion not in CRITERIA:
         raise InputError(f"unknown --criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
     if round_to < 1:

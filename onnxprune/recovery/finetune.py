@@ -151,9 +151,8 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
             if progress:
                 progress("teacher", done, total, {})
     stats = {name: tuple(v.astype(np.float32) for v in mom.mean_var()) for name, mom in moments.items() if mom.count}
-    kept = n - (-samples % batch_size if isinstance(fixed, int) and fixed > 0 else 0)
-    return (np.concatenate(logits)[:kept].astype(np.float32),
-            np.concatenate(flipped)[:kept].astype(np.float32) if flip else None, stats)
+    return (np.concatenate(logits)[:samples].astype(np.float32),  # without the padding
+            np.concatenate(flipped)[:samples].astype(np.float32) if flip else None, stats)
 
 
 def _accuracy(module: OnnxModule, x: torch.Tensor, y: np.ndarray, batch: int = 500) -> float:

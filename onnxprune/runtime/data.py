@@ -21,7 +21,7 @@ import numpy as np
 from onnxprune.errors import InputError
 
 __all__ = ["DataSpec", "InputSpec", "Preprocess", "check_array", "file_sha256", "load_loader_script", "load_npz",
-           "npz_batches", "parse_floats", "parse_size", "script_batches"]
+           "npz_batches", "npz_shape", "parse_floats", "parse_size", "script_batches"]
 
 _NP_DTYPES = {
     "tensor(float)": np.float32,
@@ -155,6 +155,18 @@ def parse_size(text: str | None, what: str) -> int | None:
     if unit not in _UNITS or not value > 0:
         raise InputError(f"--{what} must be a positive size such as 512MB or 2GB, got {text!r}")
     return int(value * _UNITS[unit])
+
+
+def npz_shape(path: str | os.PathLike, key: str) -> tuple[int, ...] | None:
+    """The shape of array ``key`` of an .npz, from its header alone (no data read); None when it cannot be
+    read that way (load_npz then reads the file and names the problem)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            return tuple(read[version](f)[0]) if version in read else None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def load_npz(path: str | os.PathLike, input_key: str = "x", label_key: str | None = "y") -> tuple[np.ndarray, np.ndarray | None]:

@@ -85,14 +85,16 @@ def calibration_batches(model: ir.Model, spec: rdata.DataSpec) -> tuple[str, lis
 
 def data_input_shapes(model: ir.Model, spec: rdata.DataSpec) -> InputShapes:
     """The input sizes ``spec``'s data fixes, one sample each (the batch the graph fixes, else 1): from the
-    .npz array, or the first batch a loader script yields. Data that does not fit the model's declared
+    .npz array's header, or the first batch a loader script yields. Data that does not fit the model's declared
     shapes fixes nothing here; feeding it reports the mismatch."""
     inputs = declared_inputs(model)
     if spec.data is not None:
         if len(inputs) != 1:
             return {}
-        x, _ = rdata.load_npz(spec.data, spec.input_key, spec.label_key)
-        found = {next(iter(inputs)): x.shape}
+        shape = rdata.npz_shape(spec.data, spec.input_key)
+        if shape is None:
+            shape = rdata.load_npz(spec.data, spec.input_key, spec.label_key)[0].shape
+        found = {next(iter(inputs)): shape}
     elif spec.loader is not None:
         first = next(iter(rdata.load_loader_script(spec.loader)), None)
         found = {k: getattr(v, "shape", None) for k, v in first.items()} if isinstance(first, dict) else {}

@@ -4,8 +4,9 @@ the drop of the model's outputs against the unmodified model on calibration data
 Metrics per point: ``kl`` (mean KL divergence of the output distributions, no labels needed),
 ``agreement`` (percent of samples whose top-1 prediction is unchanged), ``top1`` (percent correct, with
 labels) for class scores, and ``error`` (onnxprune.runtime.metrics.output_error, over every output) for
-outputs of any kind, the default when the outputs are not class scores. Evaluation is partial-graph (onnxprune.runtime.partial): the unmodified model runs once per batch,
-each layer's variants run only the graph from that layer on.
+outputs of any kind, the default when the outputs are not class scores. Evaluation is partial-graph
+(onnxprune.runtime.partial): the unmodified model runs once per batch, each layer's variants run only the
+graph from that layer on.
 """
 
 from __future__ import annotations

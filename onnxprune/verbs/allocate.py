@@ -11,11 +11,10 @@ from onnxprune.artefacts import Plan, Scores, check_fingerprint, load_scores
 from onnxprune.errors import InputError
 from onnxprune.planning.allocation import Allocatable
 from onnxprune.planning.blocks import check_rule, plan_blocks
-from onnxprune.planning.channels import CHANNEL_TOLERANCE, plan_channels
+from onnxprune.planning.channels import plan_channels
 from onnxprune.planning.registry import PLANNERS
 from onnxprune.planning.sparsity import plan_search, plan_sparsity
 from onnxprune.runtime import data as rdata
-from onnxprune.runtime.hardware import channel_multiple
 from onnxprune.verbs.loading import InputShapesLike, ModelLike, open_model
 
 __all__ = ["allocate"]
@@ -54,7 +53,9 @@ def allocate(
     also shrinks the layers that read it, so 30 % of the channels remove about half the FLOPs): the method's
     allocation is scaled by bisection until the predicted reduction meets the target; with ``round_to`` N the
     groups' channel counts are then rounded to multiples of N so that the target is still met (ONNX Runtime's
-    fast CPU convolutions work on blocks of 8 channels with AVX2, 16 with AVX-512). ``coupled="keep"`` leaves
+    fast CPU convolutions work on blocks of 8 channels with AVX2, 16 with AVX-512); ``round_to="auto"`` (the
+    default) picks the multiple for this machine and ``provider`` (onnxprune.planning.channels.plan_channels),
+    an explicit N gives the same plan on every machine. ``coupled="keep"`` leaves
     the channels written by several layers (residual streams) whole and prunes only single-producer groups.
 
     ``search`` measures whole pruned models on calibration data (``data``: an .npz path or a DataSpec, and
@@ -119,30 +120,9 @@ def allocate(
     if planner.kind == "measured":
         return plan_search(am, units, target_sparsity, budget, sc, spec, iterations, seed, progress, options)
     if granularity == "channel":
-        return _plan_channels(am, units, method, target_sparsity, budget, criterion, round_to, coupled, options,
-                              spec.provider if spec is not None else data_options.get("provider", "cpu"))
+        return plan_channels(am, units, method, target_sparsity, budget, criterion, round_to, coupled, options,
+                             spec.provider if spec is not None else data_options.get("provider", "cpu"))
     return plan_sparsity(am, units, method, target_sparsity, budget, options)
-
-
-def _plan_channels(am, units, method: str, target: float, budget: str, criterion: str, round_to: int | str,
-                   coupled: str, options: dict, provider: str) -> Plan:
-    """A channel plan; ``round_to="auto"``: the provider's channel multiple, else 8 (the smallest block of the
-    fast kernels), for the first of them whose plan meets the target (it may overshoot it: a plan off the
-    kernels' blocks can run slower than the dense model); when neither can, halved further until the plan
-    lands within CHANNEL_TOLERANCE of the target (narrow layers)."""
-    if round_to != "auto":
-        if isinstance(round_to, bool) or not isinstance(round_to, int):
-            raise InputError(f"--round-to must be a whole number or auto, got {round_to!r}")
-        return plan_channels(am, units, method, target, budget, criterion, round_to, coupled, options)
-    multiple, why = channel_multiple("cuda" if provider == "cuda" else "cpu")
-    while True:
-        plan = plan_channels(am, units, method, target, budget, criterion, multiple, coupled,
-                             {**options, "round_to_auto": why})
-        reached = plan.totals["sparsity"] >= target - CHANNEL_TOLERANCE
-        if multiple == 1 or (reached and (multiple >= 8 or plan.totals["sparsity"] <= target + CHANNEL_TOLERANCE)):
-            return plan
-        multiple //= 2
-        why += f"; {multiple * 2} would remove {plan.totals['sparsity']:.3f} for a target of {target:g}"
 
 
 def _scores(scores: Scores | str | os.PathLike | None) -> Scores | None:
