@@ -65,6 +65,13 @@ class _Ancestry:
     def __init__(self, info: GraphInfo):
         self.info = info
         self._nodes: dict[str, frozenset[ir.Node]] = {}
+        self._data: dict[ir.Value, bool] = {}
+
+    def is_data_edge(self, value: ir.Value) -> bool:
+        known = self._data.get(value)
+        if known is None:
+            known = self._data[value] = self.info.is_data_edge(value)
+        return known
 
     def nodes(self, value: ir.Value) -> frozenset[ir.Node]:
         """Nodes whose outputs reach ``value`` over data edges (including its producer)."""
@@ -76,10 +83,10 @@ class _Ancestry:
         while stack:
             v = stack.pop()
             node = v.producer()
-            if node is None or node in seen or not self.info.is_data_edge(v):
+            if node is None or node in seen or not self.is_data_edge(v):
                 continue
             seen.add(node)
-            stack.extend(i for i in node.inputs if i is not None and self.info.is_data_edge(i))
+            stack.extend(i for i in node.inputs if i is not None and self.is_data_edge(i))
         result = frozenset(seen)
         self._nodes[value.name] = result
         return result
@@ -88,7 +95,7 @@ class _Ancestry:
         """Data values that reach ``value`` (including itself)."""
         vals = {value}
         for node in self.nodes(value):
-            vals.update(i for i in node.inputs if i is not None and self.info.is_data_edge(i))
+            vals.update(i for i in node.inputs if i is not None and self.is_data_edge(i))
         return vals
 
 

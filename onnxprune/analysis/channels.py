@@ -132,25 +132,30 @@ class ChannelGraph:
     def describe(self) -> list[dict]:
         """The groups for users: coupled layers, channel count, prunable or why not, and every constant
         tensor that shrinks with the group as (tensor, axis, indices)."""
-        out = []
-        for g in self.groups():
-            roots = set(g["roots"])
-            members = []
-            for edit in self.edits:
-                idx = [i for i, e in enumerate(edit.elems) if self.find(e) in roots]
-                if not idx or edit.kind == "group":
-                    continue
-                if edit.kind in ("weight_out", "weight_in"):
-                    layer = next(lay for lay in self.layers.values() if lay.node is edit.node)
-                    tensor = layer.weight
-                elif edit.kind == "param":
-                    tensor = edit.node.inputs[edit.input_index].name
-                else:
-                    tensor = f"{edit.node.name} ({edit.kind})"
-                members.append({"tensor": tensor, "axis": edit.axis, "indices": idx})
-            out.append({"layers": g["layers"], "channels": g["channels"], "prunable": g["prunable"],
-                        "reason": g["reason"], "members": members})
-        return out
+        groups = self.groups()
+        group_of = {root: gi for gi, g in enumerate(groups) for root in g["roots"]}
+        weight_of = {lay.node: lay.weight for lay in self.layers.values()}
+        members: list[list[dict]] = [[] for _ in groups]
+        for edit in self.edits:
+            if edit.kind == "group":
+                continue
+            indices: dict[int, list[int]] = {}
+            for i, e in enumerate(edit.elems):
+                gi = group_of.get(self.find(e))
+                if gi is not None:
+                    indices.setdefault(gi, []).append(i)
+            if not indices:
+                continue
+            if edit.kind in ("weight_out", "weight_in"):
+                tensor = weight_of[edit.node]
+            elif edit.kind == "param":
+                tensor = edit.node.inputs[edit.input_index].name
+            else:
+                tensor = f"{edit.node.name} ({edit.kind})"
+            for gi, idx in indices.items():
+                members[gi].append({"tensor": tensor, "axis": edit.axis, "indices": idx})
+        return [{"layers": g["layers"], "channels": g["channels"], "prunable": g["prunable"],
+                 "reason": g["reason"], "members": m} for g, m in zip(groups, members, strict=True)]
 
 
 class _Builder:
