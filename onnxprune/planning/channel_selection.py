@@ -129,17 +129,22 @@ def group_step(cg: ChannelGraph, group: dict, round_to: int, members: dict[int, 
     return max(1, round_to // math.gcd(round_to, width))
 
 
-def rounded_counts(cg: ChannelGraph, ratios: dict[str, float], round_to: int, reached: Callable[[dict], bool]
-                   ) -> dict[tuple, int]:
+def rounded_counts(cg: ChannelGraph, ratios: dict[str, float], round_to: int, reached: Callable[[dict], bool],
+                   finest: int | None = None) -> tuple[dict[tuple, int], int]:
     """Channels to remove per group (group layers -> count), multiples of ``round_to`` (keeping at least
     ``round_to``), that still meet the budget: each group starts at its planned removal rounded down, then
     the group with the largest shortfall against its plan removes ``round_to`` more, one step at a time,
     until ``reached(counts)`` holds (or nothing more can go). Rounding every group the same way at once
-    would move the total in coarse jumps (every 16-channel group from 16 to 8 together) and miss the target."""
+    would move the total in coarse jumps (every 16-channel group from 16 to 8 together) and miss the target.
+
+    With ``finest`` below ``round_to``, when no more whole steps of ``round_to`` can go the steps halve (down
+    to ``finest``) and the greedy goes on: only the cuts the coarse steps could not make leave the multiple.
+    Returns the counts and the finest multiple used."""
     groups = [g for g in cg.groups() if g["prunable"]]
     members = cg.classes()
-    steps = [group_step(cg, g, round_to, members) for g in groups]
     want = [group_ratio(cg, g, ratios) * g["channels"] for g in groups]
+    multiple = round_to
+    steps = [group_step(cg, g, multiple, members) for g in groups]
     removed = [min(int(w // st) * st, max(g["channels"] - st, 0)) for g, w, st in zip(groups, want, steps, strict=True)]
 
     def counts() -> dict[tuple, int]:
@@ -148,10 +153,17 @@ def rounded_counts(cg: ChannelGraph, ratios: dict[str, float], round_to: int, re
     while not reached(counts()):
         room = [k for k, g in enumerate(groups) if removed[k] + steps[k] <= g["channels"] - steps[k]]
         if not room:
-            break
-        k = max(room, key=lambda k: (want[k] - removed[k], -k))
+            if finest is None or multiple // 2 < finest:
+                break
+            multiple //= 2
+            steps = [group_step(cg, g, multiple, members) for g in groups]
+            continue
+        if multiple == round_to:
+            k = max(room, key=lambda k: (want[k] - removed[k], -k))
+        else:  # a finer step takes the layers it touches off the multiple: touch as few as possible
+            k = min(room, key=lambda k: (len(groups[k]["layers"]), -(want[k] - removed[k]), k))
         removed[k] += steps[k]
-    return counts()
+    return counts(), multiple
 
 
 def kept_fractions(cg: ChannelGraph, remove: set[int]) -> dict[str, tuple[float, float]]:

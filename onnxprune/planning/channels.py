@@ -28,27 +28,22 @@ def plan_channels(am: AnalysedModel, units: Sequence[allocation.Allocatable], me
                   budget: str, criterion: str, round_to: int | str, coupled: str, options: dict,
                   provider: str = "cpu") -> Plan:
     """A channel plan whose kept counts are multiples of ``round_to``. ``"auto"``: the ``provider``'s channel
-    multiple on this machine (onnxprune.runtime.hardware), else 8 (the smallest block of the fast kernels),
-    the first of them whose plan meets the target (it may overshoot it: a plan off the kernels' blocks can
-    run slower than the dense model); when neither can, halved further until the plan lands within
-    CHANNEL_TOLERANCE of the target (narrow layers). The choice and why are recorded in the plan."""
+    multiple on this machine (onnxprune.runtime.hardware), else 8 (the smallest block of the fast kernels):
+    counts stay multiples of it (past the target if need be: a layer off the kernels' blocks can run slower
+    than the dense one) and only where whole blocks cannot reach the target do the steps halve, group by
+    group (narrow layers). The multiple, the finest step used and why are recorded in the plan."""
     if round_to != "auto":
         if isinstance(round_to, bool) or not isinstance(round_to, int):
             raise InputError(f"--round-to must be a whole number or auto, got {round_to!r}")
         return _plan_at_multiple(am, units, method, target, budget, criterion, round_to, coupled, options)
     multiple, why = channel_multiple("cuda" if provider == "cuda" else "cpu")
-    while True:
-        plan = _plan_at_multiple(am, units, method, target, budget, criterion, multiple, coupled,
-                                 {**options, "round_to_auto": why})
-        reached = plan.totals["sparsity"] >= target - CHANNEL_TOLERANCE
-        if multiple == 1 or (reached and (multiple >= 8 or plan.totals["sparsity"] <= target + CHANNEL_TOLERANCE)):
-            return plan
-        multiple //= 2
-        why += f"; {multiple * 2} would remove {plan.totals['sparsity']:.3f} for a target of {target:g}"
+    return _plan_at_multiple(am, units, method, target, budget, criterion, multiple, coupled,
+                             {**options, "round_to_auto": why}, finest=1)
 
 
 def _plan_at_multiple(am: AnalysedModel, units: Sequence[allocation.Allocatable], method: str, target: float,
-                      budget: str, criterion: str, round_to: int, coupled: str, options: dict) -> Plan:
+                      budget: str, criterion: str, round_to: int, coupled: str, options: dict,
+                      finest: int | None = None) -> Plan:
     if criterion not in CRITERIA:
         raise InputError(f"unknown --criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
     if round_to < 1:
@@ -106,10 +101,12 @@ def _plan_at_multiple(am: AnalysedModel, units: Sequence[allocation.Allocatable]
                 "lower --target-sparsity or prune unstructured"
             )
         best = over  # the next whole-channel step past the target
+    preferred = round_to
     if round_to > 1:  # the continuous allocation, then counts rounded so that the target is still met
         ratios = best[1]
-        best = outcome(ratios, rounded_counts(cg, ratios, round_to,
-                                              lambda c: outcome(ratios, c)[0] >= target - 1e-9))
+        counts, round_to = rounded_counts(cg, ratios, round_to, lambda c: outcome(ratios, c)[0] >= target - 1e-9,
+                                          finest)
+        best = outcome(ratios, counts)
     frac, ratios, remove, choices, params, flops = best
     groups = cg.groups()
     blocked = [g for g in groups if not g["prunable"]]
@@ -132,6 +129,10 @@ def _plan_at_multiple(am: AnalysedModel, units: Sequence[allocation.Allocatable]
               "flops_before": flops_before, "flops_after": None if flops_before is None else flops_before - flops,
               "channels_removed": sum(c.removed for c in choices), "groups": len(choices),
               "groups_changed": sum(c.removed > 0 for c in choices), "groups_blocked": len(blocked)}
+    if round_to < preferred:
+        options = {**options, "round_to_auto": f"{options.get('round_to_auto', '')}; whole blocks of {preferred} "
+                                               f"reach at most part of the target: narrow groups cut in "
+                                               f"steps of {round_to}"}
     options = {**options, "criterion": criterion, "round_to": round_to, "coupled": coupled,
                "group_removed": [{"layers": c.layers, "channels": c.channels, "removed": c.removed}
                                  for c in choices],

@@ -230,6 +230,26 @@ def test_channel_plan_meets_the_target(chain_path, tmp_path, method, target, bud
     assert (pruned.params, pruned.flops) == (plan.totals["params_after"], plan.totals["flops_after"])
 
 
+def test_auto_rounding_leaves_the_block_only_where_whole_blocks_cannot_reach(tmp_path, monkeypatch):
+    """With a 16-channel block, a 16-channel layer can only go to 8 and a 64-channel one stays on multiples
+    of 16: past what whole blocks reach, only the narrow group takes the finer step."""
+    from onnxprune.planning import channels
+
+    monkeypatch.setattr(channels, "channel_multiple", lambda provider: (16, "blocks of 16 (test)"))
+    path = save(conv_chain((16, 64, 64)), tmp_path / "chain.onnx")
+    coarse = api.allocate(path, target_sparsity=0.3, method="uniform", granularity="channel", budget="params")
+    assert coarse.options["round_to"] == 16
+    removed = {e["name"]: e["channels"] - e["channels_after"] for e in coarse.layers}
+    assert removed["c1"] == 0 and removed["c2"] % 16 == removed["c3"] % 16 == 0
+
+    # whole blocks of 16 remove 0.89 of the params at most (c2 and c3 at 16): 0.9 needs c1 at 8
+    fine = api.allocate(path, target_sparsity=0.9, method="uniform", granularity="channel", budget="params")
+    removed = {e["name"]: e["channels"] - e["channels_after"] for e in fine.layers}
+    assert fine.totals["sparsity"] >= 0.9 - CHANNEL_TOLERANCE
+    assert fine.options["round_to"] == 8 and "steps of 8" in fine.options["round_to_auto"]
+    assert removed == {"c1": 8, "c2": 48, "c3": 48, "fc": 0}
+
+
 def test_channel_plan_rounds_to_multiples(chain_path):
     plan = api.allocate(chain_path, target_sparsity=0.5, method="uniform", granularity="channel", round_to=2)
     assert plan.totals["sparsity"] >= 0.5 - 1e-9
