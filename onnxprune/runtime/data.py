@@ -304,7 +304,36 @@ def _guarded(batches, path: Path) -> Iterator[dict]:
 
 
 def script_batches(
-    batches: Iterable[dict], specs: list[InputSpec], limit: int | None = None
+    batches: Iterable[dict], specs: list[InputSpec], limit: int | None = None, fixed_batch: int | None = None
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    """The loader's batches checked against the model's inputs (at most ``limit`` samples); with
+    ``fixed_batch``, regrouped into batches of that many samples (the batch a graph fixes), a last
+    incomplete one left out."""
+    checked = _checked_script_batches(batches, specs, limit)
+    return checked if fixed_batch is None else _regrouped(checked, fixed_batch)
+
+
+def _regrouped(batches: Iterator[tuple[dict, np.ndarray | None]], size: int
+               ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    feeds_buf: list[dict] = []
+    labels_buf: list[np.ndarray | None] = []
+    held = 0
+    for feeds, labels in batches:
+        feeds_buf.append(feeds)
+        labels_buf.append(labels)
+        held += len(next(iter(feeds.values())))
+        while held >= size:
+            joined = {k: np.concatenate([f[k] for f in feeds_buf]) for k in feeds_buf[0]}
+            with_labels = all(lab is not None for lab in labels_buf)
+            all_labels = np.concatenate(labels_buf) if with_labels else None
+            yield {k: v[:size] for k, v in joined.items()}, (None if all_labels is None else all_labels[:size])
+            held -= size
+            feeds_buf = [{k: v[size:] for k, v in joined.items()}] if held else []
+            labels_buf = [all_labels[size:] if all_labels is not None else None] if held else []
+
+
+def _checked_script_batches(
+    batches: Iterable[dict], specs: list[InputSpec], limit: int | None
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
     names = {s.name: s for s in specs}
     seen = 0

@@ -31,7 +31,13 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
     if spec.data is None:
         if spec.offset:
             raise InputError("--offset applies to --data; skip samples inside the loader script instead")
-        return rdata.script_batches(rdata.load_loader_script(spec.loader), specs, spec.limit), spec.limit, None
+        fixed = _fixed_batch(specs)  # the loader's batches are regrouped into the batch the graph fixes
+        total = spec.limit if fixed is None or spec.limit is None else spec.limit - spec.limit % fixed
+        if total == 0:
+            raise InputError(f"the model's inputs fix the batch at {fixed}; give --limit of at least {fixed}")
+        note = None if fixed is None else (f"fed in batches of {fixed}, the batch the model's graph fixes (samples "
+                                           "past the last whole batch left out)")
+        return rdata.script_batches(rdata.load_loader_script(spec.loader), specs, total, fixed), total, note
     if len(specs) != 1:
         raise InputError(f"the model has {len(specs)} inputs; an .npz feeds one, use --data-loader-script for several")
     x, y = rdata.load_npz(spec.data, spec.input_key, spec.label_key)
@@ -61,15 +67,16 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
     return feeds, total, "; ".join(notes) or None
 
 
+def _fixed_batch(specs: list[rdata.InputSpec]) -> int | None:
+    """The batch every input's graph shape fixes (its leading dimension, a number), if they all do."""
+    firsts = {s.shape[0] if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 else None for s in specs}
+    return firsts.pop() if len(firsts) == 1 else None
+
+
 def fed_batch_size(sess, spec: rdata.DataSpec) -> int:
-    """The batch size ``spec``'s .npz data is fed in: the batch the graph of a single-input model fixes (its
-    leading dimension, when that is a number), else the option's."""
-    specs = _input_specs(sess)
-    if spec.data is not None and len(specs) == 1 and specs[0].shape:
-        first = specs[0].shape[0]
-        if isinstance(first, int) and first > 0:
-            return first
-    return spec.batch_size
+    """The batch size the data is fed in: the batch the model's graph fixes (the inputs' leading dimension,
+    when that is a number), else the option's."""
+    return _fixed_batch(_input_specs(sess)) or spec.batch_size
 
 
 def _input_specs(sess) -> list[rdata.InputSpec]:

@@ -55,3 +55,21 @@ def test_too_few_samples_for_the_fixed_batch(tmp_path, data):
     model = _fixed_batch_cnn(tmp_path / "b4.onnx", 4)
     with pytest.raises(InputError, match="fixes the batch at 4"):
         api.evaluate(model, data, limit=3)
+
+
+def test_a_loader_scripts_batches_are_regrouped_into_the_fixed_batch(tmp_path):
+    model = _fixed_batch_cnn(tmp_path / "b4.onnx", 4)
+    script = tmp_path / "loader.py"
+    script.write_text(
+        "import numpy as np\n"
+        "def load_data():\n"
+        "    rng = np.random.default_rng(0)\n"
+        "    for n in (3, 5, 3):  # 11 samples in batches that are not 4\n"
+        "        yield {'x': rng.standard_normal((n, 3, 8, 8)).astype(np.float32), 'labels': np.arange(n) % 4}\n")
+    result = api.evaluate(model, data_loader_script=str(script))
+    assert result.samples == 8 and result.batch_size == 4 and "batches of 4" in result.preprocess
+    assert api.evaluate(model, data_loader_script=str(script), limit=6).samples == 4
+    with pytest.raises(InputError, match="fix the batch at 4"):
+        api.evaluate(model, data_loader_script=str(script), limit=3)
+    scores = api.score(model, "sensitivity", data_loader_script=str(script), grid=(0.5,))
+    assert scores.options["samples"] == 8
