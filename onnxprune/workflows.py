@@ -34,6 +34,7 @@ class ModelStats:
     latency_ms: float | None = None  # median per batch-1 run with ONNX Runtime
     top1: float | None = None  # percent
     top5: float | None = None
+    output_error: float | None = None  # percent against the dense model, without labels (runtime.metrics)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -174,11 +175,13 @@ def prune(
     notes = []
     if espec is not None:
         say("evaluating")
-        res = evaluate(out, espec)
+        res = evaluate(out, espec, reference=None if before_acc.top1 is not None else model)
         before.top1, before.top5 = before_acc.top1, before_acc.top5
         after.top1, after.top5 = res.top1, res.top5
         if before.top1 is None:
-            notes.append("the data has no labels: accuracy not measured")
+            before.output_error, after.output_error = 0.0, res.output_error
+            notes.append("the data has no labels: the outputs are compared with the dense model's instead "
+                         "(output error)")
         elif eval_data is None and (mode != "unstructured" or method in ("sensitivity", "search")):
             notes.append("accuracy measured on --data, which the pruning also used; give --eval-data held-out "
                          "data for an unbiased number")
@@ -219,7 +222,8 @@ def sweep(
     **data_options,
 ) -> Sweep:
     """Prune ``model`` with each method at each sparsity (one-shot, no recovery) and measure top-1 on
-    ``data``: the table behind the accuracy-against-sparsity plot of ``onnxprune report``.
+    ``data`` (without labels: the output error against ``model``, onnxprune.runtime.metrics.output_error):
+    the table behind the accuracy-against-sparsity plot of ``onnxprune report``.
     ``granularity`` unstructured (sparsity = fraction of weights) or channel (fraction of the ``budget``)."""
     spec = rdata.DataSpec.of(data, **data_options)
     if not sparsities or not all(0 <= s < 1 for s in sparsities):
@@ -233,8 +237,7 @@ def sweep(
     if budget == "flops":
         am.require_input_sizes("FLOPs")
     dense = evaluate(model, spec)
-    if dense.top1 is None:
-        raise InputError("sweep measures accuracy: the data needs labels (--label-key)")
+    labelled = dense.top1 is not None  # else each pruned model's output error against the dense one
     scores: dict[str, Scores] = {}
     if "capacity" in methods:
         scores["capacity"] = score(am, "capacity")
@@ -252,9 +255,9 @@ def sweep(
                                           budget=budget, granularity=granularity, seed=seed,
                                           data=spec if method == "search" else None)
                     applied = apply(model, plan, tmp / "pruned.onnx", check=False, force=True)
-                    res = evaluate(applied.path, spec)
+                    res = evaluate(applied.path, spec, reference=None if labelled else model)
                     t = applied.totals
-                    row.update(top1=res.top1, top5=res.top5,
+                    row.update(top1=res.top1, top5=res.top5, output_error=res.output_error,
                                params_removed=t.get("params_sparsity", t.get("params_fraction_removed")),
                                flops_removed=t.get("flops_sparsity", t.get("flops_fraction_removed")))
                 except InputError as exc:  # e.g. a target this method cannot reach on this model
@@ -266,5 +269,7 @@ def sweep(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Sweep(fingerprint=am.fingerprint, granularity=granularity, budget=budget, data=spec.record(),
-                 dense={"top1": dense.top1, "top5": dense.top5, "samples": dense.samples}, rows=rows,
-                 options={"sparsities": list(sparsities), "methods": list(methods), "seed": seed})
+                 dense={"top1": dense.top1, "top5": dense.top5, "output_error": None if labelled else 0.0,
+                        "samples": dense.samples}, rows=rows,
+                 options={"sparsities": list(sparsities), "methods": list(methods), "seed": seed,
+                          "metric": "top1" if labelled else "output_error"})

@@ -111,6 +111,8 @@ def test_prune_and_its_refusals(panel, name, tmp_path):
     _check_runs_like(path, res.path, info, name)
     if name in CLASSIFIERS:
         assert res.before.top1 > 80 and res.after.top1 is not None
+    else:  # no labels: the outputs are compared with the dense model's
+        assert res.before.output_error == 0 and 0 < res.after.output_error < 100
     # recovery: labels and/or distillation (KL of class scores; relative squared error of boxes and maps),
     # the teacher fed the batch its graph fixes
     tuned = api.finetune(res.path, data, tmp_path / "t.onnx", teacher=path, limit=64,
@@ -133,6 +135,21 @@ def test_classifiers_keep_their_accuracy_and_sweep(panel, name, tmp_path):
     assert api.evaluate(tmp_path / "s.onnx", data).top1 > dense - 5
     sweep = workflows.sweep(path, data, sparsities=(0.5,), methods=("uniform",), limit=128)
     assert sweep.rows[0]["top1"] is not None
+
+
+@pytest.mark.parametrize("name", ["yolo", "dbnet"])
+def test_unlabelled_outputs_are_measured_against_the_dense_model(panel, name, tmp_path):
+    """eval --reference and sweep without labels: the output error of each pruned model, growing with the
+    sparsity; a reference with other inputs or outputs is refused."""
+    path, data, _ = panel[name]
+    assert api.evaluate(path, data, reference=path, limit=16).output_error == 0
+    sweep = workflows.sweep(path, data, sparsities=(0.3, 0.8), methods=("uniform",), limit=32)
+    assert sweep.metric == "output_error" and sweep.dense["output_error"] == 0
+    errors = [row["output_error"] for row in sweep.rows]
+    assert 0 < errors[0] < errors[1], errors
+    other = panel["lcnet"][0]
+    with pytest.raises(InputError, match="--reference"):
+        api.evaluate(path, data, reference=other, limit=16)
 
 
 def test_the_cli_on_the_detector(panel, tmp_path):

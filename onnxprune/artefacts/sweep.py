@@ -16,7 +16,8 @@ SWEEP_SCHEMA = "onnxprune.sweep/1"
 
 @dataclass
 class Sweep:
-    """Accuracy against sparsity for several allocation methods (one row per method and sparsity)."""
+    """Accuracy (or, without labels, output error) against sparsity for several allocation methods (one row per
+    method and sparsity)."""
 
     fingerprint: str
     granularity: str
@@ -25,6 +26,15 @@ class Sweep:
     rows: list[dict]
     data: dict
     options: dict = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        """The row value measured: ``top1`` (labelled data) or ``output_error`` (against the dense model)."""
+        return self.options.get("metric") or ("top1" if self.dense.get("top1") is not None else "output_error")
+
+    @property
+    def metric_label(self) -> str:
+        return "top-1 %" if self.metric == "top1" else "output error % against the dense model"
 
     def to_dict(self) -> dict:
         return {"schema": SWEEP_SCHEMA, "onnxprune_version": __version__, "model_fingerprint": self.fingerprint,

@@ -79,8 +79,11 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
     row("FLOPs/sample", b.flops, a.flops, fmt_flops)
     row("file", b.file_bytes, a.file_bytes, fmt_kib)
     row("latency (batch 1)", b.latency_ms, a.latency_ms, lambda v: f"{v:.3f} ms")
-    row("top-1", b.top1, a.top1, lambda v: f"{v:.2f} %", better_lower=False)
-    row("top-5", b.top5, a.top5, lambda v: f"{v:.2f} %", better_lower=False)
+    if b.top1 is not None or a.top1 is not None:
+        row("top-1", b.top1, a.top1, lambda v: f"{v:.2f} %", better_lower=False)
+        row("top-5", b.top5, a.top5, lambda v: f"{v:.2f} %", better_lower=False)
+    if a.output_error is not None:
+        table.add_row("output error vs dense", "0 %", f"{a.output_error:.2f} %", "")
     out.print(table)
     t = result.applied.totals
     if result.mode == "unstructured":
@@ -128,7 +131,8 @@ def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, inpu
     if as_json:
         emit_json(result.to_dict())
         return
-    table = Table(title="top-1 % after one-shot pruning", title_justify="left")
+    metric = result.metric
+    table = Table(title=f"{result.metric_label} after one-shot pruning", title_justify="left")
     table.add_column("method")
     for s in targets:
         table.add_column(f"{s:g}", justify="right")
@@ -136,10 +140,14 @@ def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, inpu
         cells = []
         for s in targets:
             r = next(r for r in result.rows if r["method"] == name and r["sparsity"] == s)
-            cells.append("-" if r.get("top1") is None else f"{r['top1']:.2f}")
+            cells.append("-" if r.get(metric) is None else f"{r[metric]:.2f}")
         table.add_row(name, *cells)
     out.print(table)
-    out.print(f"dense {escape(model)}: top-1 {result.dense['top1']:.2f} % on {result.dense['samples']:,} samples")
+    if metric == "top1":
+        out.print(f"dense {escape(model)}: top-1 {result.dense['top1']:.2f} % on {result.dense['samples']:,} samples")
+    else:
+        out.print(f"the data has no labels: each pruned model's outputs compared with those of {escape(model)} "
+                  f"on {result.dense['samples']:,} samples (0 = identical, 100 = as far off as all zeros)")
     out.print(f"wrote {escape(output)}")
 
 

@@ -71,19 +71,23 @@ def _count_ops(layers) -> list[tuple[str, int]]:
 
 @click.command(name="eval")
 @click.argument("model", type=click.Path(path_type=str))
+@click.option("--reference", type=click.Path(path_type=str), default=None,
+              help="The model MODEL was pruned from: also measure how far MODEL's outputs are from its outputs "
+                   "(output error, %; for any outputs, no labels needed).")
 @data_options
 @common_options
-def eval_cmd(model, data_spec, input_shapes, as_json):
+def eval_cmd(model, reference, data_spec, input_shapes, as_json):
     """Measure top-1 / top-5 accuracy and throughput of MODEL with ONNX Runtime.
 
     \b
-    uint8 inputs are scaled to [0,1] before --mean/--std. Without labels: throughput only.
+    uint8 inputs are scaled to [0,1] before --mean/--std. Without labels: throughput only, and with
+    --reference the output error against the model MODEL was pruned from (detectors, maps, embeddings).
     Example:
       onnxprune eval build/resnet56.onnx --data cifar10_test_lossless_first1017.npz \\
           --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
     """
     with progress_bar("evaluating") as tick:
-        result = api.evaluate(model, data_spec, progress=tick, input_shapes=input_shapes)
+        result = api.evaluate(model, data_spec, progress=tick, input_shapes=input_shapes, reference=reference)
     notice(result.notice)
     if as_json:
         emit_json(result.to_dict())
@@ -94,8 +98,10 @@ def eval_cmd(model, data_spec, input_shapes, as_json):
     if result.top1 is not None:
         table.add_row("top-1", f"{result.top1:.2f} %")
         table.add_row("top-5", f"{result.top5:.2f} %")
-    else:
-        table.add_row("accuracy", "no labels")
+    elif result.output_error is None:
+        table.add_row("accuracy", "no labels (give --reference to compare outputs)")
+    if result.output_error is not None:
+        table.add_row("output error vs reference", f"{result.output_error:.3f} % (0 = identical)")
     table.add_row("samples", f"{result.samples:,}")
     table.add_row("throughput", f"{result.throughput:,.1f} samples/s (batch {result.batch_size})")
     table.add_row("time in ONNX Runtime", f"{result.seconds:.3f} s")

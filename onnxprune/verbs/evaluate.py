@@ -14,7 +14,7 @@ from onnxprune.io import load_model
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import batches as feed_batches
 from onnxprune.runtime.feeding import fed_batch_size
-from onnxprune.runtime.metrics import Accuracy
+from onnxprune.runtime.metrics import Accuracy, output_error
 from onnxprune.runtime.session import create_session
 from onnxprune.verbs.loading import InputShapesLike, open_model
 
@@ -34,6 +34,8 @@ class EvalResult:
     batch_size: int
     notice: str | None = None
     preprocess: str | None = None
+    output_error: float | None = None  # percent, mean over samples, against ``reference`` (runtime.metrics)
+    reference: str | None = None
 
     @property
     def throughput(self) -> float:
@@ -51,6 +53,8 @@ class EvalResult:
             "batch_size": self.batch_size,
             "preprocess": self.preprocess,
             "notice": self.notice,
+            "output_error": self.output_error,
+            "reference": self.reference,
         }
 
 
@@ -60,9 +64,12 @@ def evaluate(
     *,
     progress: Callable[[int, int | None], None] | None = None,
     input_shapes: InputShapesLike = None,
+    reference: str | os.PathLike | None = None,
     **data_options,
 ) -> EvalResult:
-    """Top-1 / top-5 accuracy and throughput of ``model`` with ONNX Runtime.
+    """Top-1 / top-5 accuracy and throughput of ``model`` with ONNX Runtime; with a ``reference`` model (the
+    one it was pruned from), also how far its outputs are from the reference's on the same data
+    (``output_error``: onnxprune.runtime.metrics.output_error, percent, 0 = identical), for any outputs.
 
     ``data``: an .npz path or a DataSpec; ``data_options``: the DataSpec fields as keywords (input_key,
     label_key, mean, std, batch_size, limit, offset, provider, data_loader_script). uint8 inputs are scaled
@@ -76,15 +83,24 @@ def evaluate(
         open_model(m, input_shapes=input_shapes, data=spec)  # a setting that contradicts the data is an error
     sess = create_session(model, spec.provider)
     batches, total, preprocess_note = feed_batches(m, sess, spec)
+    ref_sess = _reference_session(reference, sess, spec)
     acc = Accuracy()
     run_seconds = 0.0
+    errors: list[np.ndarray] = []
     start = time.perf_counter()
-    output = sess.session.get_outputs()[0].name
+    outputs = [o.name for o in sess.session.get_outputs()]
     for feeds, labels in batches:
         t0 = time.perf_counter()
-        (logits,) = sess.run(feeds, [output])
+        outs = sess.run(feeds, outputs if ref_sess is not None else outputs[:1])
         run_seconds += time.perf_counter() - t0
-        acc.update(np.asarray(logits), labels)
+        acc.update(np.asarray(outs[0]), labels)
+        if ref_sess is not None:
+            refs = ref_sess.run(feeds, None)
+            if [np.shape(r) for r in refs] != [np.shape(o) for o in outs]:
+                raise InputError(f"--reference {reference} gives outputs of shapes "
+                                 f"{[list(np.shape(r)) for r in refs]}, the model {[list(np.shape(o)) for o in outs]}; "
+                                 "give the model it was pruned from")
+            errors.append(output_error(refs, outs))
         if progress:
             progress(acc.samples, total)
     if acc.samples == 0:
@@ -99,4 +115,22 @@ def evaluate(
         batch_size=fed_batch_size(sess, spec),
         notice=sess.notice,
         preprocess=preprocess_note,
+        output_error=float(np.concatenate(errors).mean()) if errors else None,
+        reference=None if reference is None else str(reference),
     )
+
+
+def _reference_session(reference, sess, spec: rdata.DataSpec):
+    """An ONNX Runtime session of the ``reference`` model, whose inputs and outputs must match the model's."""
+    if reference is None:
+        return None
+    ref = create_session(reference, spec.provider)
+    mine, theirs = sess.session.get_outputs(), ref.session.get_outputs()
+    if len(mine) != len(theirs):
+        raise InputError(f"--reference {reference} has {len(theirs)} output(s), the model {len(mine)}; give the "
+                         "model it was pruned from")
+    inputs = {i.name for i in sess.session.get_inputs()}
+    if {i.name for i in ref.session.get_inputs()} != inputs:
+        raise InputError(f"--reference {reference} takes other inputs than the model; give the model it was "
+                         "pruned from")
+    return ref

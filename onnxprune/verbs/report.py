@@ -96,17 +96,20 @@ def layers_figure(scores: Scores | None, plan: Plan | None) -> str:
 def sweep_figure(sweep) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    metric = sweep.metric
     methods = list(dict.fromkeys(r["method"] for r in sweep.rows))
     for method in methods:
-        pts = sorted((r["sparsity"], r["top1"]) for r in sweep.rows if r["method"] == method and r.get("top1") is not None)
+        pts = sorted((r["sparsity"], r[metric]) for r in sweep.rows if r["method"] == method and r.get(metric) is not None)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.axhline(sweep.dense["top1"], color=LINE, linestyle="--", linewidth=1, label="dense")
+    if sweep.dense.get(metric) is not None:
+        ax.axhline(sweep.dense[metric], color=LINE, linestyle="--", linewidth=1, label="dense")
     what = "sparsity (fraction of weights zeroed)" if sweep.granularity == "unstructured" else \
         f"fraction of {sweep.budget} removed (channels)"
     ax.set_xlabel(what)
-    ax.set_ylabel("top-1 %")
-    ax.set_title(f"one-shot accuracy against sparsity ({sweep.dense.get('samples', '?')} samples)")
+    ax.set_ylabel(sweep.metric_label)
+    quality = "accuracy" if metric == "top1" else "output error"
+    ax.set_title(f"one-shot {quality} against sparsity ({sweep.dense.get('samples', '?')} samples)")
     ax.legend(frameon=False)
     return _svg(fig)
 
@@ -151,16 +154,19 @@ def build_report(scores: Scores | None = None, plan: Plan | None = None, sweep=N
         parts.append(_table(["total", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else str(v)]
                                                  for k, v in plan.totals.items() if not isinstance(v, dict | list)]))
     if sweep is not None:
-        parts.append("<h2>Sweep: top-1 against sparsity</h2>")
+        metric = sweep.metric
+        parts.append(f"<h2>Sweep: {html.escape(sweep.metric_label)} against sparsity</h2>")
         parts.append(f"<figure id='sweep'>{sweep_figure(sweep)}</figure>")
         targets = sorted({r["sparsity"] for r in sweep.rows})
         methods = list(dict.fromkeys(r["method"] for r in sweep.rows))
         cell = {(r["method"], r["sparsity"]): r for r in sweep.rows}
         parts.append(_table(["method", *[f"{s:g}" for s in targets]],
-                            [[m, *["-" if cell.get((m, s), {}).get("top1") is None else
-                                   f"{cell[(m, s)]['top1']:.2f}" for s in targets]] for m in methods]))
-        parts.append(f"<p class='meta'>dense top-1 {sweep.dense['top1']:.2f} % on "
-                     f"{sweep.dense.get('samples', '?')} samples of {html.escape(str(sweep.data.get('data')))}</p>")
+                            [[m, *["-" if cell.get((m, s), {}).get(metric) is None else
+                                   f"{cell[(m, s)][metric]:.2f}" for s in targets]] for m in methods]))
+        dense = (f"dense top-1 {sweep.dense['top1']:.2f} %" if metric == "top1" else
+                 "no labels: output error of each pruned model against the dense model")
+        parts.append(f"<p class='meta'>{dense} on {sweep.dense.get('samples', '?')} samples of "
+                     f"{html.escape(str(sweep.data.get('data')))}</p>")
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title or 'onnxprune report')}</title><style>{CSS}</style></head><body>"
             + "\n".join(parts) + "</body></html>\n")
