@@ -257,12 +257,14 @@ def _check_request(units: Sequence[Allocatable], target: float) -> None:
 
 def _round_counts(units: Sequence[Allocatable], s: np.ndarray, target: float, budget: str) -> np.ndarray:
     """Whole zero counts from continuous sparsities: each layer gets floor or ceil of s * n (largest fractional
-    parts first, within its bounds) so that the budget total comes as close to the target as whole weights
-    allow. Plain rounding per layer misses the target by up to half a weight per layer (small models)."""
+    parts first, within its bounds: at least ceil(lo * n), at most floor(hi * n)) so that the budget total comes
+    as close to the target as whole weights allow. Plain rounding per layer misses the target by up to half a
+    weight per layer (small models)."""
     n = np.array([u.n for u in units], np.float64)
     raw = np.clip(np.asarray(s, np.float64), 0.0, 1.0) * n
-    zeros = np.floor(raw + 1e-9)
     cap = np.floor(np.array([u.hi for u in units]) * n + 1e-9)
+    least = np.minimum(np.ceil(np.array([u.lo for u in units]) * n - 1e-9), cap)  # --min-sparsity, in whole weights
+    zeros = np.maximum(np.floor(raw + 1e-9), least)
     w = _weight_share(units, budget)
     deficit = target - float(np.dot(w, zeros))
     for i in np.argsort(-(raw - zeros), kind="stable"):

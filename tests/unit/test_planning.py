@@ -71,8 +71,6 @@ def test_rule_respects_the_bounds(mlp_am, method):
     assert result.zeros[units[3].name] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _round_counts floors s * n, so a layer at its lower bound lo gets "
-                   "floor(lo * n) zeros, below --min-sparsity when lo * n is not whole (the cap uses floor(hi * n))")
 @pytest.mark.parametrize("method", sorted(set(allocation.RULES) - {"uniform"}))
 def test_rounding_keeps_the_lower_bound(mlp_am, method):
     units = make_units(mlp_am, {i: (0.5003, 0.99) for i in range(4)})
