@@ -53,6 +53,8 @@ def load_model(path: str | os.PathLike, check: bool = True) -> ir.Model:
             f"cannot read {p} as an ONNX model ({type(exc).__name__}: {_short(exc)}); "
             "is it a complete .onnx file?"
         ) from exc
+    if _has_dangling_inputs(model):
+        model = _load_with_dense_weights(p) or model
     _check_external_data(model, p)
     if check:
         try:
@@ -67,6 +69,25 @@ def load_model(path: str | os.PathLike, check: bool = True) -> ir.Model:
             f"{p} uses ONNX opset {opset}, supported are {SUPPORTED_OPSET.start}..{SUPPORTED_OPSET.stop - 1}; "
             "convert it with onnx.version_converter first"
         )
+    return model
+
+
+def _has_dangling_inputs(model: ir.Model) -> bool:
+    """Whether a node of the main graph reads a value nothing defines (onnx-ir leaves a sparse initializer so)."""
+    return any(v is not None and v.name and v.producer() is None and not v.is_graph_input()
+               and not v.is_initializer() for node in model.graph for v in node.inputs)
+
+
+def _load_with_dense_weights(path: Path) -> ir.Model | None:
+    """The model with its sparse initializers made dense (as onnxprune apply --store sparse writes them), or
+    None when it has none."""
+    from onnxprune.io.sparse import densify_sparse_initializers
+
+    proto = onnx.load(str(path), load_external_data=False)
+    if not densify_sparse_initializers(proto):
+        return None
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
     return model
 
 

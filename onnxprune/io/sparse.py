@@ -1,4 +1,5 @@
-"""Store zero-heavy initializers as ONNX sparse initializers (SparseTensorProto), so the file shrinks.
+"""Store zero-heavy initializers as ONNX sparse initializers (SparseTensorProto), so the file shrinks, and
+turn them back into dense ones on load (onnx-ir drops sparse initializers, which would leave weights dangling).
 
 A sparse tensor stores its nonzero values and their int64 linear indices: for float32 it is smaller than
 the dense tensor only above 2/3 sparsity, so only tensors where it saves bytes are converted. ONNX Runtime
@@ -11,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["to_sparse_initializers"]
+__all__ = ["densify_sparse_initializers", "to_sparse_initializers"]
 
 
 def to_sparse_initializers(proto: onnx.ModelProto, names: set[str]) -> list[str]:
@@ -43,3 +44,21 @@ def to_sparse_initializers(proto: onnx.ModelProto, names: set[str]) -> list[str]
         del entries[:]
         entries.extend(kept)
     return converted
+
+
+def densify_sparse_initializers(proto: onnx.ModelProto) -> int:
+    """Replace the sparse initializers of ``proto``'s main graph by dense ones in place; returns how many."""
+    graph = proto.graph
+    for sparse in graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values)
+        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+        dims = tuple(int(d) for d in sparse.dims)
+        dense = np.zeros(dims, values.dtype)
+        if indices.ndim == 2:  # one row of coordinates per value
+            dense[tuple(indices.T)] = values
+        else:  # linear indices
+            dense.reshape(-1)[indices] = values
+        graph.initializer.append(numpy_helper.from_array(dense, sparse.values.name))
+    count = len(graph.sparse_initializer)
+    del graph.sparse_initializer[:]
+    return count

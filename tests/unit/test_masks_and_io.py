@@ -87,3 +87,32 @@ def test_with_outputs_adds_each_value_once():
     y, h = run(more, {"x": x})
     np.testing.assert_allclose(h, x @ numpy_helper.to_array(proto.graph.initializer[0]), rtol=1e-5)
     np.testing.assert_allclose(y, run(proto, {"x": x})[0], rtol=1e-6)
+
+
+def test_sparse_initializers_load_as_dense_weights(tmp_path):
+    """A model with sparse initializers (linear and coordinate indices) loads with its weights in place."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxprune.io import load_model
+
+    w = np.zeros((4, 3), np.float32)
+    w[0, 1], w[2, 2], w[3, 0] = 1.5, -2.0, 0.5
+    b = np.zeros(4, np.float32)
+    b[1] = 3.0
+    flat = np.flatnonzero(w)
+    linear = helper.make_sparse_tensor(numpy_helper.from_array(w.reshape(-1)[flat], "w"),
+                                       numpy_helper.from_array(flat.astype(np.int64), ""), [4, 3])
+    coords = helper.make_sparse_tensor(numpy_helper.from_array(np.array([3.0], np.float32), "b"),
+                                       numpy_helper.from_array(np.array([[1]], np.int64), ""), [4])
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              sparse_initializer=[linear, coords])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = tmp_path / "sparse.onnx"
+    onnx.save(model, path)
+    loaded = load_model(path)
+    weights = {v.name: v.const_value.numpy() for v in loaded.graph.initializers.values()}
+    np.testing.assert_array_equal(weights["w"], w)
+    np.testing.assert_array_equal(weights["b"], b)
