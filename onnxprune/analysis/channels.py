@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.graph import GraphInfo, constant_array
-from onnxprune.analysis.layers import Layer, out_in_axes
+from onnxprune.analysis.layers import CHANNEL_OPS, Layer, out_in_axes
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class ChannelGraph:
 class _Builder:
     def __init__(self, info: GraphInfo, layers: list[Layer]):
         self.info = info
-        self.layers = {layer.node: layer for layer in layers if layer.node is not None}
+        self.layers = {layer.node: layer for layer in layers if layer.node is not None and layer.op_type in CHANNEL_OPS}
         self.cg = ChannelGraph({layer.name: layer for layer in layers}, [], [], {}, [], {})
         self.tracks: dict[ir.Value, Track] = {}
 

@@ -1,4 +1,5 @@
-"""Prunable layers: Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant.
+"""Prunable layers: Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant, and the input (W)
+and recurrent (R) weights of LSTM, GRU and RNN nodes (two layers per node, named NODE.W and NODE.R).
 
 For each: the weight tensor, its shape, the bias (Conv/Gemm input, or the Add of a constant after a MatMul),
 the BatchNormalization that follows it if the graph still has one, the parameter count (weight + bias +
@@ -21,9 +22,11 @@ from onnxprune.analysis.graph import (
     per_sample_count,
 )
 
-__all__ = ["PRUNABLE_OPS", "Layer", "find_layers", "model_params", "out_in_axes"]
+__all__ = ["CHANNEL_OPS", "PRUNABLE_OPS", "RECURRENT_OPS", "Layer", "find_layers", "model_params", "out_in_axes"]
 
-PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # layers whose channels the channel analysis follows
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # weights W (directions, gates x hidden, input), R (..., hidden)
+PRUNABLE_OPS = CHANNEL_OPS + RECURRENT_OPS
 
 
 @dataclass
@@ -113,12 +116,45 @@ def _flops(info: GraphInfo, node: ir.Node, w_shape: tuple[int, ...], w_idx: int)
     return None if out is None else 2 * out * k
 
 
+def _recurrent_layers(info: GraphInfo, node: ir.Node, first_use: dict[int, str]) -> list[Layer]:
+    """The W and R weights of an LSTM / GRU / RNN node as two layers. FLOPs per sample: 2 x steps x
+    directions x gates x hidden x (input size for W, hidden size for R); the bias (B) is counted with W."""
+    layers = []
+    x_shape = info.shape(node.inputs[0])  # (steps, batch, input), or (batch, steps, input) with layout 1
+    per_sample = per_sample_count(x_shape, info.batch)
+    steps = None if per_sample is None or not x_shape or not isinstance(x_shape[-1], int) else \
+        per_sample // max(1, x_shape[-1])
+    for w_idx, part in ((1, "W"), (2, "R")):
+        value = node.inputs[w_idx] if len(node.inputs) > w_idx else None
+        shape = const_shape(value) if value is not None and constant_source(value) is not None else None
+        if shape is None or len(shape) != 3:
+            continue
+        key = id(constant_source(value))
+        shared = first_use.get(key)
+        first_use.setdefault(key, node.name)
+        params = 0 if shared else numel(shape)
+        bias = node.inputs[3] if part == "W" and len(node.inputs) > 3 and node.inputs[3] is not None else None
+        if bias is not None and constant_source(bias) is not None and id(constant_source(bias)) not in first_use:
+            first_use[id(constant_source(bias))] = node.name
+            params += numel(const_shape(bias))
+        else:
+            bias = None
+        flops = None if steps is None else 2 * steps * shape[0] * shape[1] * shape[2]
+        layers.append(Layer(name=f"{node.name}.{part}", op_type=node.op_type, weight=value.name, weight_shape=shape,
+                            params=params, flops=flops, weight_input=w_idx,
+                            bias=bias.name if bias is not None else None, shared_with=shared, node=node))
+    return layers
+
+
 def find_layers(info: GraphInfo) -> list[Layer]:
     graph = info.graph
     layers: list[Layer] = []
     first_use: dict[int, str] = {}
     for node in graph:
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in RECURRENT_OPS:
+            layers.extend(_recurrent_layers(info, node, first_use))
             continue
         w_idx = _weight_input(node)
         if w_idx is None:
@@ -213,6 +249,8 @@ def model_params(info: GraphInfo) -> int:
 def out_in_axes(layer: Layer) -> tuple[int, int]:
     """(output axis, reduction/input axis) of the weight tensor in its ONNX layout."""
     rank = len(layer.weight_shape)
+    if layer.op_type in RECURRENT_OPS:  # (directions, gates x hidden, inputs)
+        return 1, 2
     if layer.op_type == "Conv":
         return 0, 1
     if layer.op_type == "ConvTranspose":

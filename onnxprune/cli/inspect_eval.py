@@ -9,6 +9,7 @@ from rich.table import Table
 from onnxprune import api
 from onnxprune.cli.options import common_options, data_options, input_shape_option
 from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, notice, notices, out, progress_bar, titled_table
+from onnxprune.errors import plural
 
 __all__ = ["eval_cmd", "inspect"]
 
@@ -53,9 +54,9 @@ def inspect(model: str, input_shapes, as_json: bool):
         out.print("Residual blocks: none found")
     d = result.to_dict()["totals"]
     out.print(
-        f"[bold]Totals:[/] {d['layers']} prunable layers ("
+        f"[bold]Totals:[/] {plural(d['layers'], 'prunable layer')} ("
         + ", ".join(f"{n} {op}" for op, n in _count_ops(result.layers))
-        + f"), {d['blocks']} residual blocks ({d['removable_blocks']} removable), "
+        + f"), {plural(d['blocks'], 'residual block')} ({d['removable_blocks']} removable), "
         f"{fmt_int(result.params)} parameters ({fmt_int(result.prunable_params)} in prunable layers), "
         f"{fmt_flops(result.flops)} FLOPs per sample"
     )

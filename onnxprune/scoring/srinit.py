@@ -48,7 +48,7 @@ def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int) -> dict[str, n
         w = np.asarray(get_weight(layer))
         _, in_axis = out_in_axes(layer)
         fan_in = int(np.prod(w.shape)) // int(w.shape[out_in_axes(layer)[0]])
-        if layer.op_type in ("Gemm", "MatMul"):
+        if layer.op_type not in ("Conv", "ConvTranspose"):  # matrices, recurrent weights: the input axis
             fan_in = int(w.shape[in_axis])
         out[layer.weight] = (rng.standard_normal(w.shape) * np.sqrt(2.0 / fan_in)).astype(w.dtype)
         if layer.bias is not None:
@@ -250,7 +250,7 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
         entries = {b.name: {"name": b.name, "kind": "block", "params": b.params, "flops": b.flops, "skip": b.skip,
                             "removable": b.removable, "layers": b.layers} for b in blocks}
     else:
-        unit_defs = [(layer.name, [layer.name], [layer]) for layer in layers]
+        unit_defs = [(layer.name, [layer.node.name], [layer]) for layer in layers]
         entries = {layer.name: {**layer_entry(am, layer), "kind": "layer"} for layer in layers}
     t0 = time.perf_counter()
     results, base = srinit_scores(am.model, am.info, unit_defs, batches, list(range(seed, seed + seeds)),
