@@ -17,6 +17,7 @@ from onnxprune.planning.channel_selection import CRITERIA
 from onnxprune.planning.registry import LAYER_METHODS, PLANNERS
 from onnxprune.recovery.options import INSERT_BN, FinetuneOptions
 from onnxprune.runtime.data import DataSpec, parse_floats, parse_size
+from onnxprune.runtime.input_values import parse_input_values
 from onnxprune.runtime.session import PROVIDERS
 from onnxprune.scoring.capacity import DEFAULT_METRIC as DEFAULT_CAPACITY_METRIC
 from onnxprune.scoring.capacity import METRICS as _CAPACITY_METRICS
@@ -49,6 +50,6 @@ __all__ = [
     "AnalysedModel", "ApplyResult", "DataSpec", "EvalResult", "FinetuneOptions", "FinetuneResult",
     "InspectResult", "ModelLike", "Plan", "Scores", "Sweep",
     "allocate", "apply", "check_output_path", "check_runs", "evaluate", "find_layers", "finetune", "inspect",
-    "json_text", "load_plan", "load_scores", "load_sweep", "open_model", "parse_floats", "parse_size", "report",
+    "json_text", "load_plan", "load_scores", "load_sweep", "open_model", "parse_floats", "parse_input_values", "parse_size", "report",
     "score", "write_json",
 ]

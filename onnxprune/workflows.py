@@ -15,6 +15,7 @@ from onnxprune.errors import InputError
 from onnxprune.io import check_output_path, model_file_bytes
 from onnxprune.planning.registry import LAYER_METHODS
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.input_values import parse_input_values
 from onnxprune.verbs.allocate import allocate
 from onnxprune.verbs.apply import ApplyResult, apply
 from onnxprune.verbs.evaluate import evaluate
@@ -84,6 +85,7 @@ def prune(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     input_shapes: InputShapesLike = None,
+    input_values=None,
     **data_options,
 ) -> PruneResult:
     """Score, allocate and apply in one call, writing OUT.scores.json and OUT.plan.json beside ``output``,
@@ -101,6 +103,7 @@ def prune(
 
     ``eval_data`` (an .npz path or DataSpec, fed like ``data``): where accuracy is measured before and after;
     without it, on ``data`` itself (then the pruned model has seen that data through scoring or the refit).
+    ``input_values``: auxiliary inputs for the output check and timing (``["sr=16000"]``; default: the data's).
 
     >>> res = prune("model.onnx", "pruned.onnx", target_sparsity=0.7)  # doctest: +SKIP
     >>> res.after.params, res.before.params  # doctest: +SKIP
@@ -111,6 +114,7 @@ def prune(
     say = progress or (lambda _: None)
     spec = rdata.DataSpec.of(data, **data_options) if data is not None or data_options.get("data_loader_script") \
         else None
+    values = parse_input_values(input_values) or (spec.input_values if spec is not None else None)
     out = Path(output)
     scores_path, plan_path = artefact_paths(out)
     for p in (out, scores_path, plan_path):
@@ -158,7 +162,7 @@ def prune(
     refit = spec if mode == "channel" else None
     before = _stats(model, am)
     am_shapes = am.input_shapes
-    applied = apply(am, plan, out, force=force, data=refit)  # rewrites am's model: not used after this
+    applied = apply(am, plan, out, force=force, data=refit, input_values=values)  # rewrites am's model
     try:
         write_json(scores.to_dict(), scores_path)
         write_json(plan.to_dict(), plan_path)
@@ -171,7 +175,7 @@ def prune(
         from onnxprune.runtime.timing import latency as measure
 
         before.latency_ms, after.latency_ms = measure([model, out], spec.provider if spec else "cpu",
-                                                      shapes=am_shapes)
+                                                      shapes=am_shapes, values=values)
     notes = []
     if espec is not None:
         say("evaluating")

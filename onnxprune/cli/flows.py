@@ -55,7 +55,8 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
         result = workflows.prune(model, output, target_sparsity=target_sparsity, target_flops=target_flops,
                                  remove_blocks=remove_blocks, method=method, round_to=round_to, seed=seed,
                                  latency=not no_latency, force=force, data=data_spec if data_spec.given else None,
-                                 eval_data=eval_data, progress=bar.describe, input_shapes=input_shapes)
+                                 eval_data=eval_data, progress=bar.describe, input_shapes=input_shapes,
+                                 input_values=data_spec.input_values)
     notices(result.notes)
     for name, why in result.applied.skipped.items():
         notice(f"{name}: {why}")

@@ -9,7 +9,7 @@ import click
 from onnxprune import api
 from onnxprune.cli.state import set_flag
 
-__all__ = ["common_options", "data_options", "input_shape_option", "output_option", "provider_option",
+__all__ = ["common_options", "data_options", "input_shape_option", "input_value_option", "output_option", "provider_option",
            "round_to_option", "runtime_options"]
 
 
@@ -82,9 +82,17 @@ def input_shape_option(fn):
              "fixes it. Written models keep their dynamic dimensions.")(fn)
 
 
+def input_value_option(fn):
+    """--input-value NAME=V[,V...] (repeatable), handed to the command as input_values (a tuple of str)."""
+    return click.option(
+        "--input-value", "input_values", multiple=True, metavar="NAME=V[,V...]",
+        help="Value of an input that is not data (repeatable), e.g. sr=16000 or state=0 (one value fills the "
+             "input): fed with the data, to the output check and to the timing.")(fn)
+
+
 def runtime_options(batch_size: int = 256, batch_help: str | None = None):
-    """The data options and --provider, handed to the command as one data_spec (a DataSpec), and
-    --input-shape (input_shapes)."""
+    """The data options, --provider and --input-value, handed to the command as one data_spec (a DataSpec),
+    and --input-shape (input_shapes)."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -94,10 +102,12 @@ def runtime_options(batch_size: int = 256, batch_help: str | None = None):
                 label_key=kwargs.pop("label_key"), mean=api.parse_floats(kwargs.pop("mean"), "mean"),
                 std=api.parse_floats(kwargs.pop("std"), "std"), batch_size=kwargs.pop("batch_size"),
                 limit=kwargs.pop("limit"), offset=kwargs.pop("offset"), provider=kwargs.pop("provider"),
+                input_values=api.parse_input_values(kwargs.pop("input_values")) or None,
             )
             return fn(*args, data_spec=spec, **kwargs)
 
-        return _apply(wrapper, [*_data_group(batch_size, batch_help), provider_option(), input_shape_option])
+        return _apply(wrapper, [*_data_group(batch_size, batch_help), provider_option(), input_shape_option,
+                                input_value_option])
 
     return decorate
 

@@ -235,7 +235,7 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
         result = api.apply(model, plan, output, granularity=granularity, nm=(n, m), store=store, force=force,
                            external_data=external_data, check=not no_check, criterion=criterion,
                            round_to=round_to, data=data_spec if data_spec.given else None, progress=tick,
-                           input_shapes=input_shapes)
+                           input_shapes=input_shapes, input_values=data_spec.input_values)
     t = result.totals
     for name, why in result.skipped.items():
         notice(f"channels of {name} stay: {why}" if t.get("granularity") == "channel"

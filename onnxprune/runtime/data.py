@@ -12,7 +12,7 @@ import hashlib
 import importlib.util
 import os
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import numpy as np
 from onnxprune.errors import InputError
 
 __all__ = ["DataSpec", "InputSpec", "Preprocess", "check_array", "file_sha256", "load_loader_script", "load_npz",
-           "npz_batches", "npz_shape", "parse_floats", "parse_size", "script_batches"]
+           "npz_shape", "parse_floats", "parse_size", "script_batches"]
 
 _NP_DTYPES = {
     "tensor(float)": np.float32,
@@ -41,7 +41,9 @@ class DataSpec:
 
     ``data``: an .npz; ``loader``: ``file.py[:func]`` instead. uint8 inputs are scaled to [0, 1], then
     ``(x - mean) / std`` per channel (mean/std default to the model's metadata). ``offset`` skips samples of
-    the .npz, ``limit`` keeps the first N after it.
+    the .npz, ``limit`` keeps the first N after it. A model with several inputs is fed each from the .npz
+    array of its name (the first may also come from ``input_key``); ``input_values`` gives the inputs that are
+    not data (name -> numbers).
     """
 
     data: str | os.PathLike | None = None
@@ -54,6 +56,7 @@ class DataSpec:
     limit: int | None = None
     offset: int = 0
     provider: str = "auto"
+    input_values: dict[str, tuple[float, ...]] | None = None  # auxiliary inputs (onnxprune.runtime.input_values)
 
     @classmethod
     def of(cls, data: "DataSpec | str | os.PathLike | None" = None, **options) -> "DataSpec":
@@ -62,6 +65,10 @@ class DataSpec:
             return dataclasses.replace(data, **options) if options else data
         if "data_loader_script" in options:
             options["loader"] = options.pop("data_loader_script")
+        if options.get("input_values"):
+            from onnxprune.runtime.input_values import parse_input_values
+
+            options["input_values"] = parse_input_values(options["input_values"])
         unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise TypeError(f"unknown data option(s): {', '.join(sorted(unknown))}")
@@ -75,6 +82,8 @@ class DataSpec:
                "input_key": self.input_key, "label_key": self.label_key,
                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
                "offset": self.offset, "limit": self.limit, "batch_size": self.batch_size}
+        if self.input_values:
+            rec["input_values"] = {k: list(v) for k, v in self.input_values.items()}
         return rec
 
     @property
@@ -169,32 +178,49 @@ def npz_shape(path: str | os.PathLike, key: str) -> tuple[int, ...] | None:
         return None
 
 
-def load_npz(path: str | os.PathLike, input_key: str = "x", label_key: str | None = "y") -> tuple[np.ndarray, np.ndarray | None]:
+def load_npz(path: str | os.PathLike, input_key: str = "x", label_key: str | None = "y"
+             ) -> tuple[np.ndarray, np.ndarray | None]:
     """Inputs and (if present) labels from an .npz file, without pickle."""
+    arrays, y = load_npz_inputs(path, [], input_key, label_key)
+    return arrays[input_key], y
+
+
+def load_npz_inputs(path: str | os.PathLike, names: Sequence[str], input_key: str = "x",
+                    label_key: str | None = "y") -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The arrays of an .npz (without pickle) that feed the model inputs ``names``, and the labels if present.
+    A single input, or the first of several that has no array of its name, comes from ``input_key``
+    (returned under the input's name; under ``input_key`` when ``names`` is empty)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"data file not found: {p}; give an .npz with an input array (key {input_key!r})")
+    main = names[0] if names else input_key
     try:
         with np.load(p, allow_pickle=False) as npz:
             keys = list(npz.keys())
-            if input_key not in keys:
-                raise InputError(f"{p} has no array {input_key!r} (it has: {', '.join(keys)}); choose one with --input-key")
-            x = npz[input_key]
-            y = npz[label_key] if label_key and label_key in keys else None
+            source = input_key if input_key in keys and (len(names) <= 1 or main not in keys) else main
+            if source not in keys:
+                wanted = input_key if len(names) <= 1 else f"{main!r} or {input_key!r}"
+                raise InputError(f"{p} has no array {wanted!r} (it has: {', '.join(keys)}); choose one with "
+                                 "--input-key" + (", or name the arrays after the model's inputs" if len(names) > 1
+                                                  else ""))
+            arrays = {main: npz[source]}
+            arrays.update({name: npz[name] for name in names[1:] if name in keys})
+            y = npz[label_key] if label_key and label_key in keys and label_key not in arrays else None
     except InputError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise InputError(f"cannot read {p} as an .npz archive ({exc}); save data with numpy.savez") from exc
-    if y is not None and len(y) != len(x):
+    x = arrays[main]
+    if y is not None and (x.ndim == 0 or len(y) != len(x)):
         raise InputError(
-            f"{p}: {len(y)} labels ({label_key!r}) for {len(x)} inputs ({input_key!r}); they must match"
+            f"{p}: {len(y)} labels ({label_key!r}) for {len(x) if x.ndim else 1} inputs ({source!r}); they must match"
         )
     if y is not None and not _class_indices(y):
         raise InputError(
             f"{p}: labels ({label_key!r}) of dtype {y.dtype} and shape {list(y.shape)} are not class indices; "
             "give one whole number per input, or point --label-key at another array"
         )
-    return x, y
+    return arrays, y
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
@@ -235,21 +261,6 @@ def check_array(arr: np.ndarray, spec: InputSpec, source: str) -> None:
     ) or (np.issubdtype(dtype, np.integer) and np.issubdtype(arr.dtype, np.integer))
     if not ok:
         raise InputError(f"{source}: dtype {arr.dtype} cannot feed model input {spec.name!r} ({spec.type})")
-
-
-def npz_batches(
-    x: np.ndarray,
-    y: np.ndarray | None,
-    spec: InputSpec,
-    preprocess: Preprocess,
-    batch_size: int,
-    limit: int | None = None,
-) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-    n = len(x) if limit is None else min(limit, len(x))
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        feeds = {spec.name: preprocess(x[start:stop], spec.dtype)}
-        yield feeds, (None if y is None else y[start:stop])
 
 
 def load_loader_script(spec_text: str) -> Iterable[dict]:
@@ -304,12 +315,13 @@ def _guarded(batches, path: Path) -> Iterator[dict]:
 
 
 def script_batches(
-    batches: Iterable[dict], specs: list[InputSpec], limit: int | None = None, fixed_batch: int | None = None
+    batches: Iterable[dict], specs: list[InputSpec], limit: int | None = None, fixed_batch: int | None = None,
+    values: dict[str, tuple[float, ...]] | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-    """The loader's batches checked against the model's inputs (at most ``limit`` samples); with
-    ``fixed_batch``, regrouped into batches of that many samples (the batch a graph fixes), a last
-    incomplete one left out."""
-    checked = _checked_script_batches(batches, specs, limit)
+    """The loader's batches checked against the model's inputs (at most ``limit`` samples), inputs they lack
+    taken from ``values`` (--input-value); with ``fixed_batch``, regrouped into batches of that many samples
+    (the batch a graph fixes), a last incomplete one left out."""
+    checked = _checked_script_batches(batches, specs, limit, values or {})
     return checked if fixed_batch is None else _regrouped(checked, fixed_batch)
 
 
@@ -333,8 +345,10 @@ def _regrouped(batches: Iterator[tuple[dict, np.ndarray | None]], size: int
 
 
 def _checked_script_batches(
-    batches: Iterable[dict], specs: list[InputSpec], limit: int | None
+    batches: Iterable[dict], specs: list[InputSpec], limit: int | None, values: dict[str, tuple[float, ...]]
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    from onnxprune.runtime.input_values import value_feed
+
     names = {s.name: s for s in specs}
     seen = 0
     for i, batch in enumerate(batches):
@@ -342,22 +356,31 @@ def _checked_script_batches(
             raise InputError(f"data loader batch {i} is a {type(batch).__name__}; yield dicts of input name -> array")
         batch = dict(batch)
         labels = batch.pop("labels", None)
-        missing = [n for n in names if n not in batch]
+        missing = [n for n in names if n not in batch and n not in values]
         if missing:
-            raise InputError(f"data loader batch {i} lacks model input(s) {missing}; it has {list(batch)}")
+            raise InputError(f"data loader batch {i} lacks model input(s) {missing}; it has {list(batch)} "
+                             "(inputs that are not data can be given with --input-value NAME=VALUE)")
         feeds = {}
         for name, spec in names.items():
-            arr = np.asarray(batch[name])
-            check_array(arr, spec, f"data loader batch {i}")
-            feeds[name] = arr.astype(spec.dtype, copy=False)
+            if name in batch:
+                arr = np.asarray(batch[name])
+                check_array(arr, spec, f"data loader batch {i}")
+                feeds[name] = arr.astype(spec.dtype, copy=False)
+        if not feeds:
+            raise InputError(f"data loader batch {i} feeds none of the model's inputs {list(names)}")
         n = len(next(iter(feeds.values())))
+        first = next(iter(feeds))
+        batch_dim = names[first].shape[0] if names[first].shape else None
+        for name in names:
+            if name not in feeds:
+                feeds[name] = value_feed(name, names[name].shape, names[name].dtype, values[name], n, batch_dim)
         if labels is not None and len(labels) != n:
             raise InputError(f"data loader batch {i}: {len(labels)} labels for {n} inputs; they must match")
         if labels is not None and not _class_indices(np.asarray(labels)):
             raise InputError(f"data loader batch {i}: labels are not class indices; give one whole number per input")
         if limit is not None and seen + n > limit:
             keep = limit - seen
-            feeds = {k: v[:keep] for k, v in feeds.items()}
+            feeds = {k: v[:keep] if v.ndim and len(v) == n else v for k, v in feeds.items()}
             labels = None if labels is None else np.asarray(labels)[:keep]
             n = keep
         if n <= 0:

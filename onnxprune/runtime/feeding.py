@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.input_shapes import InputShapes, declared_inputs
 from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.input_values import value_feed
 from onnxprune.runtime.session import create_session
 
 __all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches", "data_input_shapes", "fed_batch_size"]
@@ -37,14 +39,27 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
             raise InputError(f"the model's inputs fix the batch at {fixed}; give --limit of at least {fixed}")
         note = None if fixed is None else (f"fed in batches of {fixed}, the batch the model's graph fixes (samples "
                                            "past the last whole batch left out)")
-        return rdata.script_batches(rdata.load_loader_script(spec.loader), specs, total, fixed), total, note
-    if len(specs) != 1:
-        raise InputError(f"the model has {len(specs)} inputs; an .npz feeds one, use --data-loader-script for several")
-    x, y = rdata.load_npz(spec.data, spec.input_key, spec.label_key)
-    if spec.offset >= len(x):
-        raise InputError(f"--offset {spec.offset} leaves no samples of the {len(x)} in {spec.data}")
-    x, y = x[spec.offset:], (None if y is None else y[spec.offset:])
-    rdata.check_array(x, specs[0], str(spec.data))
+        values = _checked_values(spec, {s.name: s for s in specs})
+        return rdata.script_batches(rdata.load_loader_script(spec.loader), specs, total, fixed, values), total, note
+    by_name = {s.name: s for s in specs}
+    values = _checked_values(spec, by_name)
+    data_names = [s.name for s in specs if s.name not in values]  # the inputs the .npz feeds
+    if not data_names:
+        raise InputError("every model input has an --input-value: the data feeds none; drop one of them")
+    arrays, y = rdata.load_npz_inputs(spec.data, data_names, spec.input_key, spec.label_key)
+    missing = [n for n in data_names if n not in arrays]
+    if missing:
+        raise InputError(f"{spec.data} has no array for the model's input(s) {', '.join(map(repr, missing))}; "
+                         "add arrays of those names, or give --input-value NAME=VALUE for inputs that are not data")
+    main = by_name[data_names[0]]
+    n = len(arrays[main.name]) if arrays[main.name].ndim else 0
+    batch_dim = main.shape[0] if main.shape else None
+    axes = {name: _batch_axis(by_name[name], batch_dim, arr, n) for name, arr in arrays.items()}
+    axes[main.name] = 0
+    if spec.offset >= n:
+        raise InputError(f"--offset {spec.offset} leaves no samples of the {n} in {spec.data}")
+    for name, arr in arrays.items():
+        rdata.check_array(arr, by_name[name], f"{spec.data} ({name!r})")
     mean, std, source = spec.mean, spec.std, "options"
     if mean is None and std is None:
         mean = rdata.parse_floats(model.metadata_props.get(META_MEAN), "mean")
@@ -53,18 +68,55 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
     notes = []
     if mean is not None or std is not None:
         notes.append(f"x/255 if uint8, then (x - {list(mean or [0])}) / {list(std or [1])} from {source}")
-    total = len(x) if spec.limit is None else min(spec.limit, len(x))
+    total = n - spec.offset if spec.limit is None else min(spec.limit, n - spec.offset)
     batch_size = fed_batch_size(sess, spec)
     if batch_size != spec.batch_size:  # the graph accepts no other batch size: feed it that
         whole = total - total % batch_size
         if whole == 0:
-            raise InputError(f"the model's input {specs[0].name!r} fixes the batch at {batch_size}, and the data "
+            raise InputError(f"the model's input {main.name!r} fixes the batch at {batch_size}, and the data "
                              f"has only {total} sample(s); give at least {batch_size}")
         notes.append(f"fed in batches of {batch_size}, the batch the model's graph fixes"
                      + (f" (the last {total - whole} sample(s) left out)" if whole < total else ""))
         total = whole
-    feeds = rdata.npz_batches(x, y, specs[0], rdata.Preprocess(mean, std), batch_size, total)
+    if len(specs) > 1:
+        notes.append("inputs " + ", ".join(f"{name} from the data" if name in arrays else f"{name} = {values[name]}"
+                                           for name in by_name))
+    feeds = _npz_feeds(arrays, axes, y, by_name, main.name, rdata.Preprocess(mean, std), values, batch_dim,
+                       spec.offset, total, batch_size)
     return feeds, total, "; ".join(notes) or None
+
+
+def _checked_values(spec: rdata.DataSpec, inputs: dict[str, rdata.InputSpec]) -> dict[str, tuple[float, ...]]:
+    values = dict(spec.input_values or {})
+    unknown = [name for name in values if name not in inputs]
+    if unknown:
+        raise InputError(f"--input-value {unknown[0]}: the model has no input of that name (its inputs: "
+                         f"{', '.join(inputs)})")
+    return values
+
+
+def _batch_axis(spec: rdata.InputSpec, batch_dim, arr: np.ndarray, samples: int) -> int | None:
+    """The axis of ``arr`` that holds the samples: where the input's shape names the main input's batch
+    dimension (a recurrent state (layers, batch, hidden)), else a leading axis of the sample count; None: the
+    array is fed whole to every batch (a sample rate, a fixed table)."""
+    if isinstance(batch_dim, str) and batch_dim in spec.shape and arr.ndim == len(spec.shape):
+        axis = spec.shape.index(batch_dim)
+        return axis if arr.shape[axis] == samples else None
+    return 0 if arr.ndim == len(spec.shape) and arr.ndim and arr.shape[0] == samples else None
+
+
+def _npz_feeds(arrays, axes, y, inputs, main, preprocess, values, batch_dim, offset, total, batch_size):
+    for start in range(offset, offset + total, batch_size):
+        stop = min(start + batch_size, offset + total)
+        feeds = {}
+        for name, arr in arrays.items():
+            axis, spec = axes[name], inputs[name]
+            part = arr if axis is None else arr[(slice(None),) * axis + (slice(start, stop),)]
+            feeds[name] = preprocess(part, spec.dtype) if name == main else part.astype(spec.dtype, copy=False)
+        for name, vals in values.items():
+            spec = inputs[name]
+            feeds[name] = value_feed(name, spec.shape, spec.dtype, vals, stop - start, batch_dim)
+        yield feeds, (None if y is None else y[start:stop])
 
 
 def _fixed_batch(specs: list[rdata.InputSpec]) -> int | None:
@@ -96,21 +148,26 @@ def data_input_shapes(model: ir.Model, spec: rdata.DataSpec) -> InputShapes:
     shapes fixes nothing here; feeding it reports the mismatch."""
     inputs = declared_inputs(model)
     if spec.data is not None:
-        if len(inputs) != 1:
+        data_names = [name for name in inputs if name not in (spec.input_values or {})]
+        if not data_names:
             return {}
-        shape = rdata.npz_shape(spec.data, spec.input_key)
-        if shape is None:
-            shape = rdata.load_npz(spec.data, spec.input_key, spec.label_key)[0].shape
-        found = {next(iter(inputs)): shape}
+        found = {name: rdata.npz_shape(spec.data, name) for name in data_names[1:]}
+        found[data_names[0]] = rdata.npz_shape(spec.data, spec.input_key) or rdata.npz_shape(spec.data, data_names[0])
+        if found[data_names[0]] is None:
+            found.update({k: v.shape for k, v in rdata.load_npz_inputs(spec.data, data_names, spec.input_key,
+                                                                        spec.label_key)[0].items()})
     elif spec.loader is not None:
         first = next(iter(rdata.load_loader_script(spec.loader)), None)
         found = {k: getattr(v, "shape", None) for k, v in first.items()} if isinstance(first, dict) else {}
     else:
         return {}
     shapes = {}
+    batch_names = {d[0] for d in inputs.values() if d and isinstance(d[0], str)}
     for name, shape in found.items():
         declared = inputs.get(name)
         if declared is None or shape is None or len(shape) != len(declared) or len(shape) == 0:
+            continue
+        if any(d in batch_names for d in declared[1:]):  # the batch on another axis (a recurrent state)
             continue
         if any(isinstance(d, int) and d != s for d, s in zip(declared[1:], shape[1:], strict=True)):
             continue

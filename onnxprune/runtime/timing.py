@@ -8,18 +8,26 @@ import time
 import numpy as np
 
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.input_values import value_feed
 from onnxprune.runtime.session import create_session
 
 __all__ = ["latency", "random_feeds"]
 
 
-def random_feeds(sess, batch: int = 1, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None
-                 ) -> dict[str, np.ndarray]:
+def random_feeds(sess, batch: int = 1, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None,
+                 values: dict[str, tuple[float, ...]] | None = None) -> dict[str, np.ndarray]:
     """One input per model input, floats N(0, 1): a dynamic leading dimension becomes ``batch``, the others
-    their size in ``shapes`` (onnxprune.analysis.input_shapes), else 1."""
+    their size in ``shapes`` (onnxprune.analysis.input_shapes), else 1; inputs in ``values`` (--input-value)
+    get those values."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for spec in sess.get_inputs():
+    inputs = sess.get_inputs()
+    batch_dim = inputs[0].shape[0] if inputs and inputs[0].shape else None
+    for spec in inputs:
+        if spec.name in (values or {}):
+            dtype = rdata.InputSpec(spec.name, spec.type, spec.shape).dtype
+            feeds[spec.name] = value_feed(spec.name, spec.shape, dtype, values[spec.name], batch, batch_dim)
+            continue
         given = (shapes or {}).get(spec.name)
         shape = [d if isinstance(d, int) and d > 0 else batch if i == 0 else given[i] if given else 1
                  for i, d in enumerate(spec.shape)]
@@ -30,11 +38,12 @@ def random_feeds(sess, batch: int = 1, seed: int = 0, shapes: dict[str, tuple[in
 
 
 def latency(paths: list[str | os.PathLike], provider: str = "cpu", batch: int = 1, runs: int = 20,
-            rounds: int = 3, shapes: dict[str, tuple[int, ...]] | None = None) -> list[float]:
-    """Median milliseconds per run of each model at ``batch`` (and ``shapes``, see random_feeds), timed in
-    ``rounds`` interleaved rounds."""
+            rounds: int = 3, shapes: dict[str, tuple[int, ...]] | None = None,
+            values: dict[str, tuple[float, ...]] | None = None) -> list[float]:
+    """Median milliseconds per run of each model at ``batch`` (and ``shapes`` and ``values``, see
+    random_feeds), timed in ``rounds`` interleaved rounds."""
     sessions = [create_session(p, provider).session for p in paths]
-    feeds = [random_feeds(s, batch, shapes=shapes) for s in sessions]
+    feeds = [random_feeds(s, batch, shapes=shapes, values=values) for s in sessions]
     for s, f in zip(sessions, feeds, strict=True):  # warm up
         for _ in range(3):
             s.run(None, f)

@@ -31,6 +31,7 @@ from onnxprune.planning.channel_selection import CRITERIA, choose
 from onnxprune.planning.channels import describe_blocked
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import calibration_batches
+from onnxprune.runtime.input_values import parse_input_values
 from onnxprune.runtime.session import create_session
 from onnxprune.runtime.timing import random_feeds
 from onnxprune.verbs.inspect import summarise
@@ -60,9 +61,11 @@ class ApplyResult:
 
 
 def check_runs(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None,
-               original: Path | None = None, unknown: str | None = None) -> None:
+               original: Path | None = None, unknown: str | None = None,
+               input_values: dict[str, tuple[float, ...]] | None = None) -> None:
     """The written model passes onnx.checker (full_check) and runs one batch in ONNX Runtime, at
-    ``input_shapes`` (1 for a dimension they leave dynamic). When it does not run and neither does the
+    ``input_shapes`` (1 for a dimension they leave dynamic), auxiliary inputs at ``input_values`` (else zeros
+    for integer inputs). When it does not run and neither does the
     ``original`` model at the same inputs, the sizes were made up: an InputError asks for ``unknown`` (what
     to give, see onnxprune.analysis.input_shapes.describe_unknown).
 
@@ -77,7 +80,7 @@ def check_runs(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = Non
     except Exception as exc:
         raise RuntimeError(f"the pruned model fails onnx.checker: {exc}") from exc
     sess = create_session(path, "cpu", prepack=False).session
-    feeds = random_feeds(sess, shapes=input_shapes)
+    feeds = random_feeds(sess, shapes=input_shapes, values=input_values)
     try:
         sess.run(None, feeds)
     except Exception:
@@ -111,6 +114,7 @@ def apply(
     data: rdata.DataSpec | str | os.PathLike | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     input_shapes: InputShapesLike = None,
+    input_values=None,
     **data_options,
 ) -> ApplyResult:
     """Rewrite the model per the plan and write a checked model to ``output``.
@@ -126,7 +130,8 @@ def apply(
     output (onnxprune.passes.reconstruct), which recovers much of the accuracy without training.
 
     The written model is checked at ``input_shapes`` (see onnxprune.api.inspect), else at the sizes the plan
-    was made at, else at those the data fixes; it keeps its dynamic dimensions.
+    was made at, else at those the data fixes, with its auxiliary inputs at ``input_values`` (``["sr=16000"]``
+    or name -> numbers; default: a DataSpec's); it keeps its dynamic dimensions.
 
     ``model``: a path, or an AnalysedModel loaded from one (its model is rewritten: do not use it after)."""
     pl = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -151,7 +156,8 @@ def apply(
     am = open_model(model, input_shapes=input_shapes or pl.input_shapes, data=spec)
     check_fingerprint(pl.fingerprint, am.fingerprint, "plan", force)
     unknown = describe_unknown(am.unknown_dims, am.model) if am.unknown_dims else None
-    target = _Target(Path(output), model_path, force, external_data, check, am.input_shapes, unknown)
+    values = parse_input_values(input_values) or (spec.input_values if spec is not None else None)
+    target = _Target(Path(output), model_path, force, external_data, check, am.input_shapes, unknown, values)
     if granularity == "channel":
         criterion = criterion or pl.options.get("criterion", "l2")
         round_to = round_to or pl.options.get("round_to", 1)
@@ -180,13 +186,14 @@ class _Target:
     check: bool
     input_shapes: dict[str, tuple[int, ...]]
     unknown: str | None  # the input dimensions the output check has no size for (describe_unknown)
+    input_values: dict[str, tuple[float, ...]] | None = None  # auxiliary inputs (--input-value)
 
     def save(self, am: AnalysedModel, sparse: set[str] | None = None):
         return save_model(am.model, self.output, external_data=self.external_data, input_path=self.input_path,
                           force=self.force, sparse=sparse, verify=self._verify if self.check else None)
 
     def _verify(self, path: Path) -> None:
-        check_runs(path, self.input_shapes, self.input_path, self.unknown)
+        check_runs(path, self.input_shapes, self.input_path, self.unknown, self.input_values)
 
     def checked(self, sparse: bool) -> str:
         if not self.check:
