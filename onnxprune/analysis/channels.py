@@ -161,7 +161,8 @@ class ChannelGraph:
 class _Builder:
     def __init__(self, info: GraphInfo, layers: list[Layer]):
         self.info = info
-        self.layers = {layer.node: layer for layer in layers if layer.node is not None and layer.op_type in CHANNEL_OPS}
+        self.layers = {layer.node: layer for layer in layers  # the main graph's: bodies keep their channels
+                       if layer.node is not None and layer.op_type in CHANNEL_OPS and layer.scope is None}
         self.cg = ChannelGraph({layer.name: layer for layer in layers}, [], [], {}, [], {})
         self.tracks: dict[ir.Value, Track] = {}
 

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnxprune.analysis.shape_inference import dim_value, fold_small_constants, infer_shapes
 
 __all__ = ["FLOAT_TYPES", "GraphInfo", "analyse_graph", "const_shape", "constant_array", "constant_source",
-           "dim_value", "fold_small_constants", "infer_shapes", "numel", "per_sample_count"]
+           "dim_value", "fold_small_constants", "infer_shapes", "node_bodies", "numel", "per_sample_count"]
 
 FLOAT_TYPES = {
     ir.DataType.FLOAT,
@@ -63,6 +63,17 @@ class GraphInfo:
             return False
         dtype = self.dtype(value)
         return dtype is None or dtype in FLOAT_TYPES
+
+
+def node_bodies(node: ir.Node) -> list[ir.Graph]:
+    """The graphs an If / Loop / Scan node holds (its GRAPH and GRAPHS attributes), in attribute order."""
+    out = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            out.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            out.extend(attr.value)
+    return out
 
 
 def constant_source(value: ir.Value) -> ir.Value | ir.Node | None:

@@ -78,11 +78,13 @@ def _split(text: str, inputs: dict[str, tuple]) -> tuple[str, tuple[int, ...]]:
 
 
 def _complete(shapes: InputShapes, inputs: dict[str, tuple]) -> InputShapes:
-    """Fill the inputs the settings fix through shared symbolic names (and fixed dims)."""
+    """Fill the inputs the settings fix through shared symbolic names (and fixed dims); the batch (a name some
+    input leads with) is not a size the settings fix, wherever it sits."""
+    batch_names = {d[0] for d in inputs.values() if d and isinstance(d[0], str)}
     sizes: dict[str, int] = {}
     for name, dims in shapes.items():
         for axis, d in enumerate(inputs[name]):
-            if isinstance(d, str) and axis < len(dims):
+            if isinstance(d, str) and axis < len(dims) and d not in batch_names:
                 sizes.setdefault(d, dims[axis])
     done = dict(shapes)
     for name, declared in inputs.items():
@@ -107,12 +109,16 @@ def merge_data_shapes(given: InputShapes, data: InputShapes, model: ir.Model) ->
 
 
 def unknown_dims(model: ir.Model, shapes: InputShapes) -> list[UnknownDim]:
-    """Dimensions after the batch of inputs that neither the graph nor ``shapes`` fix."""
+    """Dimensions after the batch of inputs that neither the graph nor ``shapes`` fix. A dimension named like
+    an input's leading one is the batch wherever it sits (a recurrent state (layers, batch, hidden))."""
+    declared_all = declared_inputs(model)
+    batch_names = {d[0] for d in declared_all.values() if d and isinstance(d[0], str)}
     missing = []
-    for name, declared in declared_inputs(model).items():
+    for name, declared in declared_all.items():
         if name in shapes:
             continue
-        missing += [(name, axis, d) for axis, d in enumerate(declared) if axis > 0 and not isinstance(d, int)]
+        missing += [(name, axis, d) for axis, d in enumerate(declared)
+                    if axis > 0 and not isinstance(d, int) and d not in batch_names]
     return missing
 
 

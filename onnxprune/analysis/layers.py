@@ -22,7 +22,8 @@ from onnxprune.analysis.graph import (
     per_sample_count,
 )
 
-__all__ = ["CHANNEL_OPS", "PRUNABLE_OPS", "RECURRENT_OPS", "Layer", "find_layers", "model_params", "out_in_axes"]
+__all__ = ["CHANNEL_OPS", "PRUNABLE_OPS", "RECURRENT_OPS", "Layer", "find_layers", "model_params", "nodes_in_scope",
+           "out_in_axes"]
 
 CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # layers whose channels the channel analysis follows
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # weights W (directions, gates x hidden, input), R (..., hidden)
@@ -44,7 +45,14 @@ class Layer:
     bn: str | None = None
     groups: int = 1
     shared_with: str | None = None  # first layer using the same weight tensor
+    scope: str | None = None  # the main-graph node (If, Loop, Scan) whose body holds the layer
+    branch: str | None = None  # which of its bodies (then_branch, else_branch, body)
     node: ir.Node | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def main_node(self) -> str:
+        """The name of the main-graph node that runs this layer: its own, or the If / Loop / Scan around it."""
+        return self.scope or self.node.name
 
     def to_dict(self) -> dict:
         return {
@@ -58,6 +66,8 @@ class Layer:
             "bn": self.bn,
             "groups": self.groups,
             "shared_with": self.shared_with,
+            "scope": self.scope,
+            "branch": self.branch,
         }
 
 
@@ -146,15 +156,31 @@ def _recurrent_layers(info: GraphInfo, node: ir.Node, first_use: dict[int, str])
     return layers
 
 
+def nodes_in_scope(graph: ir.Graph):
+    """(node, the main-graph node whose body holds it or None, the name of that body or None) for every
+    node, If / Loop / Scan bodies included (right after the node that holds them)."""
+    for node in graph:
+        yield node, None, None
+        for attr in node.attributes.values():
+            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else \
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
+            for sub in bodies:
+                for inner in ir.traversal.RecursiveGraphIterator(sub):
+                    yield inner, node.name, attr.name
+
+
 def find_layers(info: GraphInfo) -> list[Layer]:
     graph = info.graph
     layers: list[Layer] = []
     first_use: dict[int, str] = {}
-    for node in graph:
+    for node, scope, branch in nodes_in_scope(graph):
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type in RECURRENT_OPS:
-            layers.extend(_recurrent_layers(info, node, first_use))
+            found = _recurrent_layers(info, node, first_use)
+            for layer in found:
+                layer.scope, layer.branch = scope, branch
+            layers.extend(found)
             continue
         w_idx = _weight_input(node)
         if w_idx is None:
@@ -177,7 +203,7 @@ def find_layers(info: GraphInfo) -> list[Layer]:
             if constant_source(node.inputs[2]) is not None:
                 bias_val = node.inputs[2]
         elif node.op_type == "MatMul":
-            bias_val, add = _matmul_bias(node, graph)
+            bias_val, add = _matmul_bias(node, node.graph)
             if add is not None:
                 after = add
         if bias_val is not None:
@@ -187,7 +213,7 @@ def find_layers(info: GraphInfo) -> list[Layer]:
                 params += numel(const_shape(bias_val))
 
         bn = None
-        nxt = _single_consumer(after.outputs[0], graph)
+        nxt = _single_consumer(after.outputs[0], node.graph)
         if nxt is not None and nxt.op_type == "BatchNormalization":
             bn = nxt.name
             for v in nxt.inputs[1:3]:  # scale, B: learnable; mean, var: statistics
@@ -208,6 +234,8 @@ def find_layers(info: GraphInfo) -> list[Layer]:
                 bn=bn,
                 groups=node.attributes.get_int("group", 1) if node.op_type.startswith("Conv") else 1,
                 shared_with=shared,
+                scope=scope,
+                branch=branch,
                 node=node,
             )
         )
@@ -218,7 +246,8 @@ def model_params(info: GraphInfo) -> int:
     """All floating-point parameters of the model: initializers and Constant tensors of float type with more
     than one element, BatchNormalization running statistics excluded, each tensor counted once."""
     stats: set[int] = set()
-    for node in info.graph:
+    nodes = [node for node, _, _ in nodes_in_scope(info.graph)]
+    for node in nodes:
         if node.op_type == "BatchNormalization":
             for v in node.inputs[3:5]:
                 if v is not None and constant_source(v) is not None:
@@ -226,11 +255,12 @@ def model_params(info: GraphInfo) -> int:
     seen: set[int] = set()
     total = 0
     candidates: list[tuple[int, ir.DataType | None, tuple | None]] = []
-    for value in info.graph.initializers.values():
+    graphs = [info.graph] + list(dict.fromkeys(n.graph for n in nodes if n.graph is not info.graph))
+    for value in (v for g in graphs for v in g.initializers.values()):
         tensor = value.const_value
         candidates.append((id(value), tensor.dtype if tensor is not None else value.dtype,
                            tuple(tensor.shape) if tensor is not None else None))
-    for node in info.graph:
+    for node in nodes:
         if node.op_type == "Constant":
             attr = node.attributes.get("value")
             if attr is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["dim_value", "fold_small_constants", "infer_shapes"]
+__all__ = ["dim_value", "fold_small_constants", "infer_shapes", "outer_reads", "proto_bodies"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | Non
 
     try:
         proto = infer(_at_input_shapes(_proto_without_big_weights(model), input_shapes or {}))
-        for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
+        for vi in _value_infos(proto.graph):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 dtypes[vi.name] = ir.DataType(vi.type.tensor_type.elem_type)
         for name, shape in _value_shapes(proto):
@@ -68,7 +68,7 @@ def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | Non
     for v in list(model.graph.inputs) + list(model.graph.outputs):
         if v.name not in shapes and v.shape is not None:
             shapes[v.name] = tuple(dim_value(d) for d in v.shape)
-    for node in model.graph:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for v in node.outputs:
             if v.name not in shapes and v.shape is not None:
                 shapes[v.name] = tuple(dim_value(d) for d in v.shape)
@@ -133,11 +133,25 @@ def _at_input_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, 
 
 
 def _value_shapes(proto: onnx.ModelProto):
-    """(value name, shape tuple) for every typed value of a model proto (int, symbolic name, or None)."""
-    for vi in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
+    """(value name, shape tuple) for every typed value of a model proto (int, symbolic name, or None),
+    those inside If / Loop / Scan bodies included (value names are unique across a model's graphs)."""
+    for vi in _value_infos(proto.graph):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             yield vi.name, tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                  for d in vi.type.tensor_type.shape.dim)
+
+
+def _value_infos(graph: onnx.GraphProto):
+    yield from graph.value_info
+    yield from graph.output
+    yield from graph.input
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _value_infos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _value_infos(g)
 
 
 def _unknown(d) -> bool:
@@ -326,7 +340,36 @@ def fold_small_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
         keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+    for node in graph.node:  # (extend copied the kept nodes)
+        for body in proto_bodies(node):
+            _copy_outer_constants(body, known)
     return proto
+
+
+def outer_reads(body: onnx.GraphProto) -> set[str]:
+    """The values an If / Loop / Scan body reads from the scopes around it (it names them without listing
+    them as inputs), those its own bodies read included."""
+    defined = {t.name for t in body.initializer} | {vi.name for vi in body.input} | \
+        {o for n in body.node for o in n.output}
+    reads = {i for n in body.node for i in n.input if i}
+    for node in body.node:
+        for inner in proto_bodies(node):
+            reads |= outer_reads(inner)
+    return reads - defined
+
+
+def proto_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + \
+        [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+
+
+def _copy_outer_constants(body: onnx.GraphProto, known: dict[str, onnx.TensorProto]) -> None:
+    """Give an If / Loop / Scan body its own copy of the small outer-scope constants it reads: ONNX's shape
+    inference sees only their types across the scope boundary, so an Unsqueeze by outer axes stays unsized."""
+    body.initializer.extend(known[name] for name in sorted(outer_reads(body)) if name in known)
+    for node in body.node:
+        for inner in proto_bodies(node):
+            _copy_outer_constants(inner, {**known, **{t.name: t for t in body.initializer}})
 
 
 def _numel_proto(t: onnx.TensorProto) -> int:

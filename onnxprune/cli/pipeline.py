@@ -80,8 +80,8 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
         cols += ["std over seeds"] if several else []
         table = titled_table(title, (*cols, "seconds", "candidate"), left=("block", "layer", "candidate"))
         for i, u in enumerate(scores.units):
-            row = [str(i), escape(u["name"]), fmt_int(u["params"]), f"{u['drop']:.3f}", f"{u['drop_se']:.3f}"]
-            row += [f"{u['drop_seed_std']:.3f}"] if several else []
+            row = [str(i), escape(u["name"]), fmt_int(u["params"]), _value(u["drop"], ".3f"), _value(u["drop_se"], ".3f")]
+            row += [_value(u.get("drop_seed_std"), ".3f")] if several else []
             table.add_row(*row, f"{scores.timing['units'][u['name']]:.1f}", "" if "removable" not in u else
                           ("yes" if u["removable"] and u.get("skip") == "identity" else "no"))
     else:
@@ -89,9 +89,13 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
         table = titled_table(title, ("#", "layer", "op", "params", value_col, "importance"), left=("layer", "op"))
         for i, u in enumerate(scores.units):
             value = u["mean_drop"] if scores.method == "sensitivity" else u["metrics"][scores.metric]
-            table.add_row(str(i), escape(u["name"]), u["op_type"], fmt_int(u["params"]), f"{value:.4g}",
+            table.add_row(str(i), escape(u["name"]), u["op_type"], fmt_int(u["params"]), _value(value, ".4g"),
                           f"{u['importance']:.3f}")
     out.print(table)
+    unscored = [u for u in scores.units if u.get("unscored")]
+    if unscored:
+        notice(f"{plural(len(unscored), 'layer')} not scored ({unscored[0]['unscored']}): importance 1, kept whole by "
+               "sensitivity plans; score with data that reaches them")
     if scores.method == "srinit":
         ref = scores.options["reference"]
         out.print(f"{scores.options['samples']:,} samples, reference "
@@ -281,3 +285,8 @@ def _smaller(t: dict) -> str:
         return f"{params}, FLOPs unknown (see onnxprune inspect)"
     return (f"{params}, FLOPs {fmt_flops(t['flops_before'])} -> {fmt_flops(t['flops_after'])} "
             f"({fmt_percent(t['flops_fraction_removed'])} fewer)")
+
+
+def _value(v, spec: str) -> str:
+    """A score cell: the number, or "unscored" for a unit the data never reached."""
+    return "unscored" if v is None else format(v, spec)

@@ -1,6 +1,7 @@
 """Graph rewrites, each an onnx-ir pass, and the one way to run a sequence of them.
 
 - NameNodesPass: name unnamed nodes (every model is named once, when a verb opens it)
+- HoistBodyWeightsPass: If / Loop / Scan bodies' initializers moved to the main graph (also when opened)
 - SparsifyPass: unstructured or N:M zeros per layer
 - RemoveBlocksPass: residual blocks bypassed (SR-init)
 - RefitPass, ShrinkChannelsPass: calibrated channel removal (refit the consumers, then shrink)
@@ -12,6 +13,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.passes.hoist import HoistBodyWeightsPass
 from onnxprune.passes.naming import NameNodesPass
 from onnxprune.passes.provenance import ProvenancePass
 from onnxprune.passes.reconstruct import RefitPass
@@ -19,7 +21,7 @@ from onnxprune.passes.remove_blocks import RemoveBlocksPass
 from onnxprune.passes.shrink import ShrinkChannelsPass
 from onnxprune.passes.sparsify import SparsifyPass
 
-__all__ = ["NameNodesPass", "ProvenancePass", "RefitPass", "RemoveBlocksPass", "ShrinkChannelsPass",
+__all__ = ["HoistBodyWeightsPass", "NameNodesPass", "ProvenancePass", "RefitPass", "RemoveBlocksPass", "ShrinkChannelsPass",
            "SparsifyPass", "run_passes"]
 
 

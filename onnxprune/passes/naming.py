@@ -8,8 +8,9 @@ __all__ = ["NameNodesPass"]
 
 
 class NameNodesPass(ir.passes.InPlacePass):
-    """An unnamed node gets op type + position (``Conv_3``), made unique; named nodes keep their names.
-    The same graph always gets the same names."""
+    """An unnamed node gets op type + position (``Conv_3``; inside If / Loop / Scan bodies the path to it,
+    ``If_2/then_branch/Conv_1``), made unique; named nodes keep their names. The same graph always gets the
+    same names."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -17,14 +18,36 @@ class NameNodesPass(ir.passes.InPlacePass):
         modified = False
         for i, node in enumerate(graph):
             if not node.name:
-                name = f"{node.op_type}_{i}"
-                while name in used:
-                    name += "_"
-                node.name = name
-                used.add(name)
+                node.name = _unique(f"{node.op_type}_{i}", used)
                 modified = True
+        # then the nodes inside If / Loop / Scan bodies: NODE/BODY/Op_position (If_2/then_branch/Conv_1)
+        used.update(n.name for n in ir.traversal.RecursiveGraphIterator(graph) if n.name)
+        for node in graph:
+            modified |= _name_bodies(node, used)
         return ir.passes.PassResult(model, modified)
 
     def ensures(self, model: ir.Model) -> None:
-        if not all(n.name for n in model.graph):
+        if not all(n.name for n in ir.traversal.RecursiveGraphIterator(model.graph)):
             raise ir.passes.PostconditionError("a node is still unnamed")
+
+
+def _name_bodies(node: ir.Node, used: set[str]) -> bool:
+    modified = False
+    for attr in node.attributes.values():
+        bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else \
+            list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
+        for k, body in enumerate(bodies):
+            prefix = f"{node.name}/{attr.name}" + (f"{k}" if len(bodies) > 1 else "")
+            for i, inner in enumerate(body):
+                if not inner.name:
+                    inner.name = _unique(f"{prefix}/{inner.op_type}_{i}", used)
+                    modified = True
+                modified |= _name_bodies(inner, used)
+    return modified
+
+
+def _unique(name: str, used: set[str]) -> str:
+    while name in used:
+        name += "_"
+    used.add(name)
+    return name

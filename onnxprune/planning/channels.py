@@ -95,10 +95,12 @@ def _plan_at_multiple(am: AnalysedModel, units: Sequence[allocation.Allocatable]
     if abs(best[0] - target) > CHANNEL_TOLERANCE:
         if over is None:
             blocked_groups = sum(not g["prunable"] for g in cg.groups())
+            inner = sum(bool(layer.scope) for layer in am.layers)
             raise InputError(
                 f"removing channels with {method} reaches at most {best[0]:.3f} of the {budget} of this model "
-                f"(target {target:g}; {blocked_groups} channel group(s) cannot shrink, see onnxprune inspect); "
-                "lower --target-sparsity or prune unstructured"
+                f"(target {target:g}; {plural(blocked_groups, 'channel group')} cannot shrink"
+                + (f", {plural(inner, 'layer')} inside If / Loop / Scan bodies keep their channels" if inner else "")
+                + ", see onnxprune inspect); lower --target-sparsity or prune unstructured"
             )
         best = over  # the next whole-channel step past the target
     preferred = round_to

@@ -47,12 +47,27 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 def output_error(refs: list[np.ndarray], outs: list[np.ndarray]) -> np.ndarray:
     """Per sample, in percent: the squared error of each output relative to the reference output's squared
     norm, averaged over the outputs (0 = identical; 100 = as far off as an all-zero output)."""
+    samples = np.shape(refs[0])[0] if np.ndim(refs[0]) else 1
     per_output = []
     for ref, out in zip(refs, outs, strict=True):
-        r = np.asarray(ref, np.float64).reshape(len(ref), -1)
-        y = np.asarray(out, np.float64).reshape(len(out), -1)
+        r, y = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+        axis = _sample_axis(r.shape, samples)
+        if axis is None:  # no per-sample axis (a scalar, a table): its error counts for every sample
+            err = ((y - r) ** 2).sum() / max(float((r ** 2).sum()), 1e-12)
+            per_output.append(np.full(samples, err))
+            continue
+        r = np.moveaxis(r, axis, 0).reshape(samples, -1)
+        y = np.moveaxis(y, axis, 0).reshape(samples, -1)
         per_output.append(((y - r) ** 2).sum(axis=1) / np.maximum((r ** 2).sum(axis=1), 1e-12))
     return 100.0 * np.mean(per_output, axis=0)
+
+
+def _sample_axis(shape: tuple[int, ...], samples: int) -> int | None:
+    """The axis holding the samples: the leading one, else the first of that size (a recurrent state
+    (layers, batch, hidden))."""
+    if shape and shape[0] == samples:
+        return 0
+    return next((i for i, d in enumerate(shape) if d == samples), None)
 
 
 def class_scores(output_shapes: list[tuple | None]) -> bool:

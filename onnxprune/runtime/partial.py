@@ -28,6 +28,7 @@ import onnx_ir as ir
 from onnx import helper
 
 from onnxprune.analysis.graph import GraphInfo
+from onnxprune.analysis.shape_inference import outer_reads, proto_bodies
 from onnxprune.runtime.graph_io import weight_tensor_type
 from onnxprune.runtime.session import Session, create_session
 
@@ -117,7 +118,7 @@ class PartialEvaluator:
         const_nodes, produced_at, info = self._const_nodes, self._produced_at, self.info
         body = [n for n in self._nodes[start:end] if not (n.op_type == "Constant" and set(n.output) & weight_set)]
         body += [helper.make_node("Identity", [v], [f"{v}__cut"], name=f"{v}__tap") for v in taps]
-        used = {i for n in body for i in n.input if i} | set(outputs)
+        used = {i for n in body for i in _reads(n)} | set(outputs)
         cut = sorted(v for v in used if v in produced_at and produced_at[v] < start and v not in const_nodes
                      and v not in weight_set)
         moved = [const_nodes[v] for v in used if v in const_nodes and produced_at[v] < start and v not in weight_set]
@@ -265,3 +266,12 @@ def _all_values(model: ir.Model):
     yield from model.graph.initializers.values()
     for node in model.graph:
         yield from node.outputs
+
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The values a node reads: its inputs and what its bodies (If / Loop / Scan) read from around them."""
+    names = {i for i in node.input if i}
+    for body in proto_bodies(node):
+        names |= outer_reads(body)
+    return names

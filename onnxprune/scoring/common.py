@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
 from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
@@ -15,6 +17,7 @@ from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.metrics import class_scores
+from onnxprune.runtime.session import create_session
 
 __all__ = ["Progress", "ScoreRequest", "calibration", "choose_metric", "layer_entry", "owned_layers",
            "relative_to_max", "sample_count"]
@@ -58,6 +61,28 @@ def calibration(am: AnalysedModel, spec: rdata.DataSpec) -> tuple[list[Layer], s
     layers = owned_layers(am)
     provider, batches = calibration_batches(am.model, spec)
     return layers, provider, batches
+
+
+def untaken_branches(am: AnalysedModel, layers: list[Layer], batches: list, provider: str) -> dict[str, str]:
+    """Layer name -> why it is not scored, for the layers in an If branch the data never takes: measuring
+    them on this data would call them unimportant when the data just does not reach them."""
+    ifs = {layer.scope for layer in layers if layer.branch in ("then_branch", "else_branch")}
+    conditions = {node.name: node.inputs[0].name for node in am.model.graph if node.name in ifs}
+    if not conditions or not batches:
+        return {}
+    proto = ir.serde.serialize_model(am.model)
+    for name in dict.fromkeys(conditions.values()):
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+    session = create_session(proto.SerializeToString(), provider)
+    names = list(dict.fromkeys(conditions.values()))
+    seen: dict[str, set[bool]] = {name: set() for name in names}
+    for feeds, _ in batches:
+        for name, value in zip(names, session.run(feeds, names), strict=True):
+            seen[name].update(bool(v) for v in np.asarray(value).reshape(-1))
+    taken = {node: {branch for branch, value in (("then_branch", True), ("else_branch", False))
+                    if value in seen[cond]} for node, cond in conditions.items()}
+    return {layer.name: f"the data never takes {layer.scope}'s {layer.branch}" for layer in layers
+            if layer.scope in taken and layer.branch not in taken[layer.scope]}
 
 
 def sample_count(batches: list) -> int:

@@ -33,6 +33,7 @@ from onnxprune.scoring.common import (
     layer_entry,
     relative_to_max,
     sample_count,
+    untaken_branches,
 )
 from onnxprune.tensors.masks import magnitude_order, pruned_copy
 from onnxprune.tensors.weights import get_weight, set_weight
@@ -98,7 +99,7 @@ def layer_sensitivity(
             w = weights[name]
             set_weight(by_name[name], pruned_copy(w, magnitude_order(w), int(round(sp * w.size))))
         layers = [by_name[layer.name] for layer in layers]
-    evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.node.name], [layer.weight]) for layer in layers],
+    evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.main_node], [layer.weight]) for layer in layers],
                                  provider=provider)
     variants: dict[str, list[tuple[float, np.ndarray]]] = {}
     for layer in layers:
@@ -145,7 +146,7 @@ def layer_compactness(
     unmodified model; ``error`` for outputs that are not class scores), found by
     bisection over [0, max_sparsity] in ``steps`` halvings. The unmodified model runs once; each probe runs
     only the graph from the layer on, over the cached activations of every calibration batch."""
-    evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.node.name], [layer.weight]) for layer in layers],
+    evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.main_node], [layer.weight]) for layer in layers],
                                  provider=provider)
     cached = []
     ref = DropAccumulator()
@@ -207,13 +208,17 @@ def score_sensitivity(am: AnalysedModel, request: ScoreRequest, progress: Progre
     curves, base = layer_sensitivity(am.model, am.info, layers, batches, grid, provider=provider, progress=progress,
                                      at=at_sparsities)
     seconds = time.perf_counter() - t0
+    unscored = untaken_branches(am, layers, batches, provider)
     units = []
     for layer in layers:
         curve = curves[layer.name]
         drops = [curve_drop(p, base, metric) for p in curve[1:]]
         units.append({**layer_entry(am, layer), "curve": curve, "mean_drop": float(np.mean(drops))})
-    for u, imp in zip(units, relative_to_max([u["mean_drop"] for u in units]), strict=True):
-        u["importance"] = imp
+        if layer.name in unscored:  # kept whole by plans from these scores: the data says nothing of it
+            units[-1].update(curve=curve[:1], mean_drop=None, unscored=unscored[layer.name])
+    scored = relative_to_max([u["mean_drop"] for u in units if u["mean_drop"] is not None])
+    for u in units:
+        u["importance"] = 1.0 if u["mean_drop"] is None else scored.pop(0)
     return Scores(method="sensitivity", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
                   units=units, metric=metric,
                   options={"grid": list(grid), "samples": sample_count(batches), "data": request.data.record(),
@@ -234,11 +239,14 @@ def score_compactness(am: AnalysedModel, request: ScoreRequest, progress: Progre
     t0 = time.perf_counter()
     results, base = layer_compactness(am.model, am.info, layers, batches, request.tolerance, provider=provider,
                                       progress=progress, criterion=criterion)
+    unscored = untaken_branches(am, layers, batches, provider)
     units = []
     for layer in layers:
-        c = results[layer.name]["compactness"]
+        c = 0.0 if layer.name in unscored else results[layer.name]["compactness"]
         units.append({**layer_entry(am, layer), "metrics": {"compactness": c},
                       "importance": max(1.0 - c, 0.01), "criterion": results[layer.name]["criterion"]})
+        if layer.name in unscored:
+            units[-1]["unscored"] = unscored[layer.name]
     return Scores(method="compactness", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
                   units=units, metric="compactness",
                   options={"tolerance": request.tolerance, "samples": sample_count(batches),

@@ -29,7 +29,15 @@ from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
 from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
-from onnxprune.scoring.common import Progress, ScoreRequest, calibration, choose_metric, layer_entry, relative_to_max
+from onnxprune.scoring.common import (
+    Progress,
+    ScoreRequest,
+    calibration,
+    choose_metric,
+    layer_entry,
+    relative_to_max,
+    untaken_branches,
+)
 from onnxprune.tensors.weights import get_weight, out_in_axes
 
 __all__ = ["DEFAULT_MAX_MEMORY", "METRICS", "UNIT_KINDS", "check", "fresh_init", "fresh_norms", "score_srinit",
@@ -250,7 +258,7 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
         entries = {b.name: {"name": b.name, "kind": "block", "params": b.params, "flops": b.flops, "skip": b.skip,
                             "removable": b.removable, "layers": b.layers} for b in blocks}
     else:
-        unit_defs = [(layer.name, [layer.node.name], [layer]) for layer in layers]
+        unit_defs = [(layer.name, [layer.main_node], [layer]) for layer in layers]
         entries = {layer.name: {**layer_entry(am, layer), "kind": "layer"} for layer in layers}
     t0 = time.perf_counter()
     results, base = srinit_scores(am.model, am.info, unit_defs, batches, list(range(seed, seed + seeds)),
@@ -265,8 +273,13 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
         extra = {"drop_seed_std": r[f"{metric}_seed_std"]} if seeds > 1 else {}
         out.append({**entries[name], "drop": r[metric], "drop_se": r[f"{metric}_se"], **extra, "metrics": r,
                     "importance": r[metric]})
-    for u, imp in zip(out, relative_to_max([u["importance"] for u in out], absolute=True), strict=True):
-        u["importance"] = imp
+    unscored = untaken_branches(am, layers, batches, provider) if request.units == "layers" else {}
+    for u in out:
+        if u["name"] in unscored:  # the data never runs it: no drop to report, kept as important
+            u.update(drop=None, drop_se=None, importance=None, unscored=unscored[u["name"]])
+    scored = relative_to_max([u["importance"] for u in out if u["importance"] is not None], absolute=True)
+    for u in out:
+        u["importance"] = 1.0 if u["importance"] is None else scored.pop(0)
     return Scores(method="srinit", fingerprint=am.fingerprint, input_shapes=am.shapes_record,
                   units=out, metric=metric, unit_kind=request.units,
                   seed=seed,

@@ -9,6 +9,7 @@ from onnxprune.analysis.blocks import Block
 from onnxprune.analysis.input_shapes import describe_unknown
 from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
+from onnxprune.errors import plural
 from onnxprune.verbs.loading import InputShapesLike, ModelLike, open_model
 
 __all__ = ["InspectResult", "inspect", "summarise"]
@@ -74,6 +75,12 @@ def summarise(am: AnalysedModel, groups: bool = False, fingerprint: bool = True)
         notes.append("no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight) found")
     if info.shape_error:
         notes.append(info.shape_error)
+    scoped = sorted({layer.scope for layer in am.layers if layer.scope})
+    if scoped:
+        inner = sum(bool(layer.scope) for layer in am.layers)
+        notes.append(f"{plural(inner, 'layer')} inside the bodies of {', '.join(scoped)} (If / Loop / Scan): "
+                     "pruned unstructured or N:M, their channels kept; FLOPs count every branch, though one runs "
+                     "per call")
     if any(layer.flops is None for layer in am.layers):
         notes.append("FLOPs unknown for layers whose output shape could not be inferred")
     if am.unknown_dims:

@@ -1,4 +1,5 @@
-"""Opening a model for a verb: load, name its nodes (a pass), wrap it as an AnalysedModel."""
+"""Opening a model for a verb: load, name its nodes and hoist its bodies' weights (passes), wrap it as an
+AnalysedModel."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import onnx_ir as ir
 from onnxprune.analysis.input_shapes import merge_data_shapes, parse_input_shapes
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.io import load_model
-from onnxprune.passes import NameNodesPass
+from onnxprune.passes import HoistBodyWeightsPass, NameNodesPass
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import data_input_shapes
 
@@ -37,6 +38,7 @@ def open_model(model: ModelLike, check: bool = True, input_shapes: InputShapesLi
             path = Path(model)
             model = load_model(path, check=check)
         NameNodesPass()(model)
+        HoistBodyWeightsPass()(model)
         am = AnalysedModel(model, path)
     shapes = parse_input_shapes(input_shapes, am.model) if input_shapes else dict(am.input_shapes)
     if data is not None and data.given and (shapes or am.unknown_dims):

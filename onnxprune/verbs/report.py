@@ -54,7 +54,7 @@ def srinit_figure(scores: Scores, plan: Plan | None = None) -> str:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(units) + 2), 3.4))
     x = list(range(len(units)))
     colors = [REMOVED if u["name"] in removed else KEPT for u in units]
-    ax.bar(x, [u["drop"] for u in units], yerr=[u.get("drop_se") or 0 for u in units], color=colors,
+    ax.bar(x, [u["drop"] or 0 for u in units], yerr=[u.get("drop_se") or 0 for u in units], color=colors,
            error_kw={"elinewidth": 0.8, "ecolor": LINE})
     if threshold is not None:
         ax.axhline(threshold, color=LINE, linestyle="--", linewidth=1)
@@ -141,7 +141,8 @@ def build_report(scores: Scores | None = None, plan: Plan | None = None, sweep=N
         if scores.method == "srinit":
             parts.append(f"<figure id='srinit'>{srinit_figure(scores, plan)}</figure>")
             parts.append(_table(["#", scores.unit_kind[:-1], "params", "drop", "s.e.", "removed"],
-                                [[str(i), u["name"], f"{u.get('params', 0):,}", f"{u['drop']:.3f}",
+                                [[str(i), u["name"], f"{u.get('params', 0):,}",
+                                  "unscored" if u["drop"] is None else f"{u['drop']:.3f}",
                                   f"{u.get('drop_se') or 0:.3f}",
                                   "yes" if plan is not None and u["name"] in {b["name"] for b in plan.blocks} else ""]
                                  for i, u in enumerate(scores.units)]))
