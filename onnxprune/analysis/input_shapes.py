@@ -84,13 +84,14 @@ def _complete(shapes: InputShapes, inputs: dict[str, tuple]) -> InputShapes:
     sizes: dict[str, int] = {}
     for name, dims in shapes.items():
         for axis, d in enumerate(inputs[name]):
-            if isinstance(d, str) and axis < len(dims) and d not in batch_names:
+            if isinstance(d, str) and axis < len(dims) and (axis == 0 or d not in batch_names):
                 sizes.setdefault(d, dims[axis])
     done = dict(shapes)
     for name, declared in inputs.items():
         if name in done or not declared:
             continue
-        filled = tuple(d if isinstance(d, int) else sizes.get(d) if isinstance(d, str) else None for d in declared)
+        filled = tuple(d if isinstance(d, int) else None if not isinstance(d, str) or (axis and d in batch_names)
+                       else sizes.get(d) for axis, d in enumerate(declared))
         if all(isinstance(d, int) for d in filled):
             done[name] = filled
     return done
