@@ -165,10 +165,12 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
     if not todo or not batches:
         return report
     proto = ir.serde.serialize_model(model)
-    reference = with_outputs(proto, [layer.node.outputs[0].name for layer in todo])
+    elem = helper.np_dtype_to_tensor_dtype(np.asarray(get_weight(todo[0])).dtype)  # the activations' type
+    reference = with_outputs(proto, [layer.node.outputs[0].name for layer in todo], elem)
     masked, feeds_of = _masked(proto, consumers, todo, layers)
     ref_sess = create_session(reference.SerializeToString(), provider).session
     sess = create_session(masked.SerializeToString(), provider).session
+    dtypes = {layer.name: np.asarray(get_weight(layer)).dtype for layer in todo}  # fp16 models stay fp16
     weights = {layer.name: np.array(get_weight(layer), np.float32) for layer in todo}
     biases = {layer.name: (np.array(constant_array(b), np.float32) if (b := _bias_value(layer)) is not None
                            else None) for layer in todo}
@@ -187,7 +189,7 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
         y_norm = err_norm = y2 = 0.0
         for feeds in batches:
             y = _targets(ref_sess.run([layer.node.outputs[0].name], feeds)[0], layer).astype(np.float64)
-            x = sess.run([x_name], {**feeds, **_weight_feeds(weights, biases, feeds_of)})[0]
+            x = sess.run([x_name], {**feeds, **_weight_feeds(weights, biases, feeds_of, dtypes)})[0]
             a = _patches(x, layer)[:, rows].astype(np.float64)
             pred = a @ wm[rows].astype(np.float64) + (biases[layer.name] if has_bias else 0.0)
             err_norm += float(((pred - y) ** 2).sum())
@@ -212,19 +214,19 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
         if progress:
             progress(k + 1, len(todo))
     for layer in todo:
-        set_weight(layer, weights[layer.name])
+        set_weight(layer, weights[layer.name].astype(dtypes[layer.name]))
         b = _bias_value(layer)
         if b is not None:
-            b.const_value = ir.tensor(biases[layer.name], name=b.name)
+            b.const_value = ir.tensor(biases[layer.name].astype(dtypes[layer.name]), name=b.name)
     return report
 
 
-def _weight_feeds(weights: dict, biases: dict, feeds_of: dict) -> dict[str, np.ndarray]:
+def _weight_feeds(weights: dict, biases: dict, feeds_of: dict, dtypes: dict) -> dict[str, np.ndarray]:
     out = {}
     for name, (_, w_name, b_name) in feeds_of.items():
-        out[w_name] = weights[name]
+        out[w_name] = weights[name].astype(dtypes[name], copy=False)
         if b_name is not None:
-            out[b_name] = biases[name]
+            out[b_name] = biases[name].astype(dtypes[name], copy=False)
     return out
 
 
@@ -251,22 +253,23 @@ def _masked(proto: onnx.ModelProto, consumers: dict, todo: list[Layer], layers: 
             m = (mask.reshape(1, -1, *[1] * (len(layer.weight_shape) - 2)) if layer.op_type.startswith("Conv")
                  else mask)
             mname, out = f"{n.name}__inmask", f"{x}__masked_for_{n.name}"
-            p.graph.initializer.append(numpy_helper.from_array(m.astype(np.float32), mname))
+            dtype = np.asarray(get_weight(layer)).dtype  # the activations' type: float16 models stay float16
+            elem = helper.np_dtype_to_tensor_dtype(dtype)
+            p.graph.initializer.append(numpy_helper.from_array(m.astype(dtype), mname))
             new_nodes.append(helper.make_node("Mul", [x, mname], [out], name=f"{n.name}__mask"))
             n.input[data_index] = out
             if n.name in refit:
                 w_name = f"{n.name}__refit_w"
                 n.input[layer.weight_input] = w_name
-                p.graph.input.append(helper.make_tensor_value_info(w_name, onnx.TensorProto.FLOAT,
-                                                                   list(layer.weight_shape)))
+                p.graph.input.append(helper.make_tensor_value_info(w_name, elem, list(layer.weight_shape)))
                 b_name = None
                 if _bias_value(layer) is not None:
                     b_name = f"{n.name}__refit_b"
                     n.input[2] = b_name
                     outputs = layer.weight_shape[out_in_axes(layer)[0]]
-                    p.graph.input.append(helper.make_tensor_value_info(b_name, onnx.TensorProto.FLOAT, [outputs]))
+                    p.graph.input.append(helper.make_tensor_value_info(b_name, elem, [outputs]))
                 feeds_of[layer.name] = (out, w_name, b_name)
-                p.graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+                p.graph.output.append(helper.make_tensor_value_info(out, elem, None))
         new_nodes.append(n)
     del p.graph.node[:]
     p.graph.node.extend(new_nodes)

@@ -632,7 +632,8 @@ class OnnxModule(nn.Module):
         for ins in self.inserted:
             name = ins.weight + ".bias_folded"
             if ins.bias is None and name not in graph.initializers:
-                bias = ir.Value(name=name, const_value=ir.tensor(values[name], name=name))
+                dtype = self._dtype_of.get(ins.weight, values[name].dtype)  # the conv's own type (float16 models)
+                bias = ir.Value(name=name, const_value=ir.tensor(np.asarray(values[name], dtype=dtype), name=name))
                 graph.register_initializer(bias)
                 node = nodes[ins.node]
                 node.resize_inputs(3)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from onnxprune.errors import InputError
 from onnxprune.recovery.convert import BN_EPS, OnnxModule
 from onnxprune.recovery.options import FinetuneOptions
+from onnxprune.runtime.data import InputSpec
 from onnxprune.runtime.session import create_session
 
 __all__ = ["PRUNABLE_OPS", "ChannelMoments", "EpochRecord", "Progress", "TrainReport", "build_module", "recalibrate",
@@ -123,12 +124,16 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
     output = proto.graph.output[0].name
     samples = len(x)
     plain = create_session(proto.SerializeToString(), provider).session
-    stats_sess = create_session(with_outputs(proto, names).SerializeToString(), provider).session if names else None
+    elem = proto.graph.output[0].type.tensor_type.elem_type or onnx.TensorProto.FLOAT  # float16 models: float16
+    stats_sess = create_session(with_outputs(proto, names, elem).SerializeToString(), provider).session \
+        if names else None
     moments = {name: ChannelMoments() for name in names}
     fixed = plain.get_inputs()[0].shape[0]
     if isinstance(fixed, int) and fixed > 0:  # a graph that fixes its batch runs at that batch (last one padded)
         batch_size = fixed
         x = np.concatenate([x, np.zeros((-len(x) % fixed, *x.shape[1:]), x.dtype)])
+    first = plain.get_inputs()[0]
+    x = x.astype(InputSpec(first.name, first.type, first.shape).dtype or x.dtype, copy=False)  # float16 teachers
     n = len(x)
     logits, flipped = [], []
     total = n * (2 if flip else 1)

@@ -50,13 +50,14 @@ def _position(graph: onnx.GraphProto):
     return lambda name: order[name]
 
 
-def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``proto`` that also outputs the (float) values ``names``."""
+def with_outputs(proto: onnx.ModelProto, names: Iterable[str], elem_type: int = onnx.TensorProto.FLOAT
+                 ) -> onnx.ModelProto:
+    """A copy of ``proto`` that also outputs the values ``names`` (of ``elem_type``: float unless told)."""
     p = onnx.ModelProto()
     p.CopyFrom(proto)
     have = {o.name for o in p.graph.output}
     for name in names:
         if name not in have:
-            p.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            p.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
             have.add(name)
     return p
