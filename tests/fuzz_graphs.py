@@ -8,8 +8,10 @@ Two families, random in structure, widths, operator variants and opset:
   Flatten or Reshape into Gemm or MatMul + Add; height and width dynamic in half the graphs, as detector and
   OCR exports have them;
 - sequence: MatMul (+ Add bias) projections, attention (Reshape/Transpose heads, MatMul, Softmax),
-  LayerNormalization (pre- or post-norm), MLP with Gelu or Relu, residual Add, then ReduceMean or Flatten
-  into Gemm.
+  LayerNormalization (pre- or post-norm), MLP with Gelu or Relu, an LSTM / GRU / RNN over the tokens, or
+  two MLPs in the branches of an If the data chooses, residual Add, then ReduceMean or Flatten into Gemm;
+- float16: a vision graph converted to float16 weights and activations (float32 inputs and outputs kept,
+  onnxconverter-common's keep_io_types), as models are shipped for deployment.
 Weights are drawn at He scale so activations stay of order one (1e-4 tolerances are round-off, not scale).
 """
 
@@ -117,6 +119,35 @@ class _Builder:
         shift = self.const("beta", self.rng.normal(0, 0.1, d).astype(np.float32))
         return self.node("LayerNormalization", [x, scale, shift], axis=-1)
 
+    def recurrent(self, x: str, d: int, tokens: int, op: str) -> str:
+        """An LSTM / GRU / RNN over the tokens of x (N, tokens, d), hidden size d, back to (N, tokens, d)."""
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+        seq = self.node("Transpose", [x], perm=[1, 0, 2])  # (tokens, N, d)
+        w, r = self.weight("W", (1, gates * d, d), d), self.weight("R", (1, gates * d, d), d)
+        bias = self.const("B", (0.1 * self.rng.standard_normal((1, 2 * gates * d))).astype(np.float32))
+        y = self.node(op, [seq, w, r, bias], hidden_size=d)  # (tokens, 1, N, d)
+        y = self.node("Squeeze", [y, self.const("axis1", np.array([1], np.int64))])
+        return self.node("Transpose", [y], perm=[1, 0, 2])
+
+    def branches(self, x: str, d: int, act: str) -> str:
+        """If the input's sum is positive (the data decides, per batch): an MLP, else another MLP; both
+        branches read x and their weights from the main graph (outer scope)."""
+        outer_nodes, self.nodes = self.nodes, []
+        then_y = self.linear(self.act(self.linear(x, d, 2 * d), act), 2 * d, d)
+        then_nodes, self.nodes = self.nodes, []
+        else_y = self.linear(self.node("Relu", [self.linear(x, d, d)]), d, d)
+        else_nodes, self.nodes = self.nodes, outer_nodes
+        cond = self.node("Greater", [self.node("ReduceSum", [x], keepdims=0),
+                                     self.const("zero", np.array(0.0, np.float32))])
+        y = self.name("if_out")
+        then_body = helper.make_graph(then_nodes, self.name("then"), [], [helper.make_tensor_value_info(
+            then_y, TensorProto.FLOAT, None)])
+        else_body = helper.make_graph(else_nodes, self.name("else"), [], [helper.make_tensor_value_info(
+            else_y, TensorProto.FLOAT, None)])
+        self.nodes.append(helper.make_node("If", [cond], [y], name=self.name("If"), then_branch=then_body,
+                                           else_branch=else_body))
+        return y
+
     def join(self, a: str, b: str, op: str) -> str:
         return self.node(op, [a, b])
 
@@ -203,9 +234,14 @@ def sequence_graphs(draw) -> onnx.ModelProto:
     x = b.linear("input", 8, d)  # token embedding from 8 input features
     pre_norm = draw(st.booleans())
     for _ in range(draw(st.integers(1, 2))):
-        for part in draw(st.permutations(["attention", "mlp"])):
+        parts = draw(st.permutations(["attention", draw(st.sampled_from(["mlp", "mlp", "recurrent", "if"]))]))
+        for part in parts:
             h = b.layernorm(x, d) if pre_norm else x
-            if part == "attention":
+            if part == "recurrent":
+                y = b.recurrent(h, d, tokens, draw(st.sampled_from(["LSTM", "GRU", "RNN"])))
+            elif part == "if":
+                y = b.branches(h, d, act)
+            elif part == "attention":
                 dh = d // heads
 
                 def split(v):
@@ -238,8 +274,19 @@ def sequence_graphs(draw) -> onnx.ModelProto:
     return b.model([inp], [tensor("logits", "N", CLASSES)])
 
 
+@st.composite
+def float16_graphs(draw) -> onnx.ModelProto:
+    import warnings
+
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float16.convert_float_to_float16(draw(vision_graphs()), keep_io_types=True)
+
+
 def graphs() -> st.SearchStrategy[onnx.ModelProto]:
-    return st.one_of(vision_graphs(), sequence_graphs())
+    return st.one_of(vision_graphs(), sequence_graphs(), float16_graphs())
 
 
 def sample_input(proto: onnx.ModelProto, n: int, seed: int = 0) -> np.ndarray:

@@ -165,8 +165,8 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
     if not todo or not batches:
         return report
     proto = ir.serde.serialize_model(model)
-    elem = helper.np_dtype_to_tensor_dtype(np.asarray(get_weight(todo[0])).dtype)  # the activations' type
-    reference = with_outputs(proto, [layer.node.outputs[0].name for layer in todo], elem)
+    reference = with_outputs(proto, [layer.node.outputs[0].name for layer in todo],
+                             helper.np_dtype_to_tensor_dtype(np.asarray(get_weight(todo[0])).dtype))
     masked, feeds_of = _masked(proto, consumers, todo, layers)
     ref_sess = create_session(reference.SerializeToString(), provider).session
     sess = create_session(masked.SerializeToString(), provider).session

@@ -370,7 +370,10 @@ def _div(mod, s, a, b):
 
 
 def _cast(mod, s, x):
-    return x.to(_torch_dtype(s.attrs["to"]))
+    dtype = _torch_dtype(s.attrs["to"])
+    if dtype.is_floating_point and x.is_floating_point():  # training runs in float32 (weights are float32
+        return x.float()                                    # copies, written back in their own type)
+    return x.to(dtype)
 
 
 def _expand(mod, s, x, shape):

@@ -124,9 +124,8 @@ def teacher_outputs(teacher: ir.Model | str | os.PathLike, x: np.ndarray, batch_
     output = proto.graph.output[0].name
     samples = len(x)
     plain = create_session(proto.SerializeToString(), provider).session
-    elem = proto.graph.output[0].type.tensor_type.elem_type or onnx.TensorProto.FLOAT  # float16 models: float16
-    stats_sess = create_session(with_outputs(proto, names, elem).SerializeToString(), provider).session \
-        if names else None
+    stats_sess = create_session(with_outputs(proto, names, None).SerializeToString(), provider).session \
+        if names else None  # (each tensor in its own type: float16 models)
     moments = {name: ChannelMoments() for name in names}
     fixed = plain.get_inputs()[0].shape[0]
     if isinstance(fixed, int) and fixed > 0:  # a graph that fixes its batch runs at that batch (last one padded)

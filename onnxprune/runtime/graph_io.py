@@ -50,14 +50,28 @@ def _position(graph: onnx.GraphProto):
     return lambda name: order[name]
 
 
-def with_outputs(proto: onnx.ModelProto, names: Iterable[str], elem_type: int = onnx.TensorProto.FLOAT
+def with_outputs(proto: onnx.ModelProto, names: Iterable[str], elem_type: int | None = onnx.TensorProto.FLOAT
                  ) -> onnx.ModelProto:
-    """A copy of ``proto`` that also outputs the values ``names`` (of ``elem_type``: float unless told)."""
+    """A copy of ``proto`` that also outputs the values ``names``, of ``elem_type`` (None: each value's own
+    type as ONNX's shape inference finds it, float where it finds none: float16 graphs)."""
     p = onnx.ModelProto()
     p.CopyFrom(proto)
+    names = list(names)
+    types = _value_types(proto, names) if elem_type is None else {}
     have = {o.name for o in p.graph.output}
     for name in names:
         if name not in have:
-            p.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
+            p.graph.output.append(helper.make_tensor_value_info(
+                name, types.get(name, elem_type or onnx.TensorProto.FLOAT), None))
             have.add(name)
     return p
+
+
+def _value_types(proto: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - e.g. over 2 GB: float it is
+        return {}
+    wanted = set(names)
+    return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
+            if vi.name in wanted and vi.type.tensor_type.elem_type}
