@@ -10,7 +10,8 @@ import onnx_ir as ir
 from onnxprune.analysis.shape_inference import dim_value, fold_small_constants, infer_shapes
 
 __all__ = ["FLOAT_TYPES", "GraphInfo", "analyse_graph", "const_shape", "constant_array", "constant_source",
-           "dim_value", "fold_small_constants", "infer_shapes", "node_bodies", "numel", "per_sample_count"]
+           "dim_value", "fold_small_constants", "infer_shapes", "node_bodies", "numel", "per_sample_count",
+           "stored_value"]
 
 FLOAT_TYPES = {
     ir.DataType.FLOAT,
@@ -76,6 +77,16 @@ def node_bodies(node: ir.Node) -> list[ir.Graph]:
     return out
 
 
+def stored_value(value: ir.Value) -> ir.Value:
+    """The value a weight is stored in: ``value`` itself, or the one behind the Cast / Identity nodes that
+    convert it (a weight kept in bfloat16 or float16 and cast to the layer's type)."""
+    while (value.const_value is None and value.producer() is not None
+           and value.producer().op_type in ("Cast", "Identity") and value.producer().inputs
+           and value.producer().inputs[0] is not None):
+        value = value.producer().inputs[0]
+    return value
+
+
 def constant_source(value: ir.Value) -> ir.Value | ir.Node | None:
     """The initializer value or Constant node a value comes from (through pass-through ops), else None."""
     seen = 0
@@ -117,6 +128,8 @@ def const_shape(value: ir.Value) -> tuple[int, ...] | None:
             return tuple(int(d) for d in attr.as_tensor().shape)
     if value.shape is not None and all(isinstance(d, int) for d in value.shape):
         return tuple(value.shape)
+    if stored_value(value) is not value:
+        return const_shape(stored_value(value))  # a weight stored in another type (bfloat16, float16) and cast
     return None
 
 

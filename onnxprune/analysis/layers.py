@@ -20,6 +20,7 @@ from onnxprune.analysis.graph import (
     constant_source,
     numel,
     per_sample_count,
+    stored_value,
 )
 
 __all__ = ["CHANNEL_OPS", "PRUNABLE_OPS", "RECURRENT_OPS", "Layer", "find_layers", "model_params", "nodes_in_scope",
@@ -150,7 +151,8 @@ def _recurrent_layers(info: GraphInfo, node: ir.Node, first_use: dict[int, str])
         else:
             bias = None
         flops = None if steps is None else 2 * steps * shape[0] * shape[1] * shape[2]
-        layers.append(Layer(name=f"{node.name}.{part}", op_type=node.op_type, weight=value.name, weight_shape=shape,
+        layers.append(Layer(name=f"{node.name}.{part}", op_type=node.op_type, weight=stored_value(value).name,
+                            weight_shape=shape,
                             params=params, flops=flops, weight_input=w_idx,
                             bias=bias.name if bias is not None else None, shared_with=shared, node=node))
     return layers
@@ -225,7 +227,7 @@ def find_layers(info: GraphInfo) -> list[Layer]:
             Layer(
                 name=node.name,
                 op_type=node.op_type,
-                weight=w_val.name,
+                weight=stored_value(w_val).name,
                 weight_shape=w_shape,
                 params=params,
                 flops=_flops(info, node, w_shape, w_idx),

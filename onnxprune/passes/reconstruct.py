@@ -31,7 +31,7 @@ from onnxprune.analysis.graph import constant_array
 from onnxprune.analysis.layers import Layer
 from onnxprune.runtime.graph_io import with_outputs
 from onnxprune.runtime.session import create_session
-from onnxprune.tensors.weights import get_weight, out_in_axes, set_weight
+from onnxprune.tensors.weights import compute_dtype, get_weight, out_in_axes, set_weight
 
 __all__ = ["ReconstructReport", "RefitPass", "reconstruct"]
 
@@ -166,11 +166,12 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
         return report
     proto = ir.serde.serialize_model(model)
     reference = with_outputs(proto, [layer.node.outputs[0].name for layer in todo],
-                             helper.np_dtype_to_tensor_dtype(np.asarray(get_weight(todo[0])).dtype))
+                             helper.np_dtype_to_tensor_dtype(compute_dtype(todo[0])))
     masked, feeds_of = _masked(proto, consumers, todo, layers)
     ref_sess = create_session(reference.SerializeToString(), provider).session
     sess = create_session(masked.SerializeToString(), provider).session
-    dtypes = {layer.name: np.asarray(get_weight(layer)).dtype for layer in todo}  # fp16 models stay fp16
+    stored = {layer.name: np.asarray(get_weight(layer)).dtype for layer in todo}  # written back in it
+    dtypes = {layer.name: compute_dtype(layer) for layer in todo}  # fed in it (float16 models: float16)
     weights = {layer.name: np.array(get_weight(layer), np.float32) for layer in todo}
     biases = {layer.name: (np.array(constant_array(b), np.float32) if (b := _bias_value(layer)) is not None
                            else None) for layer in todo}
@@ -214,10 +215,10 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
         if progress:
             progress(k + 1, len(todo))
     for layer in todo:
-        set_weight(layer, weights[layer.name].astype(dtypes[layer.name]))
+        set_weight(layer, weights[layer.name].astype(stored[layer.name]))
         b = _bias_value(layer)
         if b is not None:
-            b.const_value = ir.tensor(biases[layer.name].astype(dtypes[layer.name]), name=b.name)
+            b.const_value = ir.tensor(biases[layer.name].astype(constant_array(b).dtype), name=b.name)
     return report
 
 
@@ -253,7 +254,7 @@ def _masked(proto: onnx.ModelProto, consumers: dict, todo: list[Layer], layers: 
             m = (mask.reshape(1, -1, *[1] * (len(layer.weight_shape) - 2)) if layer.op_type.startswith("Conv")
                  else mask)
             mname, out = f"{n.name}__inmask", f"{x}__masked_for_{n.name}"
-            dtype = np.asarray(get_weight(layer)).dtype  # the activations' type: float16 models stay float16
+            dtype = compute_dtype(layer)  # the activations' type: float16 models stay float16
             elem = helper.np_dtype_to_tensor_dtype(dtype)
             p.graph.initializer.append(numpy_helper.from_array(m.astype(dtype), mname))
             new_nodes.append(helper.make_node("Mul", [x, mname], [out], name=f"{n.name}__mask"))

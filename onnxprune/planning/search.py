@@ -30,7 +30,7 @@ from onnxprune.runtime.graph_io import weights_as_inputs
 from onnxprune.runtime.metrics import log_softmax, output_error
 from onnxprune.runtime.session import create_session
 from onnxprune.tensors.masks import magnitude_order, pruned_copy
-from onnxprune.tensors.weights import get_weight
+from onnxprune.tensors.weights import get_weight, require_runtime_types
 
 __all__ = ["SearchLog", "search_allocation"]
 
@@ -95,6 +95,7 @@ def search_allocation(
     feeds: list[dict[str, np.ndarray]], *, iterations: int = 150, seed: int = 0, provider: str = "cpu",
     progress: Callable[[int, int], None] | None = None, metric: str = "kl",
 ) -> tuple[np.ndarray, SearchLog]:
+    require_runtime_types([u.layer for u in units], "the search")
     objective = _Objective(model, units, feeds, provider, metric)
     lo = np.array([u.lo for u in units])
     hi = np.array([u.hi for u in units])

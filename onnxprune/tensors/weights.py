@@ -6,16 +6,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.analysis.graph import constant_array
+from onnxprune.analysis.graph import constant_array, stored_value
 from onnxprune.analysis.layers import Layer, out_in_axes
-from onnxprune.errors import InputError
+from onnxprune.errors import InputError, plural
 from onnxprune.io import release
 
-__all__ = ["as_matrix", "get_weight", "lazy_from", "out_in_axes", "release_weight", "set_weight"]
+__all__ = ["as_matrix", "compute_dtype", "get_weight", "lazy_from", "out_in_axes", "release_weight",
+           "require_runtime_types", "set_weight"]
 
 
 def _source(layer: Layer) -> ir.Value | ir.Node:
-    value = layer.node.inputs[layer.weight_input]
+    """Where the layer's weight is stored: an initializer or Constant node, behind Cast / Identity nodes (a
+    weight kept in bfloat16 or float16 and cast for the layer): rewritten there, in its stored type."""
+    value = stored_value(layer.node.inputs[layer.weight_input])
     if value.const_value is not None:
         return value
     node = value.producer()
@@ -31,6 +34,25 @@ def get_weight(layer: Layer) -> np.ndarray:
     """The layer's weight as a (read-only, possibly memory-mapped) array in its ONNX layout."""
     _source(layer)  # a clear error for weights onnxprune cannot rewrite
     return constant_array(layer.node.inputs[layer.weight_input])
+
+
+def compute_dtype(layer: Layer) -> np.dtype:
+    """The type the layer computes in: its weight's, or the one a Cast in front of the layer converts it to."""
+    value = layer.node.inputs[layer.weight_input]
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Cast" and value.const_value is None:
+        return ir.DataType(producer.attributes.get_int("to")).numpy()
+    return np.asarray(get_weight(layer)).dtype
+
+
+def require_runtime_types(layers: list[Layer], what: str) -> None:
+    """Refuse in one line to run ``what`` (e.g. "channel removal") on weights stored as bfloat16: numpy has
+    no bfloat16 that ONNX Runtime takes, and measured scores, the refit and training feed weights through it."""
+    stored = [layer.name for layer in layers if (tensor := stored_value(layer.node.inputs[layer.weight_input])
+                                                 .const_value) is not None and tensor.dtype == ir.DataType.BFLOAT16]
+    if stored:
+        raise InputError(f"{what} does not run on bfloat16 weights yet ({plural(len(stored), 'layer')}, e.g. "
+                         f"{stored[0]!r}); prune them unstructured or N:M (capacity or rule-based plans)")
 
 
 def release_weight(layer: Layer) -> None:

@@ -1,0 +1,63 @@
+"""Weights stored in bfloat16 and cast for the layer (issue 17): found through the Cast, pruned unstructured
+and N:M where they are stored, in their own type; what would feed them to ONNX Runtime from numpy (measured
+scores, channel removal, finetune) refuses in one line."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxprune import api
+from onnxprune.errors import InputError
+from tests.unit.nets import save, write_npz
+
+
+def _bf16(name: str, *shape, seed: int) -> onnx.TensorProto:
+    a = (np.random.default_rng(seed).standard_normal(shape) * 0.3).astype(ml_dtypes.bfloat16)
+    return helper.make_tensor(name, TensorProto.BFLOAT16, shape, a.view(np.uint16).tobytes(), raw=True)
+
+
+def _bf16_net() -> onnx.ModelProto:
+    nodes = [helper.make_node("Cast", ["w1"], ["w1f"], name="cast_w1", to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["x", "w1f"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Cast", ["wf"], ["wff"], name="cast_wf", to=TensorProto.FLOAT),
+             helper.make_node("Gemm", ["f", "wff"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [_bf16("w1", 8, 3, 3, 3, seed=1), _bf16("wf", 5, 8, seed=2)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_bfloat16_weights_prune_in_their_own_type(tmp_path):
+    path = save(_bf16_net(), tmp_path / "bf16.onnx")
+    found = api.inspect(path)
+    assert [(layer.name, layer.weight, layer.weight_shape) for layer in found.layers] == [
+        ("conv", "w1", (8, 3, 3, 3)), ("fc", "wf", (5, 8))]
+    plan = api.allocate(path, method="capacity", scores=api.score(path, "capacity"), target_sparsity=0.5)
+    for granularity in ("unstructured", "n:m"):
+        out = api.apply(path, plan, tmp_path / f"{granularity[0]}.onnx", granularity=granularity)
+        stored = {t.name: t for t in onnx.load(str(out.path)).graph.initializer}
+        assert {t.data_type for t in stored.values()} == {TensorProto.BFLOAT16}
+        # unstructured: the conv at its planned sparsity; 2:4: the fc (the conv's 3 inputs are not a multiple of 4)
+        name, want = ("w1", plan.layers[0]["zeros"] / 216) if granularity == "unstructured" else ("wf", 0.5)
+        assert float(np.mean(onnx.numpy_helper.to_array(stored[name]) == 0)) == pytest.approx(want)
+
+
+def test_what_feeds_bfloat16_weights_through_numpy_refuses_in_one_line(tmp_path):
+    path = save(_bf16_net(), tmp_path / "bf16.onnx")
+    data = write_npz(tmp_path / "d.npz", 16, 3, 8, 8)
+    with pytest.raises(InputError, match="scoring on data does not run on bfloat16 weights"):
+        api.score(path, "sensitivity", data=data)
+    channels = api.allocate(path, method="uniform", granularity="channel", target_sparsity=0.3)
+    with pytest.raises(InputError, match="channel removal does not run on bfloat16 weights"):
+        api.apply(path, channels, tmp_path / "c.onnx")
+    with pytest.raises(InputError, match="does not train bfloat16"):
+        api.finetune(path, data, tmp_path / "t.onnx")
