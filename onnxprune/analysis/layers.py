@@ -55,6 +55,19 @@ class Layer:
         """The name of the main-graph node that runs this layer: its own, or the If / Loop / Scan around it."""
         return self.scope or self.node.name
 
+    @property
+    def main_nodes(self) -> list[str]:
+        """The main-graph nodes a run with another weight must start from: ``main_node``, and the Cast /
+        Identity nodes that convert a weight stored in another type (bfloat16) on its way to the layer."""
+        names = [self.main_node]
+        value = self.node.inputs[self.weight_input]
+        while value is not stored_value(value):
+            producer = value.producer()
+            if producer.graph is self.node.graph and self.scope is None:
+                names.append(producer.name)
+            value = producer.inputs[0]
+        return names
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,

@@ -30,7 +30,7 @@ from onnxprune.runtime.graph_io import weights_as_inputs
 from onnxprune.runtime.metrics import log_softmax, output_error
 from onnxprune.runtime.session import create_session
 from onnxprune.tensors.masks import magnitude_order, pruned_copy
-from onnxprune.tensors.weights import get_weight, require_runtime_types
+from onnxprune.tensors.weights import get_weight
 
 __all__ = ["SearchLog", "search_allocation"]
 
@@ -55,8 +55,8 @@ class _Objective:
                  provider: str, metric: str = "kl"):
         names = {u.layer.weight for u in units}
         proto = weights_as_inputs(ir.serde.serialize_model(model), names)
-        self.session = create_session(proto.SerializeToString(), provider).session
-        self.outputs = [o.name for o in self.session.get_outputs()][:1 if metric == "kl" else None]
+        self.session = create_session(proto.SerializeToString(), provider)  # (it feeds bfloat16 weights too)
+        self.outputs = [o.name for o in self.session.session.get_outputs()][:1 if metric == "kl" else None]
         self.metric = metric
         self.units = units
         self.dense = {u.layer.weight: np.asarray(get_weight(u.layer)) for u in units}
@@ -66,7 +66,7 @@ class _Objective:
         self.evaluations = 0
 
     def _run(self, feeds, weights) -> list[np.ndarray]:
-        return self.session.run(self.outputs, {**feeds, **weights})
+        return self.session.run({**feeds, **weights}, self.outputs)
 
     def weights(self, sparsities: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -95,7 +95,6 @@ def search_allocation(
     feeds: list[dict[str, np.ndarray]], *, iterations: int = 150, seed: int = 0, provider: str = "cpu",
     progress: Callable[[int, int], None] | None = None, metric: str = "kl",
 ) -> tuple[np.ndarray, SearchLog]:
-    require_runtime_types([u.layer for u in units], "the search")
     objective = _Objective(model, units, feeds, provider, metric)
     lo = np.array([u.lo for u in units])
     hi = np.array([u.hi for u in units])

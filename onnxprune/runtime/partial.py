@@ -30,7 +30,7 @@ from onnx import helper
 from onnxprune.analysis.graph import GraphInfo
 from onnxprune.analysis.shape_inference import outer_reads, proto_bodies
 from onnxprune.runtime.graph_io import weight_tensor_type
-from onnxprune.runtime.session import Session, create_session
+from onnxprune.runtime.session import Session, create_session, ort_value
 
 __all__ = ["INJECTED", "Bound", "Part", "PartialEvaluator"]
 
@@ -230,7 +230,7 @@ class PartialEvaluator:
             return Bound(suffix, suffix.session, self.output_names, feeds=dict(weights))
         names = list(suffix.part.weights)
         arrays = [np.require(weights[n], requirements="C") for n in names]
-        values = [_ort().OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        values = [ort_value(a) for a in arrays]
         session = create_session(suffix.model, self.provider, self.threads, spin=False,
                                  external=dict(zip(names, values, strict=True)))
         return Bound(suffix, session, self.output_names, keep=arrays + values)

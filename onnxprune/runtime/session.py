@@ -9,7 +9,7 @@ import onnxruntime as ort
 
 from onnxprune.errors import InputError
 
-__all__ = ["PROVIDERS", "Session", "create_session"]
+__all__ = ["PROVIDERS", "Session", "create_session", "ort_value"]
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _CUDA = "CUDAExecutionProvider"
@@ -27,7 +27,22 @@ class Session:
         return [i.name for i in self.session.get_inputs()]
 
     def run(self, feeds: dict, outputs: list[str] | None = None):
-        return self.session.run(outputs, feeds)
+        return self.session.run(outputs, {k: ort_value(v) if _bfloat16(v) else v for k, v in feeds.items()})
+
+
+def _bfloat16(array) -> bool:
+    return getattr(array, "dtype", None) is not None and array.dtype.name == "bfloat16"
+
+
+def ort_value(array) -> ort.OrtValue:
+    """An OrtValue of a C-contiguous array; bfloat16 (ml_dtypes) ones too, which ONNX Runtime takes from numpy
+    only this way."""
+    if _bfloat16(array):
+        import numpy as np
+        from onnx import TensorProto
+
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def _options(threads: int | None = None, external: dict | None = None, spin: bool = True,

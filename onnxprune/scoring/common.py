@@ -18,7 +18,6 @@ from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.metrics import class_scores
 from onnxprune.runtime.session import create_session
-from onnxprune.tensors.weights import require_runtime_types
 
 __all__ = ["Progress", "ScoreRequest", "calibration", "choose_metric", "layer_entry", "owned_layers",
            "relative_to_max", "sample_count"]
@@ -60,7 +59,6 @@ def layer_entry(am: AnalysedModel, layer: Layer) -> dict:
 def calibration(am: AnalysedModel, spec: rdata.DataSpec) -> tuple[list[Layer], str, list]:
     """The layers to score, the provider ONNX Runtime really gave, and every calibration batch."""
     layers = owned_layers(am)
-    require_runtime_types(layers, "scoring on data")
     provider, batches = calibration_batches(am.model, spec)
     return layers, provider, batches
 

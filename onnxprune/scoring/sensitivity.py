@@ -99,7 +99,7 @@ def layer_sensitivity(
             w = weights[name]
             set_weight(by_name[name], pruned_copy(w, magnitude_order(w), int(round(sp * w.size))))
         layers = [by_name[layer.name] for layer in layers]
-    evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.main_node], [layer.weight]) for layer in layers],
+    evaluator = PartialEvaluator(model, info, [Part(layer.name, layer.main_nodes, [layer.weight]) for layer in layers],
                                  provider=provider)
     variants: dict[str, list[tuple[float, np.ndarray]]] = {}
     for layer in layers:
@@ -146,7 +146,7 @@ def layer_compactness(
     unmodified model; ``error`` for outputs that are not class scores), found by
     bisection over [0, max_sparsity] in ``steps`` halvings. The unmodified model runs once; each probe runs
     only the graph from the layer on, over the cached activations of every calibration batch."""
-    evaluator = PartialEvaluator(model, info, [Part(layer.name, [layer.main_node], [layer.weight]) for layer in layers],
+    evaluator = PartialEvaluator(model, info, [Part(layer.name, layer.main_nodes, [layer.weight]) for layer in layers],
                                  provider=provider)
     cached = []
     ref = DropAccumulator()

@@ -258,7 +258,7 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
         entries = {b.name: {"name": b.name, "kind": "block", "params": b.params, "flops": b.flops, "skip": b.skip,
                             "removable": b.removable, "layers": b.layers} for b in blocks}
     else:
-        unit_defs = [(layer.name, [layer.main_node], [layer]) for layer in layers]
+        unit_defs = [(layer.name, layer.main_nodes, [layer]) for layer in layers]
         entries = {layer.name: {**layer_entry(am, layer), "kind": "layer"} for layer in layers}
     t0 = time.perf_counter()
     results, base = srinit_scores(am.model, am.info, unit_defs, batches, list(range(seed, seed + seeds)),

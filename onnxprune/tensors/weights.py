@@ -46,8 +46,8 @@ def compute_dtype(layer: Layer) -> np.dtype:
 
 
 def require_runtime_types(layers: list[Layer], what: str) -> None:
-    """Refuse in one line to run ``what`` (e.g. "channel removal") on weights stored as bfloat16: numpy has
-    no bfloat16 that ONNX Runtime takes, and measured scores, the refit and training feed weights through it."""
+    """Refuse in one line to run ``what`` (channel removal) on weights stored as bfloat16: its shrink and refit
+    rewrite the layer's input, not the stored tensor behind its Cast."""
     stored = [layer.name for layer in layers if (tensor := stored_value(layer.node.inputs[layer.weight_input])
                                                  .const_value) is not None and tensor.dtype == ir.DataType.BFLOAT16]
     if stored:

@@ -1,6 +1,6 @@
 """Weights stored in bfloat16 and cast for the layer (issue 17): found through the Cast, pruned unstructured
-and N:M where they are stored, in their own type; what would feed them to ONNX Runtime from numpy (measured
-scores, channel removal, finetune) refuses in one line."""
+and N:M where they are stored, in their own type, and measured on data (fed as bfloat16 OrtValues); channel
+removal and finetune refuse them in one line."""
 
 from __future__ import annotations
 
@@ -51,11 +51,21 @@ def test_bfloat16_weights_prune_in_their_own_type(tmp_path):
         assert float(np.mean(onnx.numpy_helper.to_array(stored[name]) == 0)) == pytest.approx(want)
 
 
-def test_what_feeds_bfloat16_weights_through_numpy_refuses_in_one_line(tmp_path):
+def test_bfloat16_weights_are_measured_on_data(tmp_path):
+    """Scores on data replace the stored bfloat16 tensor (fed as an OrtValue of that type) before its Cast."""
     path = save(_bf16_net(), tmp_path / "bf16.onnx")
     data = write_npz(tmp_path / "d.npz", 16, 3, 8, 8)
-    with pytest.raises(InputError, match="scoring on data does not run on bfloat16 weights"):
-        api.score(path, "sensitivity", data=data)
+    sens = api.score(path, "sensitivity", data=data, grid=(0.5, 0.9))
+    assert all(u["mean_drop"] > 0 for u in sens.units)
+    sr = api.score(path, "srinit", data=data, units="layers", metric="kl")
+    assert all(u["drop"] > 0 for u in sr.units)
+    plan = api.allocate(path, method="search", target_sparsity=0.5, data=data, iterations=4)
+    assert plan.totals["params_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_channel_removal_and_finetune_refuse_bfloat16_weights_in_one_line(tmp_path):
+    path = save(_bf16_net(), tmp_path / "bf16.onnx")
+    data = write_npz(tmp_path / "d.npz", 16, 3, 8, 8)
     channels = api.allocate(path, method="uniform", granularity="channel", target_sparsity=0.3)
     with pytest.raises(InputError, match="channel removal does not run on bfloat16 weights"):
         api.apply(path, channels, tmp_path / "c.onnx")
