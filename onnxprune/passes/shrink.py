@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.channels import ChannelGraph, Edit
-from onnxprune.analysis.graph import constant_array
+from onnxprune.analysis.graph import constant_array, stored_value
 from onnxprune.analysis.layers import out_in_axes
 from onnxprune.tensors.weights import get_weight, lazy_from
 
@@ -93,7 +93,8 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
     layers_by_node = {layer.node: layer for layer in cg.layers.values()}
     for node, axes in weight_keep.items():
         layer = layers_by_node[node]
-        src = node.inputs[layer.weight_input]
+        reader, index = _stored_reader(node, layer.weight_input)
+        src = reader.inputs[index]
         w = np.asarray(get_weight(layer))
         cut = {axis: keep for axis, keep in axes.items() if len(keep) != w.shape[axis]}
         if not cut:
@@ -106,10 +107,20 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
             new = lazy_from(src.const_value, lambda a, c=cut: _take(a, c), tuple(shape))
         else:
             new = _take(w, cut)
-        node.replace_input_with(layer.weight_input, _new_initializer(graph, src.name, new))
+        reader.replace_input_with(index, _new_initializer(graph, src.name, new))
         done += 1
     _forget_shapes(graph)
     return done
+
+
+def _stored_reader(node: ir.Node, index: int) -> tuple[ir.Node, int]:
+    """The node and input index that read a weight where it is stored: the layer itself, or the first of the
+    Cast / Identity nodes that convert a weight kept in another type (bfloat16) for it."""
+    value = node.inputs[index]
+    while value is not stored_value(value):
+        node, index = value.producer(), 0
+        value = node.inputs[0]
+    return node, index
 
 
 def _param(graph: ir.Graph, edit: Edit, keep: list[int]) -> None:

@@ -491,12 +491,13 @@ class OnnxModule(nn.Module):
                 continue
             arr = value.const_value.numpy()
             self._dtype_of[name] = arr.dtype
-            if np.issubdtype(arr.dtype, np.floating) and arr.size > 1 and name not in stat_inputs:
+            floating = np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"  # (ml_dtypes)
+            if floating and arr.size > 1 and name not in stat_inputs:
                 self._param_of[name] = len(self.params)
                 self.params.append(nn.Parameter(torch.from_numpy(np.array(arr, np.float32))))
             else:
                 key = f"const{len(self._buffer_of)}"
-                t = torch.from_numpy(np.array(arr, np.float32 if np.issubdtype(arr.dtype, np.floating) else arr.dtype))
+                t = torch.from_numpy(np.array(arr, np.float32 if floating else arr.dtype))
                 self.register_buffer(key, t.reshape(arr.shape))
                 self._buffer_of[name] = key
         self.input_names = [v.name for v in graph.inputs if v.name not in initializers]

@@ -8,11 +8,11 @@ import onnx_ir as ir
 
 from onnxprune.analysis.graph import constant_array, stored_value
 from onnxprune.analysis.layers import Layer, out_in_axes
-from onnxprune.errors import InputError, plural
+from onnxprune.errors import InputError
 from onnxprune.io import release
 
 __all__ = ["as_matrix", "compute_dtype", "get_weight", "lazy_from", "out_in_axes", "release_weight",
-           "require_runtime_types", "set_weight"]
+           "set_weight"]
 
 
 def _source(layer: Layer) -> ir.Value | ir.Node:
@@ -43,16 +43,6 @@ def compute_dtype(layer: Layer) -> np.dtype:
     if producer is not None and producer.op_type == "Cast" and value.const_value is None:
         return ir.DataType(producer.attributes.get_int("to")).numpy()
     return np.asarray(get_weight(layer)).dtype
-
-
-def require_runtime_types(layers: list[Layer], what: str) -> None:
-    """Refuse in one line to run ``what`` (channel removal) on weights stored as bfloat16: its shrink and refit
-    rewrite the layer's input, not the stored tensor behind its Cast."""
-    stored = [layer.name for layer in layers if (tensor := stored_value(layer.node.inputs[layer.weight_input])
-                                                 .const_value) is not None and tensor.dtype == ir.DataType.BFLOAT16]
-    if stored:
-        raise InputError(f"{what} does not run on bfloat16 weights yet ({plural(len(stored), 'layer')}, e.g. "
-                         f"{stored[0]!r}); prune them unstructured or N:M (capacity or rule-based plans)")
 
 
 def release_weight(layer: Layer) -> None:

@@ -34,7 +34,6 @@ from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.input_values import parse_input_values
 from onnxprune.runtime.session import create_session
 from onnxprune.runtime.timing import random_feeds
-from onnxprune.tensors.weights import require_runtime_types
 from onnxprune.verbs.inspect import summarise
 from onnxprune.verbs.loading import InputShapesLike, data_path, open_model
 
@@ -265,7 +264,6 @@ def _apply_channels(am: AnalysedModel, pl: Plan, target: _Target, criterion: str
         raise InputError(f"--round-to must be at least 1, got {round_to}")
     if pl.blocks:
         raise InputError("a block plan removes whole blocks; apply it without --granularity channel")
-    require_runtime_types(am.layers, "channel removal")
     before = summarise(am)
     by_name = {layer.name: layer for layer in am.layers}
     # reproduce the plan's choice: the ratios it gave the groups

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx_ir as ir
-
 from onnxprune._version import __version__
 from onnxprune.analysis.input_shapes import merge_data_shapes, parse_input_shapes
 from onnxprune.errors import InputError
@@ -96,9 +94,6 @@ def finetune(
     check_output_path(Path(output), input_path=model, force=force)
     check_output_path(Path(output), input_path=[teacher, spec.data, data_path(eval_data)], forceable=False)
     m = load_model(model)
-    if any(v.const_value is not None and v.const_value.dtype == ir.DataType.BFLOAT16
-           for v in m.graph.initializers.values()):
-        raise InputError("finetune does not train bfloat16 weights yet; prune them unstructured or N:M without it")
     shapes = merge_data_shapes(parse_input_shapes(input_shapes, m), data_input_shapes(m, spec), m)
     input_fp = fingerprint(m)
     run = finetune_model(m, model, spec, opts, teacher=teacher, labels=labels, eval_data=eval_data,

@@ -1,6 +1,6 @@
 """Weights stored in bfloat16 and cast for the layer (issue 17): found through the Cast, pruned unstructured
-and N:M where they are stored, in their own type, and measured on data (fed as bfloat16 OrtValues); channel
-removal and finetune refuse them in one line."""
+and N:M where they are stored, in their own type, measured on data (fed as bfloat16 OrtValues), channels
+removed from the stored tensor, refit and fine-tuned with bfloat16 written back."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxprune import api
-from onnxprune.errors import InputError
 from tests.unit.nets import save, write_npz
 
 
@@ -63,11 +62,16 @@ def test_bfloat16_weights_are_measured_on_data(tmp_path):
     assert plan.totals["params_sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_channel_removal_and_finetune_refuse_bfloat16_weights_in_one_line(tmp_path):
+def test_channels_are_removed_and_training_runs_on_bfloat16_weights(tmp_path):
+    """The shrink cuts the stored tensor in front of its Cast; the refit and finetune write back bfloat16."""
     path = save(_bf16_net(), tmp_path / "bf16.onnx")
     data = write_npz(tmp_path / "d.npz", 16, 3, 8, 8)
-    channels = api.allocate(path, method="uniform", granularity="channel", target_sparsity=0.3)
-    with pytest.raises(InputError, match="channel removal does not run on bfloat16 weights"):
-        api.apply(path, channels, tmp_path / "c.onnx")
-    with pytest.raises(InputError, match="does not train bfloat16"):
-        api.finetune(path, data, tmp_path / "t.onnx")
+    channels = api.allocate(path, method="uniform", granularity="channel", target_sparsity=0.3, round_to=1)
+    refit = api.apply(path, channels, tmp_path / "c.onnx", data=data)
+    stored = {t.name: t for t in onnx.load(str(refit.path)).graph.initializer}
+    assert {t.data_type for t in stored.values()} == {TensorProto.BFLOAT16}
+    assert refit.totals["params_after"] < refit.totals["params_before"]
+    assert np.isfinite(api.evaluate(refit.path, data, reference=path).output_error)
+    tuned = api.finetune(refit.path, data, tmp_path / "t.onnx", teacher=path,
+                         options=api.FinetuneOptions(epochs=1, batch_size=8))
+    assert {t.data_type for t in onnx.load(str(tuned.path)).graph.initializer} == {TensorProto.BFLOAT16}
