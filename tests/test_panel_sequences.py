@@ -80,6 +80,8 @@ def test_every_command(panel, name, tmp_path):
         assert tuned.path.exists()
     except InputError as exc:
         assert name in ("crnn", "vad") and "\n" not in str(exc)
+    sweep = workflows.sweep(path, data, sparsities=(0.5,), methods=("uniform",), limit=32)
+    assert sweep.rows[0].get(sweep.metric) is not None
     if name.endswith("_fp16"):  # written back in the model's own type
         for written in (out.path, refit.path, pruned.path):
             assert _weight_types(written) == {onnx.TensorProto.FLOAT16}
