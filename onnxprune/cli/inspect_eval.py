@@ -54,9 +54,9 @@ def inspect(model: str, input_shapes, as_json: bool):
         out.print("Residual blocks: none found")
     d = result.to_dict()["totals"]
     out.print(
-        f"[bold]Totals:[/] {plural(d['layers'], 'prunable layer')} ("
-        + ", ".join(f"{n} {op}" for op, n in _count_ops(result.layers))
-        + f"), {plural(d['blocks'], 'residual block')} ({d['removable_blocks']} removable), "
+        f"[bold]Totals:[/] {plural(d['layers'], 'prunable layer')}"
+        + (" (" + ", ".join(f"{n} {op}" for op, n in _count_ops(result.layers)) + ")" if result.layers else "")
+        + f", {plural(d['blocks'], 'residual block')} ({d['removable_blocks']} removable), "
         f"{fmt_int(result.params)} parameters ({fmt_int(result.prunable_params)} in prunable layers), "
         f"{fmt_flops(result.flops)} FLOPs per sample"
     )

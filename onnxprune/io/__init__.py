@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.errors import InputError, WriteError
+from onnxprune.io.checking import OnnxCheckError, check_file
 
 __all__ = ["DEFAULT_IR_VERSION", "PROTOBUF_LIMIT", "SUPPORTED_OPSET", "SavedModel", "check_output_path", "fingerprint",
            "has_external_data", "load_model", "make_temp", "model_file_bytes", "model_nbytes", "release",
@@ -58,11 +59,9 @@ def load_model(path: str | os.PathLike, check: bool = True) -> ir.Model:
     _check_external_data(model, p)
     if check:
         try:
-            onnx.checker.check_model(str(p))
-        except Exception as exc:
-            raise InputError(
-                f"{p} is not a valid ONNX model ({_short(exc)}); fix or re-export it"
-            ) from exc
+            check_file(p)
+        except OnnxCheckError as exc:
+            raise InputError(f"{p} is not a valid ONNX model ({exc}); fix or re-export it") from exc
     opset = model.opset_imports.get("", None)
     if opset is not None and opset not in SUPPORTED_OPSET:
         raise InputError(

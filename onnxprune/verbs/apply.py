@@ -19,6 +19,7 @@ from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, check_fingerprint, load_plan
 from onnxprune.errors import InputError
 from onnxprune.io import check_output_path, model_file_bytes, save_model
+from onnxprune.io.checking import OnnxCheckError, check_file
 from onnxprune.passes import (
     ProvenancePass,
     RefitPass,
@@ -76,8 +77,8 @@ def check_runs(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = Non
     full = len(proto.graph.sparse_initializer) == 0
     del proto
     try:
-        onnx.checker.check_model(str(path), full_check=full)
-    except Exception as exc:
+        check_file(path, full_check=full)
+    except OnnxCheckError as exc:
         raise RuntimeError(f"the pruned model fails onnx.checker: {exc}") from exc
     sess = create_session(path, "cpu", prepack=False).session
     feeds = random_feeds(sess, shapes=input_shapes, values=input_values)

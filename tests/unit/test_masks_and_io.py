@@ -116,3 +116,29 @@ def test_sparse_initializers_load_as_dense_weights(tmp_path):
     weights = {v.name: v.const_value.numpy() for v in loaded.graph.initializers.values()}
     np.testing.assert_array_equal(weights["w"], w)
     np.testing.assert_array_equal(weights["b"], b)
+
+
+def test_operators_only_onnx_runtime_defines_load(tmp_path):
+    """SimplifiedLayerNormalization in the default domain (ONNX Runtime GenAI's builder writes it): the
+    checker does not know it, ONNX Runtime runs it, so the model loads; any other checker failure stands."""
+    from onnx import TensorProto
+
+    from onnxprune.errors import InputError
+    from onnxprune.io import load_model
+
+    def model(extra_attr: bool):
+        nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["y"], axis=-1, epsilon=1e-5),
+                 helper.make_node("Relu", ["y"], ["z"], **({"bogus": 3} if extra_attr else {}))]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4])],
+                                  [helper.make_tensor("g", TensorProto.FLOAT, [4], [1, 1, 1, 1])])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        proto.ir_version = 9
+        return proto
+
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    onnx.save(model(False), good)
+    onnx.save(model(True), bad)
+    assert [n.op_type for n in load_model(good).graph] == ["SimplifiedLayerNormalization", "Relu"]
+    with pytest.raises(InputError, match="Unrecognized attribute: bogus"):
+        load_model(bad)
