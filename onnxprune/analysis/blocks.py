@@ -21,12 +21,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.analysis.graph import FLOAT_TYPES, GraphInfo, constant_source
+from onnxprune.analysis.graph import FLOAT_TYPES, GraphInfo, const_shape, constant_source
 from onnxprune.analysis.layers import Layer
 
-__all__ = ["RESIDUAL_OPS", "Block", "branch_params", "find_blocks"]
+__all__ = ["FUSED_RESIDUAL_OPS", "RESIDUAL_OPS", "Block", "branch_params", "find_blocks", "residual_inputs"]
 
 RESIDUAL_OPS = ("Add", "Sum")
+# ONNX Runtime's fused residual + normalisation (its transformer optimizer, GenAI's builder): output 0 is
+# Norm(input + skip [+ bias]); inputs 0 and 1 are the two paths the block joins
+FUSED_RESIDUAL_OPS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+
+
+def residual_inputs(node: ir.Node) -> list[ir.Value] | None:
+    """The two values a residual join adds (an Add, a two-input Sum, or a fused Skip*Normalization of ONNX
+    Runtime), or None when ``node`` is not one."""
+    if node.op_type in RESIDUAL_OPS and node.domain in ("", "ai.onnx"):
+        ins = [v for v in node.inputs if v is not None]
+        return ins if len(ins) == 2 else None
+    if node.op_type in FUSED_RESIDUAL_OPS and node.domain == "com.microsoft" and len(node.inputs) >= 2:
+        ins = list(node.inputs[:2])
+        return ins if all(v is not None for v in ins) else None
+    return None
 
 
 @dataclass
@@ -127,10 +142,8 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
     graph_outputs = set(info.graph.outputs)
     blocks: list[Block] = []
     for add in info.graph:
-        if add.op_type not in RESIDUAL_OPS or add.domain not in ("", "ai.onnx"):
-            continue
-        ins = [v for v in add.inputs if v is not None]
-        if len(ins) != 2 or not all(info.is_data_edge(v) for v in ins):
+        ins = residual_inputs(add)
+        if ins is None or not all(info.is_data_edge(v) for v in ins):
             continue
         common = anc.values(ins[0]) & anc.values(ins[1])
         if not common:
@@ -162,7 +175,7 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
                 skip=skip,
                 removable=removable,
                 layers=[layer.name for layer in branch_layers],
-                params=branch_params(branch_nodes),
+                params=branch_params(branch_nodes) + _fused_bias(add),
                 flops=None if any(f is None for f in flops) else sum(flops),
                 fork=fork.name,
                 branch_input=list(add.inputs).index(ins[branch_idx]),
@@ -172,6 +185,14 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
             )
         )
     return blocks
+
+
+def _fused_bias(join: ir.Node) -> int:
+    """The branch's last bias, which a fused Skip*Normalization carries as its input 4."""
+    if join.op_type not in FUSED_RESIDUAL_OPS or len(join.inputs) < 5 or join.inputs[4] is None:
+        return 0
+    shape = const_shape(join.inputs[4]) if constant_source(join.inputs[4]) is not None else None
+    return int(np.prod(shape)) if shape else 0
 
 
 def branch_params(nodes: set[ir.Node]) -> int:

@@ -62,17 +62,37 @@ def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | Non
             if better is not None and len(better) == len(shape):  # fill the dims ONNX left unknown
                 shape = tuple(b if _unknown(d) and b is not None else d for d, b in zip(shape, better, strict=True))
             shapes[name] = shape
+        for name, shape in symbolic.items():  # values ONNX could not type at all (ONNX Runtime's own ops)
+            shapes.setdefault(name, shape)
     except Exception as exc:  # noqa: BLE001 - any inference failure leaves declared shapes only
         error = f"shape inference failed: {' '.join(str(exc).split())[:200]}"
         logger.warning("%s", error)
     for v in list(model.graph.inputs) + list(model.graph.outputs):
         if v.name not in shapes and v.shape is not None:
             shapes[v.name] = tuple(dim_value(d) for d in v.shape)
+    sizes = _named_sizes(model, input_shapes or {})
+    if sizes:  # a name the inputs give a size means that size wherever it appears (a declared output's 'seq')
+        shapes = {name: tuple(sizes.get(d, d) if isinstance(d, str) else d for d in shape)
+                  for name, shape in shapes.items()}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for v in node.outputs:
             if v.name not in shapes and v.shape is not None:
                 shapes[v.name] = tuple(dim_value(d) for d in v.shape)
     return shapes, dtypes, error, folded
+
+
+def _named_sizes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Symbolic dimension name -> the size ``input_shapes`` give it (the batch, kept dynamic, excepted)."""
+    sizes: dict[str, int] = {}
+    for v in model.graph.inputs:
+        dims = input_shapes.get(v.name)
+        if dims is None or v.shape is None:
+            continue
+        for axis, (d, size) in enumerate(zip(v.shape, dims, strict=False)):
+            name = dim_value(d)
+            if axis > 0 and isinstance(name, str):
+                sizes.setdefault(name, int(size))
+    return sizes
 
 
 _INLINE_LIMIT = 1000  # bytes: bigger weights are left out of the proto handed to ONNX's C++ shape inference

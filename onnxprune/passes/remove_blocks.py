@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxprune.analysis.blocks import Block
+from onnxprune.analysis.blocks import FUSED_RESIDUAL_OPS, Block
 from onnxprune.errors import InputError
 
 __all__ = ["RemoveBlocksPass"]
@@ -33,6 +33,9 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
             if add is None:
                 raise InputError(f"block {block.name!r} is not in the model; make a new plan")
             skip = add.inputs[1 - block.branch_input]
+            if add.op_type in FUSED_RESIDUAL_OPS:
+                _unfuse(graph, add, skip)
+                continue
             out = add.outputs[0]
             if out in graph.outputs:
                 identity = ir.node("Identity", [skip], name=f"{add.name}_skip")
@@ -51,3 +54,27 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
         left = {node.name for node in model.graph} & {block.name for block in self.blocks}
         if left:
             raise ir.passes.PostconditionError(f"blocks still joined after removal: {sorted(left)[:3]}")
+
+
+_PLAIN_NORM = {"SkipLayerNormalization": ("LayerNormalization", ""),
+               "SkipSimplifiedLayerNormalization": ("SimplifiedLayerNormalization", "")}
+
+
+def _unfuse(graph: ir.Graph, join: ir.Node, skip: ir.Value) -> None:
+    """A fused Skip*Normalization without its branch: the same normalisation of the skip path alone
+    (LayerNormalization, or ONNX Runtime's SimplifiedLayerNormalization), keeping the output names; its
+    residual-sum output (4th, when used) becomes the skip value."""
+    op, domain = _PLAIN_NORM[join.op_type]
+    scale = join.inputs[2]
+    bias = join.inputs[3] if join.op_type == "SkipLayerNormalization" and len(join.inputs) > 3 else None
+    epsilon = join.attributes.get_float("epsilon", 1e-5)
+    norm = ir.node(op, [skip, scale] + ([bias] if bias is not None else []), domain=domain,
+                   attributes={"axis": -1, "epsilon": epsilon}, name=f"{join.name}_skip_only")
+    graph.insert_before(join, norm)
+    out = join.outputs[0]
+    out.replace_all_uses_with(norm.outputs[0], replace_graph_outputs=True)
+    if len(join.outputs) > 3 and join.outputs[3].uses():
+        join.outputs[3].replace_all_uses_with(skip, replace_graph_outputs=True)
+    name = out.name
+    graph.remove(join, safe=True)
+    norm.outputs[0].name = name
