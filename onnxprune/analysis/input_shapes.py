@@ -41,6 +41,10 @@ def parse_input_shapes(texts: Iterable[str] | Mapping[str, Iterable[int]] | None
     if not texts:
         return {}
     inputs = declared_inputs(model)
+    named: dict[str, int] = {}
+    if not isinstance(texts, Mapping):
+        named = _named_dims([t for t in texts if "=" in t and ":" not in t], inputs)
+        texts = [t for t in texts if not ("=" in t and ":" not in t)]
     pairs = list(texts.items()) if isinstance(texts, Mapping) else [_split(t, inputs) for t in texts]
     shapes: InputShapes = {}
     for name, dims in pairs:
@@ -61,7 +65,33 @@ def parse_input_shapes(texts: Iterable[str] | Mapping[str, Iterable[int]] | None
                 raise InputError(f"{OPTION} {name}:{_text(dims)} sets dimension {axis} to {have}; the model fixes "
                                  f"it at {want}")
         shapes[name] = dims
+    for name, declared in inputs.items():  # --dim NAME=VALUE: every input whose dimensions it names
+        if name in shapes or not named or not any(d in named for d in declared):
+            continue
+        filled = tuple(named.get(d, 1 if axis == 0 else None) if isinstance(d, str) else d
+                       for axis, d in enumerate(declared))
+        if all(isinstance(d, int) for d in filled):
+            shapes[name] = filled
     return _complete(shapes, inputs)
+
+
+def _named_dims(texts: list[str], inputs: dict[str, tuple]) -> dict[str, int]:
+    """``--dim NAME=VALUE`` settings: the size of a symbolic dimension wherever the inputs name it (a decoder's
+    dozens of KV-cache inputs share batch_size, past_sequence_length...); 0 is allowed (an empty cache)."""
+    known = {d for declared in inputs.values() for d in declared if isinstance(d, str)}
+    named: dict[str, int] = {}
+    for text in texts:
+        name, _, value = text.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in known:
+            raise InputError(f"--dim {text!r}: no input has a dimension named {name!r}; named dimensions: "
+                             f"{', '.join(sorted(known)) or 'none'}")
+        if not value.isdigit():
+            raise InputError(f"--dim {text!r}: the size must be a whole number (NAME=VALUE, e.g. batch_size=1)")
+        if name in named:
+            raise InputError(f"--dim {name} is given twice; give it once")
+        named[name] = int(value)
+    return named
 
 
 def _split(text: str, inputs: dict[str, tuple]) -> tuple[str, tuple[int, ...]]:

@@ -74,12 +74,24 @@ def provider_option():
 
 
 def input_shape_option(fn):
-    """--input-shape NAME:D0,D1,... (repeatable), handed to the command as input_shapes (a tuple of str)."""
-    return click.option(
+    """--input-shape NAME:D0,D1,... and --dim NAME=VALUE (both repeatable), handed to the command together as
+    input_shapes (a tuple of str; analysis.input_shapes tells them apart)."""
+    fn = click.option(
+        "--dim", "dims", multiple=True, metavar="NAME=VALUE",
+        help="Size of a named dynamic dimension in every input that has it (repeatable), e.g. "
+             "--dim batch_size=1 --dim sequence_length=128 --dim past_sequence_length=0.")(fn)
+    fn = click.option(
         "--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
         help="Size of a dynamic input (repeatable; NAME: may be left out for a one-input model), e.g. "
              "images:1,3,640,640. FLOPs, budgets, latency and the output check use it; with --data the data "
              "fixes it. Written models keep their dynamic dimensions.")(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, dims=(), input_shapes=(), **kwargs):
+        return fn(*args, input_shapes=tuple(input_shapes) + tuple(d if "=" in d else d + "=" for d in dims),
+                  **kwargs)
+
+    return wrapper
 
 
 def input_value_option(fn):

@@ -137,3 +137,23 @@ def test_merge_keeps_a_given_batch():
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c"])])
     model = onnx_ir_model(proto)
     assert merge_data_shapes({"x": (8, 5)}, {"x": (1, 5)}, model) == {"x": (8, 5)}
+
+
+def test_named_dimensions_size_every_input_that_has_them(tmp_path):
+    """--dim NAME=VALUE (issue 18): a decoder's KV-cache inputs share a few named dimensions; 0 is allowed (an
+    empty cache); an unknown name or a size that is not a whole number is refused in one line."""
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("past.0.key", TensorProto.FLOAT, ["batch_size", 2, "past_sequence_length", 8]),
+              helper.make_tensor_value_info("past.1.key", TensorProto.FLOAT, ["batch_size", 2, "past_sequence_length", 8])]
+    nodes = [helper.make_node("Concat", ["past.0.key", "past.1.key"], ["both"], axis=2, name="cat")]
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info("both", TensorProto.FLOAT, ["batch_size", 2, "p2", 8])])
+    path = tmp_path / "kv.onnx"
+    path.write_bytes(model.SerializeToString())
+    m = open_model(path).model
+    shapes = parse_input_shapes(["sequence_length=16", "past_sequence_length=0"], m)
+    assert shapes == {"ids": (1, 16), "past.0.key": (1, 2, 0, 8), "past.1.key": (1, 2, 0, 8)}
+    assert parse_input_shapes(["past.0.key:1,2,4,8", "past_sequence_length=3"], m)["past.0.key"] == (1, 2, 4, 8)
+    with pytest.raises(InputError, match="no input has a dimension named 'seq'"):
+        parse_input_shapes(["seq=16"], m)
+    with pytest.raises(InputError, match="whole number"):
+        parse_input_shapes(["sequence_length=x"], m)
