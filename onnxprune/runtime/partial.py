@@ -240,12 +240,6 @@ class PartialEvaluator:
         return self.bind(part, weights).run(acts)
 
 
-def _ort():
-    import onnxruntime
-
-    return onnxruntime
-
-
 def _placeholder(name: str, data_type: int, shape: list[int]) -> onnx.TensorProto:
     """An initializer whose bytes come at session creation (external data that is never read from disk)."""
     t = onnx.TensorProto(name=name, data_type=data_type, dims=shape)
