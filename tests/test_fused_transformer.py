@@ -61,3 +61,19 @@ def test_block_plans_apply_to_the_fused_graph(fused, tmp_path):
     plan = api.allocate(fused, method="srinit", scores=scores, remove=2)
     out = api.apply(fused, plan, tmp_path / "pruned.onnx")
     assert len(api.inspect(out.path, input_shapes=SHAPE).blocks) == 10
+
+
+def test_heads_and_mlp_width_prune_the_same_on_the_fused_graph(minilm, fused, tmp_path):
+    """BiasGelu passes the MLP's channels on (its bias shrinks with them, and counts as the MatMul's bias):
+    the same channel groups, the same uniform plan, and the same outputs after applying it."""
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 1000, (2, 16)).astype(np.int64), "attention_mask": np.ones((2, 16), np.int64)}
+    outputs, plans = [], []
+    for path in (minilm, fused):
+        plan = api.allocate(path, method="uniform", granularity="channel", target_sparsity=0.3, round_to=1,
+                            input_shapes=SHAPE)
+        plans.append([(g["channels"], g["removed"]) for g in plan.options["group_removed"]])
+        out = api.apply(path, plan, tmp_path / f"{path.stem}_ch.onnx")
+        outputs.append(ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0])
+    assert plans[0] == plans[1] and len(plans[0]) == 12  # 6 x (heads, MLP width)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)

@@ -36,8 +36,10 @@ UNARY = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
     "Softsign", "Clip", "Gelu", "Erf", "Mish", "Identity", "Dropout", "Cast", "Abs", "Neg", "Sqrt", "Exp", "Log",
     "Floor", "Ceil", "Round", "Sin", "Cos", "Reciprocal", "ThresholdedRelu", "Shrink", "Swish", "IsNaN", "IsInf",
-    "Not", "Sign",
+    "Not", "Sign", "QuickGelu",
 }
+# ONNX Runtime's fused bias + activation (its transformer optimizer): input 1 is a per-channel bias
+FUSED_BIAS_ACTIVATIONS = {"BiasGelu", "FastGelu"}
 POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where", "Equal", "Greater", "Less",
           "GreaterOrEqual", "LessOrEqual", "And", "Or"}
@@ -244,7 +246,7 @@ class _Builder:
                 self.param(node, i, t, 0)
             self.tracks[out] = t
             return
-        if op in BINARY:
+        if op in BINARY or (op in FUSED_BIAS_ACTIVATIONS and node.domain == "com.microsoft"):
             self.binary(node, ins)
             return
         if op in POOLS or op in ("Resize", "Upsample"):

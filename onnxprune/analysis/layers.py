@@ -108,8 +108,14 @@ def _single_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
 
 
 def _matmul_bias(node: ir.Node, graph: ir.Graph) -> tuple[ir.Value | None, ir.Node | None]:
-    """For a MatMul, the constant of an ``Add(MatMul, const)`` that follows it (a Linear's bias)."""
+    """For a MatMul, the constant of an ``Add(MatMul, const)`` that follows it (a Linear's bias), or the bias
+    of an ONNX Runtime BiasGelu / FastGelu it feeds (then no node to continue from)."""
     nxt = _single_consumer(node.outputs[0], graph)
+    if nxt is not None and nxt.op_type in ("BiasGelu", "FastGelu") and nxt.domain == "com.microsoft":
+        bias = nxt.inputs[1] if len(nxt.inputs) > 1 else None  # ONNX Runtime fused the bias into the activation
+        if bias is not None and constant_source(bias) is not None:
+            return bias, None
+        return None, None
     if nxt is None or nxt.op_type != "Add":
         return None, None
     other = [v for v in nxt.inputs if v is not node.outputs[0]]
