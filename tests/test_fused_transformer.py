@@ -57,10 +57,12 @@ def test_block_plans_apply_to_the_fused_graph(fused, tmp_path):
     rng = np.random.default_rng(1)
     np.savez(data, input_ids=rng.integers(0, 1000, (16, 16)).astype(np.int64),
              attention_mask=np.ones((16, 16), np.int64))
-    scores = api.score(fused, "srinit", data=data, units="blocks")
-    plan = api.allocate(fused, method="srinit", scores=scores, remove=2)
-    out = api.apply(fused, plan, tmp_path / "pruned.onnx")
-    assert len(api.inspect(out.path, input_shapes=SHAPE).blocks) == 10
+    for method in ("srinit", "influence"):  # re-initialisation, and ShortGPT's block influence (one run)
+        scores = api.score(fused, method, data=data, units="blocks")
+        assert len(scores.units) == 12 and all(u["drop"] is not None for u in scores.units)
+        plan = api.allocate(fused, method="srinit", scores=scores, remove=2)
+        out = api.apply(fused, plan, tmp_path / f"pruned_{method}.onnx")
+        assert len(api.inspect(out.path, input_shapes=SHAPE).blocks) == 10
 
 
 def test_heads_and_mlp_width_prune_the_same_on_the_fused_graph(minilm, fused, tmp_path):

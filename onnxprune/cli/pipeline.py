@@ -84,6 +84,11 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
             row += [_value(u.get("drop_seed_std"), ".3f")] if several else []
             table.add_row(*row, f"{scores.timing['units'][u['name']]:.1f}", "" if "removable" not in u else
                           ("yes" if u["removable"] and u.get("skip") == "identity" else "no"))
+    elif scores.method == "influence":
+        table = titled_table(title, ("#", "block", "params", "influence", "candidate"), left=("block", "candidate"))
+        for i, u in enumerate(scores.units):
+            table.add_row(str(i), escape(u["name"]), fmt_int(u["params"]), f"{u['drop']:.4f}",
+                          "yes" if u["removable"] and u["skip"] == "identity" else "no")
     else:
         value_col = f"mean {scores.metric} drop" if scores.method == "sensitivity" else scores.metric
         table = titled_table(title, ("#", "layer", "op", "params", value_col, "importance"), left=("layer", "op"))

@@ -19,8 +19,9 @@ def plan_blocks(am: AnalysedModel, scores: Scores | None, threshold: float | Non
     """Candidates: removable blocks with an identity skip (SR-init never removes the first, downsampling block
     of a stage). Exactly one rule: ``threshold`` (drop <= T), ``remove`` (the K least sensitive) or
     ``target_params`` (the fewest blocks whose removal takes at least that fraction of the parameters)."""
-    if scores is None or scores.method != "srinit" or scores.unit_kind != "blocks":
-        raise InputError("--method srinit needs --scores from onnxprune score --method srinit (--units blocks)")
+    if scores is None or scores.method not in ("srinit", "influence") or scores.unit_kind != "blocks":
+        raise InputError("--method srinit needs --scores from onnxprune score --method srinit (--units blocks) "
+                         "or --method influence")
     check_fingerprint(scores.fingerprint, am.fingerprint, "scores file", force)
     blocks = {b.name: b for b in am.blocks}
     params_before, flops_before = am.params, am.flops

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
-from onnxprune.scoring import capacity, sensitivity, srinit
+from onnxprune.scoring import capacity, influence, sensitivity, srinit
 from onnxprune.scoring.common import Progress, ScoreRequest
 
 __all__ = ["SCORERS", "Scorer"]
@@ -33,4 +33,6 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
            "highest sparsity of each layer alone within a tolerance"),
     Scorer("srinit", True, srinit.check, srinit.score_srinit,
            "drop when a block's (or layer's) weights are re-initialised (SR-init)"),
+    Scorer("influence", True, influence.check, influence.score_influence,
+           "block influence: 1 - cosine between a block's input and output (ShortGPT), one run of the data"),
 )}

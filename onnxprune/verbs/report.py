@@ -62,8 +62,10 @@ def srinit_figure(scores: Scores, plan: Plan | None = None) -> str:
     ax.set_xticks(x)
     ax.set_xticklabels([str(i) for i in x], fontsize=7)
     ax.set_xlabel(f"{scores.unit_kind[:-1]} (graph order)" + ("; red: removed by the plan" if removed else ""))
-    ax.set_ylabel(f"{scores.metric} drop when re-initialised")
-    ax.set_title(f"SR-init: {len(units)} {scores.unit_kind}, {scores.options.get('samples', '?')} samples")
+    influence = scores.method == "influence"
+    ax.set_ylabel("influence (1 - cosine)" if influence else f"{scores.metric} drop when re-initialised")
+    ax.set_title(f"{'Block influence' if influence else 'SR-init'}: {len(units)} {scores.unit_kind}, "
+                 f"{scores.options.get('samples', '?')} samples")
     return _svg(fig)
 
 
@@ -138,7 +140,7 @@ def build_report(scores: Scores | None = None, plan: Plan | None = None, sweep=N
              f"<p class='meta'>model fingerprint {html.escape(next(iter(fps)))} &middot; onnxprune {__version__}</p>"]
     if scores is not None:
         parts.append(f"<h2>Scores: {html.escape(scores.method)}</h2>")
-        if scores.method == "srinit":
+        if scores.method in ("srinit", "influence"):
             parts.append(f"<figure id='srinit'>{srinit_figure(scores, plan)}</figure>")
             parts.append(_table(["#", scores.unit_kind[:-1], "params", "drop", "s.e.", "removed"],
                                 [[str(i), u["name"], f"{u.get('params', 0):,}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxprune import api
@@ -30,7 +31,7 @@ from tests.unit.nets import (
 
 
 def test_scorers_in_order():
-    assert list(SCORERS) == ["capacity", "sensitivity", "compactness", "srinit"]
+    assert list(SCORERS) == ["capacity", "sensitivity", "compactness", "srinit", "influence"]
     assert [name for name, s in SCORERS.items() if not s.needs_data] == ["capacity"]
     assert api.SCORE_METHODS == tuple(SCORERS)
 
@@ -214,3 +215,21 @@ def test_data_scorers_refuse(mlp_data, tmp_path, method, metric, labelled, match
         np.savez(path := tmp_path / "x.npz", x=x)
     with pytest.raises(InputError, match=match):
         api.score(analysed(proto), method, metric=metric, data=DataSpec(data=path, provider="cpu"))
+
+
+def test_block_influence_sees_a_block_that_changes_nothing(tmp_path):
+    """Block influence (ShortGPT): 1 - cosine between a block's input and output. A block whose last conv is
+    scaled down to almost nothing barely changes its input: lowest influence, the one a plan removes first."""
+    from tests.unit.nets import save
+
+    proto = residual(blocks=3)
+    wb1 = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "wb1"))
+    path = save(with_weights(proto, {"wb1": wb1 * 1e-4}), tmp_path / "res.onnx")
+    data = write_npz(tmp_path / "d.npz", 16, 4, 6, 6)
+    scores = api.score(path, "influence", data=data)
+    drops = {u["name"]: u["drop"] for u in scores.units}
+    assert set(drops) == {"add0", "add1", "add2"} and drops["add1"] < 1e-6 < min(drops["add0"], drops["add2"])
+    plan = api.allocate(path, method="srinit", scores=scores, remove=1)
+    assert [b["name"] for b in plan.blocks] == ["add1"]
+    with pytest.raises(InputError, match="residual blocks"):
+        api.score(path, "influence", data=data, units="layers")
