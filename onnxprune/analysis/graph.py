@@ -66,14 +66,16 @@ class GraphInfo:
         return dtype is None or dtype in FLOAT_TYPES
 
 
-def node_bodies(node: ir.Node) -> list[ir.Graph]:
-    """The graphs an If / Loop / Scan node holds (its GRAPH and GRAPHS attributes), in attribute order."""
+def node_bodies(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+    """(name, graph) of each body an If / Loop / Scan node holds (its GRAPH and GRAPHS attributes), in
+    attribute order: the attribute's name (``then_branch``), numbered when one attribute holds several."""
     out = []
     for attr in node.attributes.values():
         if attr.type == ir.AttributeType.GRAPH:
-            out.append(attr.value)
+            out.append((attr.name, attr.value))
         elif attr.type == ir.AttributeType.GRAPHS:
-            out.extend(attr.value)
+            graphs = list(attr.value)
+            out.extend((attr.name + (f"{k}" if len(graphs) > 1 else ""), g) for k, g in enumerate(graphs))
     return out
 
 

@@ -18,6 +18,7 @@ from onnxprune.analysis.graph import (
     GraphInfo,
     const_shape,
     constant_source,
+    node_bodies,
     numel,
     per_sample_count,
     stored_value,
@@ -182,12 +183,9 @@ def nodes_in_scope(graph: ir.Graph):
     node, If / Loop / Scan bodies included (right after the node that holds them)."""
     for node in graph:
         yield node, None, None
-        for attr in node.attributes.values():
-            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else \
-                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
-            for sub in bodies:
-                for inner in ir.traversal.RecursiveGraphIterator(sub):
-                    yield inner, node.name, attr.name
+        for label, sub in node_bodies(node):
+            for inner in ir.traversal.RecursiveGraphIterator(sub):
+                yield inner, node.name, label
 
 
 def find_layers(info: GraphInfo) -> list[Layer]:

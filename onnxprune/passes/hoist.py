@@ -19,7 +19,7 @@ class HoistBodyWeightsPass(ir.passes.InPlacePass):
         main = model.graph
         modified = False
         for node in ir.traversal.RecursiveGraphIterator(main):
-            for body in node_bodies(node):
+            for _, body in node_bodies(node):
                 for name in list(body.initializers):
                     if name in main.initializers:
                         continue
@@ -30,6 +30,6 @@ class HoistBodyWeightsPass(ir.passes.InPlacePass):
 
     def ensures(self, model: ir.Model) -> None:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            for body in node_bodies(node):
+            for _, body in node_bodies(node):
                 if any(name not in model.graph.initializers for name in body.initializers):
                     raise ir.passes.PostconditionError(f"a body of {node.name!r} still holds its own weights")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxprune.analysis.graph import node_bodies
+
 __all__ = ["NameNodesPass"]
 
 
@@ -33,16 +35,12 @@ class NameNodesPass(ir.passes.InPlacePass):
 
 def _name_bodies(node: ir.Node, used: set[str]) -> bool:
     modified = False
-    for attr in node.attributes.values():
-        bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else \
-            list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
-        for k, body in enumerate(bodies):
-            prefix = f"{node.name}/{attr.name}" + (f"{k}" if len(bodies) > 1 else "")
-            for i, inner in enumerate(body):
-                if not inner.name:
-                    inner.name = _unique(f"{prefix}/{inner.op_type}_{i}", used)
-                    modified = True
-                modified |= _name_bodies(inner, used)
+    for label, body in node_bodies(node):
+        for i, inner in enumerate(body):
+            if not inner.name:
+                inner.name = _unique(f"{node.name}/{label}/{inner.op_type}_{i}", used)
+                modified = True
+            modified |= _name_bodies(inner, used)
     return modified
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxprune.errors import InputError
+from onnxprune.runtime.input_values import parse_input_values, value_feed
 
 __all__ = ["DataSpec", "InputSpec", "Preprocess", "check_array", "file_sha256", "load_loader_script", "load_npz",
            "npz_shape", "parse_floats", "parse_size", "script_batches"]
@@ -66,8 +67,6 @@ class DataSpec:
         if "data_loader_script" in options:
             options["loader"] = options.pop("data_loader_script")
         if options.get("input_values"):
-            from onnxprune.runtime.input_values import parse_input_values
-
             options["input_values"] = parse_input_values(options["input_values"])
         unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -347,8 +346,6 @@ def _regrouped(batches: Iterator[tuple[dict, np.ndarray | None]], size: int
 def _checked_script_batches(
     batches: Iterable[dict], specs: list[InputSpec], limit: int | None, values: dict[str, tuple[float, ...]]
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-    from onnxprune.runtime.input_values import value_feed
-
     names = {s.name: s for s in specs}
     seen = 0
     for i, batch in enumerate(batches):
