@@ -10,8 +10,16 @@ on the branch from the fork to the Add. The other input is the skip path:
   Slice + Pad);
 - ``projection``: the skip path has prunable layers of its own (1x1 conv downsample).
 
+The two paths share no node (a rotary embedding's ``q * cos + rotate_half(q) * sin`` joins two paths through
+the same projection: not a residual).
+
 A block is removable when dropping its branch (the Add then passes the skip value on) keeps every shape
-valid: the skip value has the Add's output shape, and no value inside the branch is used outside it.
+valid: the skip value has the Add's output shape, and no value inside the branch is used outside it, except
+its KV cache: graph outputs computed from the branch (``present.N.key``) out of graph inputs that only the
+branch reads (``past_key_values.N.key``). Those go with the block (``cache_inputs``, ``cache_outputs``).
+
+Transformer layers (``transformer_layers``): an attention block and the blocks after it up to the next
+attention block (its MLP), the unit a decoder LLM's layer count counts.
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ class Block:
     nodes: list[str] = field(default_factory=list)  # every node of the branch
     skip_layers: list[str] = field(default_factory=list)
     reason: str | None = None  # why it is not removable
+    cache_inputs: list[str] = field(default_factory=list)  # graph inputs only the branch reads (its past KV cache)
+    cache_outputs: list[str] = field(default_factory=list)  # graph outputs computed from them (its present cache)
+    attention: bool = False  # the branch attends (an attention op, a Softmax, or a KV cache)
 
     def to_dict(self) -> dict:
         return {
@@ -71,6 +82,9 @@ class Block:
             "branch_input": self.branch_input,
             "nodes": self.nodes,
             "reason": self.reason,
+            "cache_inputs": self.cache_inputs,
+            "cache_outputs": self.cache_outputs,
+            "attention": self.attention,
         }
 
 
@@ -107,11 +121,22 @@ class _Ancestry:
         return result
 
     def values(self, value: ir.Value) -> set[ir.Value]:
-        """Data values that reach ``value`` (including itself)."""
+        """Data values that reach ``value`` (including itself). A fused Skip*Normalization's normalised output
+        is computed from its residual sum (output 3), which therefore reaches everything the output does."""
         vals = {value}
         for node in self.nodes(value):
             vals.update(i for i in node.inputs if i is not None and self.is_data_edge(i))
+            total = _fused_sum(node)
+            if total is not None:
+                vals.add(total)
         return vals
+
+
+def _fused_sum(node: ir.Node) -> ir.Value | None:
+    """The residual-sum output (index 3) of a fused Skip*Normalization, when it has one."""
+    if node.op_type in FUSED_RESIDUAL_OPS and len(node.outputs) > 3 and node.outputs[3].name:
+        return node.outputs[3]
+    return None
 
 
 def _position(info: GraphInfo, value: ir.Value) -> int:
@@ -128,6 +153,9 @@ def _path_nodes(anc: _Ancestry, fork: ir.Value, end: ir.Value) -> set[ir.Node]:
     frontier = [fork]
     while frontier:
         v = frontier.pop()
+        producer = v.producer()
+        if producer is not None and _fused_sum(producer) is v:
+            frontier.append(producer.outputs[0])  # the normalised sum: computed from v
         for use in v.uses():
             n = use.node
             if n in candidates and n not in path:
@@ -152,6 +180,8 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
         if not common <= anc.values(fork):
             continue  # two unrelated common ancestors: not a fork/join pattern
         paths = [_path_nodes(anc, fork, v) for v in ins]
+        if paths[0] & paths[1]:
+            continue  # the paths share nodes: two uses of one computation (a rotary embedding), not a residual
         path_layers = [[by_node[n] for n in sorted(p, key=info.order.get) if n in by_node] for p in paths]
         if not any(path_layers):
             continue
@@ -160,6 +190,8 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
             (0, 1), key=lambda i: (len(path_layers[i]), sum(layer.params for layer in path_layers[i]), -i)
         )
         skip_idx = 1 - branch_idx
+        if _broadcast(info.shape(ins[skip_idx]), info.shape(add.outputs[0])):
+            continue  # an addend broadcast over the output (an attention mask, a bias): not a skip path
         branch_nodes, branch_layers = paths[branch_idx], path_layers[branch_idx]
         if ins[skip_idx] is fork:
             skip = "identity"
@@ -167,7 +199,8 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
             skip = "projection"
         else:
             skip = "parameter-free"
-        removable, reason = _removable(info, add, ins[skip_idx], branch_nodes, graph_outputs)
+        cache_in, cache_out = _cache(info, add, branch_nodes, graph_outputs)
+        removable, reason = _removable(info, add, ins[skip_idx], branch_nodes, graph_outputs - set(cache_out))
         flops = [layer.flops for layer in branch_layers]
         blocks.append(
             Block(
@@ -182,9 +215,64 @@ def find_blocks(info: GraphInfo, layers: list[Layer]) -> list[Block]:
                 nodes=[n.name for n in sorted(branch_nodes, key=info.order.get)],
                 skip_layers=[layer.name for layer in path_layers[skip_idx]],
                 reason=reason,
+                cache_inputs=[v.name for v in cache_in],
+                cache_outputs=[v.name for v in cache_out],
+                attention=bool(cache_in) or any(n.op_type in ATTENTION_OPS for n in branch_nodes),
             )
         )
     return blocks
+
+
+ATTENTION_OPS = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                 "PackedMultiHeadAttention", "SparseAttention")
+
+
+def _cache(info: GraphInfo, add: ir.Node, branch: set[ir.Node], graph_outputs: set[ir.Value]
+           ) -> tuple[list[ir.Value], list[ir.Value]]:
+    """The branch's KV cache: the graph inputs the branch reads that nothing outside it reads, and the graph
+    outputs computed (past the branch, never through ``add``) from the branch and those inputs only."""
+    inputs = []
+    for node in branch:
+        for v in node.inputs:
+            if v is not None and v.is_graph_input() and v not in inputs and v.producer() is None:
+                inputs.append(v)
+    if not inputs:
+        return [], []
+    outputs: list[ir.Value] = []
+    own = set(branch)
+    frontier = [v for n in branch for v in n.outputs]
+    while frontier:
+        v = frontier.pop()
+        if v in graph_outputs and v not in outputs:
+            outputs.append(v)
+        for use in v.uses():
+            n = use.node
+            if n is add or n in own:
+                continue
+            if all(i is None or i.producer() in own or i in inputs or constant_source(i) is not None
+                   for i in n.inputs):
+                own.add(n)
+                frontier.extend(n.outputs)
+    # a past input whose other readers only take its shape (a causal mask sized from layer 0's past) still
+    # goes with the block: those readers are given another layer's past of the same shape (RemoveBlocksPass)
+    cache_in = [v for v in inputs if all(use.node in own or use.node.op_type == "Shape" for use in v.uses())]
+    if not outputs or not cache_in:
+        return [], []
+    order = {v: i for i, v in enumerate(info.graph.outputs)}
+    inputs_order = {v: i for i, v in enumerate(info.graph.inputs)}
+    return sorted(cache_in, key=inputs_order.get), sorted(outputs, key=order.get)
+
+
+def transformer_layers(blocks: list[Block]) -> list[list[Block]]:
+    """Consecutive blocks grouped into transformer layers: each attention block with the blocks after it up to
+    the next attention block. Empty when no block attends."""
+    layers: list[list[Block]] = []
+    for block in blocks:
+        if block.attention:
+            layers.append([block])
+        elif layers:
+            layers[-1].append(block)
+    return layers
 
 
 def _fused_bias(join: ir.Node) -> int:
@@ -222,6 +310,7 @@ def branch_params(nodes: set[ir.Node]) -> int:
 def _removable(
     info: GraphInfo, add: ir.Node, skip_value: ir.Value, branch: set[ir.Node], graph_outputs: set[ir.Value]
 ) -> tuple[bool, str | None]:
+    """``graph_outputs``: those the branch must not compute (its KV cache left out: it goes with the block)."""
     leak = _leak(info, add, branch, graph_outputs)
     if leak is not None:
         return False, leak
@@ -234,6 +323,15 @@ def _removable(
     ):
         return False, f"skip path shape {list(skip_shape)} differs from the block output {list(out_shape)}"
     return True, None
+
+
+def _broadcast(skip_shape, out_shape) -> bool:
+    """Whether the skip value is broadcast to the output: fewer dimensions, or a 1 where the output has more."""
+    if skip_shape is None or out_shape is None:
+        return False
+    if len(skip_shape) < len(out_shape):
+        return True
+    return any(a == 1 and b != 1 for a, b in zip(skip_shape, out_shape, strict=False))
 
 
 def _same_dim(a, b) -> bool:

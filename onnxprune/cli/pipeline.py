@@ -280,6 +280,12 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
             extra = f" ({len(result.sparse_initializers)} sparse initializers)"
     out.print(f"file: {fmt_kib(result.input_bytes)} -> {fmt_kib(result.output_bytes)}{extra}")
     out.print(f"wrote {escape(str(result.path))} (checked: {result.checked})")
+    folder = result.folder
+    if folder is not None and folder.config:
+        out.print(f"wrote {folder.config} beside it (layers and heads of the pruned model)"
+                  + (f", copied {', '.join(folder.copied)}" if folder.copied else ""))
+    elif folder is not None and folder.notice:
+        notice(folder.notice)
 
 
 def _smaller(t: dict) -> str:

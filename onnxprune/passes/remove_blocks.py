@@ -4,9 +4,16 @@ For each block, the joining Add is bypassed: every consumer of its output reads 
 Identity keeps the name when the Add's output is a graph output), then dead-code elimination drops the
 branch's nodes and their weights. Only blocks that discovery marked removable (shapes still hold, nothing
 else reads the branch) are accepted.
+
+A block with a KV cache loses its past inputs and present outputs too. Readers of a removed past input that
+only take its shape (a causal mask sized from layer 0's cache) read a kept past input of the same declared
+shape instead. Cache names numbered 0..n-1 in the model (``past_key_values.%d.key``, ``present.%d.value``:
+ONNX Runtime GenAI builds them from a template and the layer count) are renumbered to stay contiguous.
 """
 
 from __future__ import annotations
+
+import re
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -14,7 +21,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxprune.analysis.blocks import FUSED_RESIDUAL_OPS, Block
 from onnxprune.errors import InputError
 
-__all__ = ["RemoveBlocksPass"]
+__all__ = ["RemoveBlocksPass", "renumbered"]
 
 
 class RemoveBlocksPass(ir.passes.InPlacePass):
@@ -28,6 +35,8 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = {node.name: node for node in graph}
+        input_names = [v.name for v in graph.inputs]
+        output_names = [v.name for v in graph.outputs]
         for block in self.blocks:
             add = nodes.get(block.name)
             if add is None:
@@ -46,14 +55,82 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
             else:
                 out.replace_all_uses_with(skip)
                 graph.remove(add, safe=True)
+        _drop_caches(graph, self.blocks)
         RemoveUnusedNodesPass()(model)
+        for value in list(graph.inputs):
+            if value.name in self._cache_inputs and not value.uses():
+                graph.inputs.remove(value)
+        _rename(graph.inputs, renumbered(input_names, [v.name for v in graph.inputs]))
+        _rename(graph.outputs, renumbered(output_names, [v.name for v in graph.outputs]))
         return ir.passes.PassResult(model, bool(self.blocks))
 
+    @property
+    def _cache_inputs(self) -> set[str]:
+        return {name for block in self.blocks for name in block.cache_inputs}
+
     def ensures(self, model: ir.Model) -> None:
-        """The joining Add of every removed block is gone."""
+        """The joining Add of every removed block is gone, and so is its cache."""
         left = {node.name for node in model.graph} & {block.name for block in self.blocks}
         if left:
             raise ir.passes.PostconditionError(f"blocks still joined after removal: {sorted(left)[:3]}")
+
+
+def _drop_caches(graph: ir.Graph, blocks: list[Block]) -> None:
+    """Remove the blocks' present outputs, and give shape readers of their past inputs a kept twin."""
+    dropped_out = {name for block in blocks for name in block.cache_outputs}
+    for value in [v for v in graph.outputs if v.name in dropped_out]:
+        graph.outputs.remove(value)
+    dropped_in = {name for block in blocks for name in block.cache_inputs}
+    kept = [v for v in graph.inputs if v.name not in dropped_in]
+    for value in [v for v in graph.inputs if v.name in dropped_in]:
+        readers = [use for use in value.uses() if use.node.op_type == "Shape"]
+        if not readers:
+            continue
+        twin = next((k for k in kept if k.type == value.type and _dims(k) == _dims(value)), None)
+        if twin is None:
+            raise InputError(f"the past input {value.name!r} is also read for its shape, and no kept input has "
+                             "its shape; keep at least one layer of the same cache")
+        for use in readers:
+            use.node.replace_input_with(use.idx, twin)
+
+
+def _dims(value: ir.Value) -> tuple | None:
+    return None if value.shape is None else tuple(str(d) for d in value.shape)
+
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")
+
+
+def renumbered(before: list[str], after: list[str]) -> dict[str, str]:
+    """New names for ``after`` (a subset of ``before``, in order) where ``before`` numbers names of one
+    template 0..n-1 (``present.%d.key``) and some are gone: the rest take 0..m-1 in their order."""
+    templates: dict[tuple[str, str], list[int]] = {}
+    for name in before:
+        m = _NUMBERED.match(name)
+        if m:
+            templates.setdefault((m.group(1), m.group(3)), []).append(int(m.group(2)))
+    contiguous = {key for key, numbers in templates.items()
+                  if len(numbers) > 1 and sorted(numbers) == list(range(len(numbers)))}
+    kept: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for name in after:
+        m = _NUMBERED.match(name)
+        if m and (m.group(1), m.group(3)) in contiguous:
+            kept.setdefault((m.group(1), m.group(3)), []).append((int(m.group(2)), name))
+    mapping = {}
+    for (prefix, suffix), entries in kept.items():
+        for new, (_, name) in enumerate(sorted(entries)):
+            if f"{prefix}{new}{suffix}" != name:
+                mapping[name] = f"{prefix}{new}{suffix}"
+    return mapping
+
+
+def _rename(values, mapping: dict[str, str]) -> None:
+    """Rename graph inputs or outputs (a two-step rename: new names may be old names of others)."""
+    targets = [v for v in values if v.name in mapping]
+    for value in targets:
+        value.name = f"{value.name}__onnxprune_renumber"
+    for value in targets:
+        value.name = mapping[value.name[: -len("__onnxprune_renumber")]]
 
 
 _PLAIN_NORM = {"SkipLayerNormalization": ("LayerNormalization", ""),

@@ -9,6 +9,7 @@ from onnxprune.analysis.input_shapes import InputShapes, declared_inputs
 from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.input_values import value_feed
+from onnxprune.runtime.language_model import Decoder, decoder_of
 from onnxprune.runtime.session import create_session
 
 __all__ = ["META_MEAN", "META_STD", "batches", "calibration_batches", "data_input_shapes", "fed_batch_size"]
@@ -43,6 +44,9 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
         return rdata.script_batches(rdata.load_loader_script(spec.loader), specs, total, fixed, values), total, note
     by_name = {s.name: s for s in specs}
     values = _checked_values(spec, by_name)
+    decoder = decoder_of(model)
+    if decoder is not None:
+        return _decoder_batches(decoder, by_name, spec, sess)
     data_names = [s.name for s in specs if s.name not in values]  # the inputs the .npz feeds
     if not data_names:
         raise InputError("every model input has an --input-value: the data feeds none; drop one of them")
@@ -84,6 +88,31 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
     feeds = _npz_feeds(arrays, axes, y, by_name, main.name, rdata.Preprocess(mean, std), values, batch_dim,
                        spec.offset, total, batch_size)
     return feeds, total, "; ".join(notes) or None
+
+
+def _decoder_batches(decoder: Decoder, inputs: dict[str, rdata.InputSpec], spec: rdata.DataSpec, sess):
+    """A decoder LM's batches: token sequences from the data, the other inputs a prefill from an empty cache."""
+    arrays, _ = rdata.load_npz_inputs(spec.data, [decoder.input_ids], spec.input_key, None)
+    ids = arrays.get(decoder.input_ids)
+    if ids is None or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"{spec.data}: a language model reads token ids: give an integer array "
+                         f"{decoder.input_ids!r} (or --input-key) of shape (sequences, tokens)")
+    if decoder.vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= decoder.vocab):
+        raise InputError(f"{spec.data}: token ids run from {ids.min()} to {ids.max()}, outside the model's "
+                         f"vocabulary of {decoder.vocab}; tokenise with the model's tokenizer")
+    n = len(ids)
+    if spec.offset >= n:
+        raise InputError(f"--offset {spec.offset} leaves no samples of the {n} in {spec.data}")
+    total = n - spec.offset if spec.limit is None else min(spec.limit, n - spec.offset)
+    batch_size = fed_batch_size(sess, spec)
+
+    def feeds():
+        for start in range(spec.offset, spec.offset + total, batch_size):
+            yield decoder.prefill(ids[start:min(start + batch_size, spec.offset + total)]), None
+
+    note = (f"{ids.shape[1]} tokens per sequence, fed as a prefill from an empty cache (attention mask of ones"
+            + (", positions 0..n-1" if decoder.position_ids else "") + ")")
+    return feeds(), total, note
 
 
 def _checked_values(spec: rdata.DataSpec, inputs: dict[str, rdata.InputSpec]) -> dict[str, tuple[float, ...]]:

@@ -9,17 +9,23 @@ import numpy as np
 
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.input_values import value_feed
+from onnxprune.runtime.language_model import Decoder
 from onnxprune.runtime.session import create_session
 
 __all__ = ["latency", "random_feeds"]
 
 
 def random_feeds(sess, batch: int = 1, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None,
-                 values: dict[str, tuple[float, ...]] | None = None) -> dict[str, np.ndarray]:
+                 values: dict[str, tuple[float, ...]] | None = None, decoder: Decoder | None = None
+                 ) -> dict[str, np.ndarray]:
     """One input per model input, floats N(0, 1): a dynamic leading dimension becomes ``batch``, the others
     their size in ``shapes`` (onnxprune.analysis.input_shapes), else 1; inputs in ``values`` (--input-value)
-    get those values."""
+    get those values. A ``decoder`` LM (onnxprune.runtime.language_model) gets random tokens (their length
+    from ``shapes``, else 8) as a prefill from an empty cache."""
     rng = np.random.default_rng(seed)
+    if decoder is not None:  # a prefill of random tokens from an empty cache
+        length = next((d for d in (shapes or {}).get(decoder.input_ids, ())[1:]), None) or 8
+        return decoder.prefill(rng.integers(0, decoder.vocab or 2, (batch, length)))
     feeds = {}
     inputs = sess.get_inputs()
     batch_dim = inputs[0].shape[0] if inputs and inputs[0].shape else None

@@ -18,8 +18,9 @@ from onnxprune.analysis.input_shapes import describe_unknown
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, check_fingerprint, load_plan
 from onnxprune.errors import InputError
-from onnxprune.io import check_output_path, model_file_bytes, save_model
+from onnxprune.io import check_output_path, load_model, model_file_bytes, save_model
 from onnxprune.io.checking import OnnxCheckError, check_file
+from onnxprune.io.model_folder import FolderResult, write_folder
 from onnxprune.passes import (
     ProvenancePass,
     RefitPass,
@@ -33,6 +34,7 @@ from onnxprune.planning.channels import describe_blocked
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.input_values import parse_input_values
+from onnxprune.runtime.language_model import decoder_of
 from onnxprune.runtime.session import create_session
 from onnxprune.runtime.timing import random_feeds
 from onnxprune.verbs.inspect import summarise
@@ -54,11 +56,13 @@ class ApplyResult:
     sparse_initializers: list[str]
     skipped: dict[str, str]
     checked: str
+    folder: FolderResult | None = None  # a runtime's model folder written beside it (GenAI, Optimum)
 
     def to_dict(self) -> dict:
         return {"output": str(self.path), "checked": self.checked, "totals": self.totals, "input_bytes": self.input_bytes,
                 "output_bytes": self.output_bytes, "sparse_initializers": len(self.sparse_initializers),
-                "skipped": self.skipped, "layers": self.layers}
+                "skipped": self.skipped, "layers": self.layers,
+                "folder": None if self.folder is None else self.folder.to_dict()}
 
 
 def check_runs(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -81,7 +85,8 @@ def check_runs(path: Path, input_shapes: dict[str, tuple[int, ...]] | None = Non
     except OnnxCheckError as exc:
         raise RuntimeError(f"the pruned model fails onnx.checker: {exc}") from exc
     sess = create_session(path, "cpu", prepack=False).session
-    feeds = random_feeds(sess, shapes=input_shapes, values=input_values)
+    decoder = decoder_of(load_model(path, check=False))
+    feeds = random_feeds(sess, shapes=input_shapes, values=input_values, decoder=decoder)
     try:
         sess.run(None, feeds)
     except Exception:
@@ -189,9 +194,14 @@ class _Target:
     unknown: str | None  # the input dimensions the output check has no size for (describe_unknown)
     input_values: dict[str, tuple[float, ...]] | None = None  # auxiliary inputs (--input-value)
 
+    folder: FolderResult | None = None  # the runtime's folder files written beside the model (io.model_folder)
+
     def save(self, am: AnalysedModel, sparse: set[str] | None = None):
-        return save_model(am.model, self.output, external_data=self.external_data, input_path=self.input_path,
-                          force=self.force, sparse=sparse, verify=self._verify if self.check else None)
+        saved = save_model(am.model, self.output, external_data=self.external_data, input_path=self.input_path,
+                           force=self.force, sparse=sparse, verify=self._verify if self.check else None)
+        decoder = decoder_of(am.model)
+        self.folder = write_folder(am.model, self.input_path, saved.path, decoder.layers if decoder else None)
+        return saved
 
     def _verify(self, path: Path) -> None:
         check_runs(path, self.input_shapes, self.input_path, self.unknown, self.input_values)
@@ -253,7 +263,7 @@ def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: s
     return ApplyResult(path=saved.path, layers=per_layer, totals=achieved,
                        input_bytes=model_file_bytes(target.input_path), output_bytes=saved.size_bytes,
                        sparse_initializers=saved.sparse_initializers, skipped=rep.skipped,
-                       checked=target.checked(bool(saved.sparse_initializers)))
+                       checked=target.checked(bool(saved.sparse_initializers)), folder=target.folder)
 
 
 def _apply_channels(am: AnalysedModel, pl: Plan, target: _Target, criterion: str, round_to: int,
@@ -311,7 +321,8 @@ def _apply_channels(am: AnalysedModel, pl: Plan, target: _Target, criterion: str
                  for name in out_before]
     return ApplyResult(path=saved.path, layers=per_layer, totals=totals,
                        input_bytes=model_file_bytes(target.input_path), output_bytes=saved.size_bytes,
-                       sparse_initializers=[], skipped=describe_blocked(blocked), checked=target.checked(False))
+                       sparse_initializers=[], skipped=describe_blocked(blocked), checked=target.checked(False),
+                       folder=target.folder)
 
 
 def _size_change(before, after) -> dict:
