@@ -27,7 +27,8 @@ from onnxprune.scoring.srinit import METRICS as SRINIT_METRICS
 from onnxprune.scoring.srinit import UNIT_KINDS as SRINIT_UNITS
 from onnxprune.verbs.allocate import allocate
 from onnxprune.verbs.apply import GRANULARITIES, ApplyResult, apply, check_runs
-from onnxprune.verbs.evaluate import EvalResult, evaluate
+from onnxprune.verbs.evaluate import TASKS as EVAL_TASKS
+from onnxprune.verbs.evaluate import EvalResult, LanguageModelResult, evaluate
 from onnxprune.verbs.finetune import FinetuneResult, finetune
 from onnxprune.verbs.inspect import InspectResult, inspect
 from onnxprune.verbs.loading import ModelLike, open_model
@@ -46,7 +47,7 @@ STORES = ("dense", "sparse")
 __all__ = [
     "ALLOCATION_GRANULARITIES", "ALLOCATION_METHODS", "BUDGETS", "CAPACITY_METRICS", "COUPLED", "CRITERIA",
     "DEFAULT_CAPACITY_METRIC", "GRANULARITIES", "INSERT_BN", "LAYER_METHODS", "PROVIDERS", "SCORE_METHODS",
-    "SENSITIVITY_METRICS", "SRINIT_METRICS", "SRINIT_UNITS", "STORES",
+    "SENSITIVITY_METRICS", "SRINIT_METRICS", "SRINIT_UNITS", "STORES", "EVAL_TASKS", "LanguageModelResult",
     "AnalysedModel", "ApplyResult", "DataSpec", "EvalResult", "FinetuneOptions", "FinetuneResult",
     "InspectResult", "ModelLike", "Plan", "Scores", "Sweep",
     "allocate", "apply", "check_output_path", "check_runs", "evaluate", "find_layers", "finetune", "inspect",

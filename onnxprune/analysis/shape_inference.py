@@ -37,6 +37,7 @@ def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | Non
     symbolic: dict[str, tuple] = {}
 
     def infer(p: onnx.ModelProto) -> onnx.ModelProto:
+        _drop_constant_annotations(p)
         p = fold_small_constants(p)
         for t in p.graph.initializer:
             if t.name in made:
@@ -243,6 +244,16 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> dict[str, tuple]:
         logger.info("symbolic shape inference skipped: %s", exc)
         return {}
     return dict(_value_shapes(out)) if out is not None else {}
+
+
+def _drop_constant_annotations(proto: onnx.ModelProto) -> None:
+    """Remove the declared shapes of Constant outputs: inference knows them exactly, and a wrong declaration
+    (GenAI's builder declares its 1-element constants as scalars) fails the whole inference."""
+    constants = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    if constants:
+        keep = [vi for vi in proto.graph.value_info if vi.name not in constants]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(keep)
 
 
 def _onnx_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:

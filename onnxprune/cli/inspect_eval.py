@@ -75,9 +75,12 @@ def _count_ops(layers) -> list[tuple[str, int]]:
 @click.option("--reference", type=click.Path(path_type=str), default=None,
               help="The model MODEL was pruned from: also measure how far MODEL's outputs are from its outputs "
                    "(output error, %; for any outputs, no labels needed).")
+@click.option("--task", type=click.Choice(api.EVAL_TASKS), default="auto", show_default=True,
+              help="lm: a decoder language model on token sequences (--data with input_ids): perplexity, and "
+                   "prefill / per-token decode latency with the KV cache; auto detects one.")
 @data_options
 @common_options
-def eval_cmd(model, reference, data_spec, input_shapes, as_json):
+def eval_cmd(model, reference, task, data_spec, input_shapes, as_json):
     """Measure top-1 / top-5 accuracy and throughput of MODEL with ONNX Runtime.
 
     \b
@@ -88,7 +91,8 @@ def eval_cmd(model, reference, data_spec, input_shapes, as_json):
           --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
     """
     with progress_bar("evaluating") as tick:
-        result = api.evaluate(model, data_spec, progress=tick, input_shapes=input_shapes, reference=reference)
+        result = api.evaluate(model, data_spec, progress=tick, input_shapes=input_shapes, reference=reference,
+                              task=task)
     notice(result.notice)
     if as_json:
         emit_json(result.to_dict())
@@ -96,7 +100,13 @@ def eval_cmd(model, reference, data_spec, input_shapes, as_json):
     table = Table(title=f"Evaluation of {model}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    if result.top1 is not None:
+    lm = result.language_model
+    if lm is not None:
+        table.add_row("perplexity", f"{lm.perplexity:.3f} ({lm.tokens:,} next tokens)")
+        if lm.prefill_ms is not None:
+            table.add_row(f"prefill of {lm.context} tokens", f"{lm.prefill_ms:.2f} ms (batch 1)")
+            table.add_row(f"decode at context {lm.context}", f"{lm.decode_ms:.3f} ms per token (batch 1)")
+    elif result.top1 is not None:
         table.add_row("top-1", f"{result.top1:.2f} %")
         table.add_row("top-5", f"{result.top5:.2f} %")
     elif result.output_error is None:

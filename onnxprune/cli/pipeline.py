@@ -33,14 +33,16 @@ __all__ = ["allocate", "apply", "score"]
 @click.option("--metric", default=None,
               help=f"capacity: {', '.join(api.CAPACITY_METRICS)} (default {api.DEFAULT_CAPACITY_METRIC}); "
                    f"sensitivity, srinit: {', '.join(api.SENSITIVITY_METRICS)} (default: kl / top-1 for class "
-                   f"scores, error (relative output error) for any other outputs).")
+                   f"scores, kl of next-token distributions for a language model, error (relative output error) "
+                   f"for any other outputs).")
 @click.option("--grid", default=None, metavar="S,S,...", help="Sparsities measured per layer (sensitivity).")
 @click.option("--at", "at_plan", type=click.Path(path_type=str), default=None,
               help="sensitivity: measure around this plan (the other layers pruned as planned).")
 @click.option("--tolerance", type=float, default=1.0, show_default=True,
               help="compactness: allowed drop in top-1 points (agreement points without labels).")
 @click.option("--units", type=click.Choice(api.SRINIT_UNITS), default="blocks", show_default=True,
-              help="srinit: re-initialise residual blocks or single layers.")
+              help="srinit, influence: residual blocks, transformer-layers (an attention block with the MLP "
+                   "block after it: a decoder layer, removed with its KV cache) or (srinit) single layers.")
 @click.option("--seed", type=int, default=1, show_default=True, help="srinit: seed of the fresh initialisation.")
 @click.option("--seeds", type=int, default=1, show_default=True, help="srinit: repeat over K seeds.")
 @click.option("--max-memory", default="2GB", show_default=True, metavar="SIZE",

@@ -27,7 +27,7 @@ from onnxprune.io.checking import OnnxCheckError, check_file
 
 __all__ = ["DEFAULT_IR_VERSION", "PROTOBUF_LIMIT", "SUPPORTED_OPSET", "SavedModel", "check_output_path", "fingerprint",
            "has_external_data", "load_model", "make_temp", "model_file_bytes", "model_nbytes", "release",
-           "release_mapped", "save_model", "write_text"]
+           "release_mapped", "save_model", "session_proto", "write_text"]
 
 # Above this size a model cannot be a single protobuf file.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -129,6 +129,28 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
 def has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor)
                for g in model.graphs() for v in g.initializers.values())
+
+
+def session_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a protobuf for an in-memory ONNX Runtime session: external tensors inlined (a session made
+    from bytes resolves external files against the working directory, not the model's folder)."""
+    proto = ir.serde.serialize_model(model)
+    if not has_external_data(model):
+        return proto
+    graphs = [proto.graph]
+    values = {name: v for g in model.graphs() for name, v in g.initializers.items()}
+    while graphs:
+        graph = graphs.pop()
+        for tensor in graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in values:
+                array = values[tensor.name].const_value.numpy()
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = array.tobytes()
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+    return proto
 
 
 def release(tensor: ir.ExternalTensor) -> None:

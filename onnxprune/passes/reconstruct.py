@@ -29,6 +29,7 @@ from onnx import helper, numpy_helper
 from onnxprune.analysis.channels import ChannelGraph
 from onnxprune.analysis.graph import constant_array
 from onnxprune.analysis.layers import Layer
+from onnxprune.io import session_proto
 from onnxprune.runtime.graph_io import with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.tensors.weights import compute_dtype, get_weight, out_in_axes, set_weight
@@ -164,7 +165,7 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
             todo.append(layer)
     if not todo or not batches:
         return report
-    proto = ir.serde.serialize_model(model)
+    proto = session_proto(model)
     reference = with_outputs(proto, [layer.node.outputs[0].name for layer in todo],
                              helper.np_dtype_to_tensor_dtype(compute_dtype(todo[0])))
     masked, feeds_of = _masked(proto, consumers, todo, layers)

@@ -7,6 +7,7 @@ import onnx_ir as ir
 
 from onnxprune.analysis.input_shapes import InputShapes, declared_inputs
 from onnxprune.errors import InputError
+from onnxprune.io import session_proto
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.input_values import value_feed
 from onnxprune.runtime.language_model import Decoder, decoder_of
@@ -166,7 +167,7 @@ def _input_specs(sess) -> list[rdata.InputSpec]:
 
 def calibration_batches(model: ir.Model, spec: rdata.DataSpec) -> tuple[str, list]:
     """(the provider a session really got, all batches as a list) for measuring ``model`` in memory."""
-    sess = create_session(ir.serde.serialize_model(model).SerializeToString(), spec.provider)
+    sess = create_session(session_proto(model).SerializeToString(), spec.provider)
     found, _, _ = batches(model, sess, spec)
     return sess.provider, list(found)
 

@@ -29,6 +29,7 @@ from onnx import helper
 
 from onnxprune.analysis.graph import GraphInfo
 from onnxprune.analysis.shape_inference import outer_reads, proto_bodies
+from onnxprune.io import session_proto
 from onnxprune.runtime.graph_io import weight_tensor_type
 from onnxprune.runtime.session import Session, create_session, ort_value
 
@@ -83,7 +84,7 @@ class PartialEvaluator:
         if inject not in ("inputs", "initializers"):
             raise ValueError(f"inject must be inputs or initializers, got {inject!r}")
         self.info, self.provider, self.threads, self.inject = info, provider, threads, inject
-        proto = ir.serde.serialize_model(model)
+        proto = session_proto(model)
         self._proto = proto
         graph = proto.graph
         self._nodes = nodes = list(graph.node)
@@ -164,9 +165,12 @@ class PartialEvaluator:
         fuses every Add and runs faster than the exported model, but a fused Add rounds differently: the
         outputs then differ by ~1e-5, so that is not done.)"""
         bridges, eyes, renamed = {}, [], {}
+        if not any(n.op_type == "Conv" for n in self._nodes):
+            return body, []  # no convolution chain to keep in its layout (a transformer's 4-D values are heads)
         for v in values:
             shape = self.info.shape(self._values[v])
-            if (v in outputs or shape is None or len(shape) != 4 or not isinstance(shape[1], int)
+            if (v in outputs or self._produced_at[v] < 0 or shape is None or len(shape) != 4
+                    or not isinstance(shape[1], int)
                     or _elem_type(self.info, self._values[v]) != onnx.TensorProto.FLOAT):
                 continue
             c = shape[1]

@@ -12,7 +12,7 @@ from onnxprune.runtime.input_values import value_feed
 from onnxprune.runtime.language_model import Decoder
 from onnxprune.runtime.session import create_session
 
-__all__ = ["latency", "random_feeds"]
+__all__ = ["latency", "lm_latency", "random_feeds"]
 
 
 def random_feeds(sess, batch: int = 1, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None,
@@ -61,3 +61,35 @@ def latency(paths: list[str | os.PathLike], provider: str = "cpu", batch: int = 
                 s.run(None, f)
                 times[k].append(time.perf_counter() - t)
     return [1000 * float(np.median(t)) for t in times]
+
+
+def lm_latency(paths: list[str | os.PathLike], provider: str = "cpu", context: int = 256, runs: int = 5,
+               rounds: int = 3, seed: int = 0) -> list[tuple[float, float]]:
+    """(prefill ms, per-token decode ms) of each decoder LM at batch 1: the prefill of ``context`` tokens from
+    an empty cache, and one token after a cache of ``context`` tokens; medians over ``rounds`` interleaved
+    rounds of ``runs`` runs each."""
+    from onnxprune.io import load_model
+    from onnxprune.runtime.language_model import decoder_of
+
+    sessions, cases = [], []
+    rng = np.random.default_rng(seed)
+    for path in paths:
+        decoder = decoder_of(load_model(path, check=False))
+        if decoder is None:
+            raise ValueError(f"{path} is not a decoder language model")
+        ids = rng.integers(0, decoder.vocab or 2, (1, context + 1))
+        sessions.append(create_session(path, provider).session)
+        cases.append((decoder.feeds(ids[:, :context], past_length=0),
+                      decoder.feeds(ids[:, context:], past_length=context, seed=seed)))
+    times = [([], []) for _ in paths]
+    for s, feeds in zip(sessions, cases, strict=True):  # warm up
+        for f in feeds:
+            s.run(None, f)
+    for _ in range(rounds):
+        for k, (s, feeds) in enumerate(zip(sessions, cases, strict=True)):
+            for phase, f in enumerate(feeds):
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    s.run(None, f)
+                    times[k][phase].append(time.perf_counter() - t)
+    return [(1000 * float(np.median(p)), 1000 * float(np.median(d))) for p, d in times]

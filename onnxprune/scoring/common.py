@@ -8,19 +8,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
+from onnxprune.analysis.blocks import Block, transformer_layers
 from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan
 from onnxprune.errors import InputError
+from onnxprune.io import session_proto
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.feeding import calibration_batches
+from onnxprune.runtime.language_model import decoder_of
 from onnxprune.runtime.metrics import class_scores
 from onnxprune.runtime.session import create_session
 
-__all__ = ["Progress", "ScoreRequest", "calibration", "choose_metric", "layer_entry", "owned_layers",
-           "relative_to_max", "sample_count"]
+__all__ = ["Progress", "ScoreRequest", "block_units", "calibration", "choose_metric", "layer_entry", "owned_layers",
+           "relative_to_max", "sample_count", "unit_entry"]
 
 Progress = Callable[[int, int | None], None]
 NO_LAYERS = "the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
@@ -35,7 +37,7 @@ class ScoreRequest:
     grid: tuple[float, ...] | None = None
     at: Plan | str | os.PathLike | None = None  # sensitivity: measure around this plan (or its file)
     tolerance: float = 1.0
-    units: str = "blocks"  # srinit: blocks | layers
+    units: str = "blocks"  # srinit: blocks | transformer-layers | layers; influence: blocks | transformer-layers
     seed: int = 1
     seeds: int = 1
     max_memory: int | None = None
@@ -70,7 +72,7 @@ def untaken_branches(am: AnalysedModel, layers: list[Layer], batches: list, prov
     conditions = {node.name: node.inputs[0].name for node in am.model.graph if node.name in ifs}
     if not conditions or not batches:
         return {}
-    proto = ir.serde.serialize_model(am.model)
+    proto = session_proto(am.model)
     for name in dict.fromkeys(conditions.values()):
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
     session = create_session(proto.SerializeToString(), provider)
@@ -98,6 +100,33 @@ def relative_to_max(values: list[float], absolute: bool = False) -> list[float]:
 CLASS_METRICS = ("top1", "agreement", "kl")
 
 
+def block_units(am: AnalysedModel, units: str) -> list[tuple[str, list[Block]]]:
+    """(unit name, its blocks) for ``--units blocks`` (each residual block) or ``transformer-layers`` (an
+    attention block with the blocks after it: a decoder layer, named by its attention block)."""
+    blocks = am.blocks
+    if not blocks:
+        raise InputError("the model has no residual blocks; use --units layers")
+    if units == "blocks":
+        return [(b.name, [b]) for b in blocks]
+    layers = transformer_layers(blocks)
+    if not layers:
+        raise InputError("no residual block of the model attends (no attention op, Softmax or KV cache): it has "
+                         "no transformer layers; use --units blocks")
+    return [(members[0].name, members) for members in layers]
+
+
+def unit_entry(name: str, members: list[Block], units: str) -> dict:
+    """A scores-file unit for a block or a transformer layer (its blocks listed)."""
+    flops = [b.flops for b in members]
+    entry = {"name": name, "kind": "block" if units == "blocks" else "transformer-layer",
+             "params": sum(b.params for b in members), "flops": None if None in flops else sum(flops),
+             "skip": members[0].skip, "removable": all(b.removable for b in members),
+             "layers": [n for b in members for n in b.layers]}
+    if units != "blocks":
+        entry["blocks"] = [b.name for b in members]
+    return entry
+
+
 def choose_metric(am: AnalysedModel, requested: str | None, batches: list,
                   classifier_default: str | None) -> tuple[str, str | None]:
     """(the metric to measure by, a notice when it was chosen for the user). Class scores (one output of
@@ -105,6 +134,11 @@ def choose_metric(am: AnalysedModel, requested: str | None, batches: list,
     any other outputs to ``error`` (onnxprune.runtime.metrics.output_error over every output)."""
     labelled = all(labels is not None for _, labels in batches)
     classes = class_scores([am.info.shape(v) for v in am.model.graph.outputs])
+    if decoder_of(am.model) is not None:  # next-token distributions at every position
+        if requested == "top1":
+            raise InputError("--metric top1 needs class labels; a language model is measured by kl (next-token "
+                             "distributions against the unmodified model), agreement or error")
+        return requested or "kl", None
     if requested is not None:
         if requested == "top1" and not labelled:
             raise InputError("--metric top1 needs labels in the data; use agreement, kl or error without labels")

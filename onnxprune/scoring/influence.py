@@ -10,59 +10,69 @@ import time
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.analysis.blocks import FUSED_RESIDUAL_OPS, residual_inputs
+from onnxprune.analysis.graph import constant_array
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
+from onnxprune.io import session_proto
 from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.graph_io import with_outputs
 from onnxprune.runtime.session import create_session
-from onnxprune.scoring.common import Progress, ScoreRequest, relative_to_max, sample_count
+from onnxprune.scoring.common import Progress, ScoreRequest, block_units, relative_to_max, sample_count, unit_entry
 
 __all__ = ["check", "score_influence"]
 
 
 def check(request: ScoreRequest) -> None:
-    if request.units != "blocks":
-        raise InputError("--method influence scores residual blocks; drop --units layers")
+    if request.units not in ("blocks", "transformer-layers"):
+        raise InputError("--method influence scores residual blocks or transformer layers; drop --units layers")
 
 
 def score_influence(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
-    blocks = am.blocks
-    if not blocks:
-        raise InputError("the model has no residual blocks; block influence needs some")
+    groups = block_units(am, request.units)
     t0 = time.perf_counter()
     provider, batches = calibration_batches(am.model, request.data)
-    pairs = {}  # block -> (its input: the skip path's value, its output: the join's)
     nodes = {n.name: n for n in am.model.graph}
-    for block in blocks:
-        join = nodes[block.name]
-        pairs[block.name] = (join.inputs[1 - block.branch_input].name, join.outputs[0].name)
-    names = list(dict.fromkeys(n for pair in pairs.values() for n in pair))
-    proto = with_outputs(ir.serde.serialize_model(am.model), names, None)
+    # a unit's input: its first block's skip value; its output: the last block's residual sum (skip + branch,
+    # added here: a fused Skip*Normalization's output 0 is normalised)
+    ends = {name: (_skip(nodes, members[0]), _sum_terms(nodes[members[-1].name])) for name, members in groups}
+    names = list(dict.fromkeys([x for x, _ in ends.values()] + [t for _, (terms, _) in ends.values() for t in terms]))
+    proto = with_outputs(session_proto(am.model), names, None)
     session = create_session(proto.SerializeToString(), provider)
-    sums = dict.fromkeys(pairs, 0.0)
+    sums = dict.fromkeys(ends, 0.0)
     count = 0
     for k, (feeds, _) in enumerate(batches):
         values = dict(zip(names, session.run(feeds, names), strict=True))
-        for name, (x, y) in pairs.items():
-            sums[name] += float(_one_minus_cosine(values[x], values[y]).sum())
+        for name, (x, (terms, bias)) in ends.items():
+            y = sum(np.asarray(values[t], np.float64) for t in terms) + bias
+            sums[name] += float(_one_minus_cosine(values[x], y).sum())
         count += len(next(iter(feeds.values())))
         if progress:
             progress(k + 1, len(batches), {})
     units = []
-    for block in blocks:
-        influence = sums[block.name] / max(count, 1)
-        units.append({"name": block.name, "kind": "block", "params": block.params, "flops": block.flops,
-                      "skip": block.skip, "removable": block.removable, "layers": block.layers,
-                      "drop": influence, "drop_se": None, "metrics": {"influence": influence}})
+    for name, members in groups:
+        influence = sums[name] / max(count, 1)
+        units.append({**unit_entry(name, members, request.units), "drop": influence, "drop_se": None,
+                      "metrics": {"influence": influence}})
     for u, imp in zip(units, relative_to_max([u["drop"] for u in units]), strict=True):
         u["importance"] = imp
     return Scores(method="influence", fingerprint=am.fingerprint, input_shapes=am.shapes_record, units=units,
-                  metric="influence", unit_kind="blocks",
+                  metric="influence", unit_kind=request.units,
                   options={"samples": sample_count(batches), "data": request.data.record(), "provider": provider,
-                           "definition": "1 - cosine between a block's input and output, per position "
-                                         "(features: the last axis; channels of a feature map: axis 1)"},
+                           "definition": "1 - cosine between a unit's input and output residual stream, per "
+                                         "position (features: the last axis; channels of a feature map: axis 1)"},
                   timing={"seconds": round(time.perf_counter() - t0, 3)})
+
+
+def _skip(nodes: dict, block) -> str:
+    return nodes[block.name].inputs[1 - block.branch_input].name
+
+
+def _sum_terms(join: ir.Node) -> tuple[list[str], np.ndarray | float]:
+    """The values a residual join adds (its two inputs), and a fused join's constant bias (input 4)."""
+    bias = join.inputs[4] if join.op_type in FUSED_RESIDUAL_OPS and len(join.inputs) > 4 else None
+    return [v.name for v in residual_inputs(join)], 0.0 if bias is None else constant_array(bias)
 
 
 def _one_minus_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:

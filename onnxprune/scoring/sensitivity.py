@@ -22,6 +22,7 @@ from onnxprune.analysis.layers import Layer, find_layers
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, Scores, check_fingerprint, curve_drop, load_plan
 from onnxprune.errors import InputError
+from onnxprune.io import session_proto
 from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.runtime.session import create_session
@@ -91,7 +92,7 @@ def layer_sensitivity(
     weights = {layer.name: np.asarray(get_weight(layer)) for layer in layers}
     reference = None
     if at:
-        reference = create_session(ir.serde.serialize_model(model).SerializeToString(), provider)
+        reference = create_session(session_proto(model).SerializeToString(), provider)
         model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
         info = analyse_graph(model)
         by_name = {layer.name: layer for layer in find_layers(info)}

@@ -27,15 +27,18 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
+from onnxprune.runtime.language_model import decoder_of, token_kl
 from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.scoring.common import (
     Progress,
     ScoreRequest,
+    block_units,
     calibration,
     choose_metric,
     layer_entry,
     relative_to_max,
+    unit_entry,
     untaken_branches,
 )
 from onnxprune.tensors.weights import get_weight, out_in_axes
@@ -111,17 +114,19 @@ class _Paired:
         return mean * scale, np.sqrt(var / count) * scale
 
 
-UNIT_KINDS = ("blocks", "layers")  # what --units re-initialises
+UNIT_KINDS = ("blocks", "transformer-layers", "layers")  # what --units re-initialises
 DEFAULT_MAX_MEMORY = 2 << 30  # bytes: suffix sessions alive at once plus one batch of cached activations
 
 
 def srinit_scores(
     model, info: GraphInfo, units: list[tuple[str, list[str], list[Layer]]], batches: list,
     seeds: list[int], provider: str = "cpu", progress: Callable[[int, int], None] | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY,
+    max_memory: int = DEFAULT_MAX_MEMORY, tokens: bool = False,
 ) -> tuple[dict[str, dict], dict]:
     """units: (name, node names, layers). Returns per unit {metric: drop, metric_se, (metric_seed_std),
-    seconds} and the baseline metrics, and the number of passes over the data.
+    seconds} and the baseline metrics, and the number of passes over the data. ``tokens``: the first output
+    is a language model's logits (batch, positions, vocabulary): ``kl`` and ``agreement`` are per sequence,
+    averaged over its positions.
 
     Each (unit, seed) gets a suffix session with that seed's weights built in (injected when the session is
     made, never serialised), so it runs as fast as the unmodified graph. For each batch the unmodified model
@@ -162,25 +167,29 @@ def srinit_scores(
             seconds[name] += time.perf_counter() - t0
         for b, (feeds, labels) in enumerate(batches):
             acts = first if g == 0 and b == 0 else evaluator.run_prefix(feeds)
-            ref = Reference.of([acts[name] for name in evaluator.output_names])
-            ref_logp, ref_top = ref.logp, ref.top
-            ref_ok = None if labels is None else (ref_top == labels.reshape(-1)).astype(np.float64)
+            refs = [acts[name] for name in evaluator.output_names]
+            ref = None if tokens else Reference.of(refs)
+            ref_ok = None if labels is None or ref is None else (ref.top == labels.reshape(-1)).astype(np.float64)
             if g == 0:
-                state["n"] += len(ref_top)
+                state["n"] += len(refs[0])
                 if ref_ok is not None:
                     state["correct"] += int(ref_ok.sum())
                     state["labelled"] += len(ref_ok)
             for (name, seed), bound in sessions.items():
                 t0 = time.perf_counter()
                 outs = bound.run(acts)
-                logp = Reference.of(outs).logp
-                top = logp.argmax(axis=1)
                 p = acc[(name, seed)]
-                p.add("error", output_error(ref.outputs, outs))
-                p.add("agreement", (top != ref_top).astype(np.float64))
-                p.add("kl", np.sum(np.exp(ref_logp) * (ref_logp - logp), axis=1))
-                if ref_ok is not None:
-                    p.add("top1", ref_ok - (top == labels.reshape(-1)))
+                p.add("error", output_error(refs, outs))
+                if tokens:  # a language model: next-token distributions at every position, per sequence
+                    p.add("agreement", (outs[0].argmax(-1) != refs[0].argmax(-1)).mean(axis=1))
+                    p.add("kl", token_kl(refs[0], outs[0]))
+                else:
+                    logp = Reference.of(outs).logp
+                    top = logp.argmax(axis=1)
+                    p.add("agreement", (top != ref.top).astype(np.float64))
+                    p.add("kl", np.sum(np.exp(ref.logp) * (ref.logp - logp), axis=1))
+                    if ref_ok is not None:
+                        p.add("top1", ref_ok - (top == labels.reshape(-1)))
                 seconds[name] += time.perf_counter() - t0
                 state["done"] += 1
                 if progress:
@@ -236,7 +245,7 @@ def check(request: ScoreRequest) -> None:
     if metric is not None and metric not in METRICS:
         raise InputError(f"unknown SR-init metric {metric!r}; use one of {', '.join(METRICS)}")
     if request.units not in UNIT_KINDS:
-        raise InputError(f"--units must be blocks or layers, got {request.units!r}")
+        raise InputError(f"--units must be one of {', '.join(UNIT_KINDS)}, got {request.units!r}")
     if request.seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {request.seeds}")
     if request.max_memory is not None and request.max_memory < 1:
@@ -250,19 +259,18 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
     layers, provider, batches = calibration(am, request.data)
     metric, note = choose_metric(am, request.metric, batches, classifier_default=None)
     by_name = {layer.name: layer for layer in layers}
-    if request.units == "blocks":
-        blocks = am.blocks
-        if not blocks:
-            raise InputError("the model has no residual blocks; use --units layers")
-        unit_defs = [(b.name, b.nodes, [by_name[n] for n in b.layers if n in by_name]) for b in blocks]
-        entries = {b.name: {"name": b.name, "kind": "block", "params": b.params, "flops": b.flops, "skip": b.skip,
-                            "removable": b.removable, "layers": b.layers} for b in blocks}
+    if request.units in ("blocks", "transformer-layers"):
+        groups = block_units(am, request.units)
+        unit_defs = [(name, [n for b in members for n in b.nodes],
+                      [by_name[n] for b in members for n in b.layers if n in by_name]) for name, members in groups]
+        entries = {name: unit_entry(name, members, request.units) for name, members in groups}
     else:
         unit_defs = [(layer.name, layer.main_nodes, [layer]) for layer in layers]
         entries = {layer.name: {**layer_entry(am, layer), "kind": "layer"} for layer in layers}
     t0 = time.perf_counter()
     results, base = srinit_scores(am.model, am.info, unit_defs, batches, list(range(seed, seed + seeds)),
-                                  provider=provider, progress=progress, max_memory=max_memory)
+                                  provider=provider, progress=progress, max_memory=max_memory,
+                                  tokens=decoder_of(am.model) is not None)
     seconds = time.perf_counter() - t0
     passes = base.pop("passes")
     out = []
