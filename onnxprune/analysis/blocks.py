@@ -32,7 +32,8 @@ import onnx_ir as ir
 from onnxprune.analysis.graph import FLOAT_TYPES, GraphInfo, const_shape, constant_source
 from onnxprune.analysis.layers import Layer
 
-__all__ = ["FUSED_RESIDUAL_OPS", "RESIDUAL_OPS", "Block", "branch_params", "find_blocks", "residual_inputs"]
+__all__ = ["FUSED_RESIDUAL_OPS", "RESIDUAL_OPS", "Block", "branch_params", "find_blocks", "residual_inputs",
+           "shape_only", "transformer_layers"]
 
 RESIDUAL_OPS = ("Add", "Sum")
 # ONNX Runtime's fused residual + normalisation (its transformer optimizer, GenAI's builder): output 0 is
@@ -229,15 +230,9 @@ ATTENTION_OPS = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttent
 
 def _cache(info: GraphInfo, add: ir.Node, branch: set[ir.Node], graph_outputs: set[ir.Value]
            ) -> tuple[list[ir.Value], list[ir.Value]]:
-    """The branch's KV cache: the graph inputs the branch reads that nothing outside it reads, and the graph
-    outputs computed (past the branch, never through ``add``) from the branch and those inputs only."""
-    inputs = []
-    for node in branch:
-        for v in node.inputs:
-            if v is not None and v.is_graph_input() and v not in inputs and v.producer() is None:
-                inputs.append(v)
-    if not inputs:
-        return [], []
+    """The branch's KV cache: the graph outputs computed (past the branch, never through ``add``) from the
+    branch and graph inputs only, and the graph inputs it reads (directly, or passed on unchanged by one-input
+    nodes) that nothing else reads except for their shape."""
     outputs: list[ir.Value] = []
     own = set(branch)
     frontier = [v for n in branch for v in n.outputs]
@@ -249,18 +244,56 @@ def _cache(info: GraphInfo, add: ir.Node, branch: set[ir.Node], graph_outputs: s
             n = use.node
             if n is add or n in own:
                 continue
-            if all(i is None or i.producer() in own or i in inputs or constant_source(i) is not None
+            if all(i is None or i.producer() in own or constant_source(i) is not None or _input_source(i)
                    for i in n.inputs):
                 own.add(n)
                 frontier.extend(n.outputs)
+    sources = {_input_source(i) for n in own for i in n.inputs if i is not None} - {None}
     # a past input whose other readers only take its shape (a causal mask sized from layer 0's past) still
     # goes with the block: those readers are given another layer's past of the same shape (RemoveBlocksPass)
-    cache_in = [v for v in inputs if all(use.node in own or use.node.op_type == "Shape" for use in v.uses())]
+    cache_in = [v for v in sources if _goes_with(v, own)]
     if not outputs or not cache_in:
         return [], []
     order = {v: i for i, v in enumerate(info.graph.outputs)}
     inputs_order = {v: i for i, v in enumerate(info.graph.inputs)}
     return sorted(cache_in, key=inputs_order.get), sorted(outputs, key=order.get)
+
+
+def _input_source(value: ir.Value) -> ir.Value | None:
+    """The graph input ``value`` is, or that one-input nodes (an Identity, a one-input Concat) pass on to it."""
+    while value is not None:
+        if value.is_graph_input():
+            return value
+        node = value.producer()
+        ins = [] if node is None else [i for i in node.inputs if i is not None]
+        if len(ins) != 1:
+            return None
+        value = ins[0]
+    return None
+
+
+def _goes_with(value: ir.Value, own: set[ir.Node]) -> bool:
+    """Whether every reader of ``value`` is one of ``own``, reads only its shape, or passes it on (one input) to
+    such readers only."""
+    for use in value.uses():
+        node = use.node
+        if node in own or shape_only(node):
+            continue
+        if sum(i is not None for i in node.inputs) != 1 or any(o.is_graph_output() for o in node.outputs):
+            return False
+        if not all(_goes_with(o, own) for o in node.outputs):
+            return False
+    return True
+
+
+def shape_only(node: ir.Node) -> bool:
+    """Whether ``node`` reads its input only for the shape: a Shape, or a one-input node (an Identity, a
+    one-input Concat) whose results only reach Shape nodes."""
+    if node.op_type == "Shape":
+        return True
+    if sum(i is not None for i in node.inputs) != 1 or any(o.is_graph_output() for o in node.outputs):
+        return False
+    return all(shape_only(use.node) for o in node.outputs for use in o.uses())
 
 
 def transformer_layers(blocks: list[Block]) -> list[list[Block]]:

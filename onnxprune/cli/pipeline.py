@@ -177,7 +177,9 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
             table.add_row(str(i), escape(b["name"]), f"{b['drop']:.3f}", fmt_int(b["params"]), fmt_flops(b["flops"]))
         out.print(table)
         t = plan.totals
-        out.print(f"[bold]Remove[/] {t['blocks_removed']} of {t['blocks']} blocks: {fmt_int(t['params_removed'])} "
+        layers = (f"{plural(t['units_removed'], 'transformer layer')} (with the KV cache they carry): "
+                  if t.get("unit_kind") == "transformer-layers" else "")
+        out.print(f"[bold]Remove[/] {layers}{t['blocks_removed']} of {t['blocks']} blocks: {fmt_int(t['params_removed'])} "
                   f"parameters ({100 * t['params_fraction']:.2f} %), {fmt_flops(t['flops_removed'])} FLOPs "
                   f"({fmt_percent(t['flops_fraction'])}). wrote {escape(output)}")
         return

@@ -55,11 +55,12 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
             else:
                 out.replace_all_uses_with(skip)
                 graph.remove(add, safe=True)
-        _drop_caches(graph, self.blocks)
+        dropped = {name for block in self.blocks for name in block.cache_outputs}
+        for value in [v for v in graph.outputs if v.name in dropped]:
+            graph.outputs.remove(value)
         RemoveUnusedNodesPass()(model)
-        for value in list(graph.inputs):
-            if value.name in self._cache_inputs and not value.uses():
-                graph.inputs.remove(value)
+        _drop_cache_inputs(graph, self._cache_inputs)
+        RemoveUnusedNodesPass()(model)
         _rename(graph.inputs, renumbered(input_names, [v.name for v in graph.inputs]))
         _rename(graph.outputs, renumbered(output_names, [v.name for v in graph.outputs]))
         return ir.passes.PassResult(model, bool(self.blocks))
@@ -75,23 +76,20 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
             raise ir.passes.PostconditionError(f"blocks still joined after removal: {sorted(left)[:3]}")
 
 
-def _drop_caches(graph: ir.Graph, blocks: list[Block]) -> None:
-    """Remove the blocks' present outputs, and give shape readers of their past inputs a kept twin."""
-    dropped_out = {name for block in blocks for name in block.cache_outputs}
-    for value in [v for v in graph.outputs if v.name in dropped_out]:
-        graph.outputs.remove(value)
-    dropped_in = {name for block in blocks for name in block.cache_inputs}
-    kept = [v for v in graph.inputs if v.name not in dropped_in]
-    for value in [v for v in graph.inputs if v.name in dropped_in]:
-        readers = [use for use in value.uses() if use.node.op_type == "Shape"]
-        if not readers:
-            continue
-        twin = next((k for k in kept if k.type == value.type and _dims(k) == _dims(value)), None)
-        if twin is None:
-            raise InputError(f"the past input {value.name!r} is also read for its shape, and no kept input has "
-                             "its shape; keep at least one layer of the same cache")
-        for use in readers:
-            use.node.replace_input_with(use.idx, twin)
+def _drop_cache_inputs(graph: ir.Graph, names: set[str]) -> None:
+    """Remove the past inputs ``names``; what still reads them (for their shape only: discovery checked that)
+    reads a kept input of the same declared type and shape instead."""
+    kept = [v for v in graph.inputs if v.name not in names]
+    for value in [v for v in graph.inputs if v.name in names]:
+        uses = list(value.uses())
+        if uses:
+            twin = next((k for k in kept if k.type == value.type and _dims(k) == _dims(value)), None)
+            if twin is None:
+                raise InputError(f"the past input {value.name!r} is also read for its shape, and no kept input "
+                                 "has its shape; keep at least one layer of the same cache")
+            for use in uses:
+                use.node.replace_input_with(use.idx, twin)
+        graph.inputs.remove(value)
 
 
 def _dims(value: ir.Value) -> tuple | None:
