@@ -55,7 +55,7 @@ class Track:
 class Edit:
     """Where an element list sits in a constant to rewrite: a layer weight axis, a node's constant input."""
 
-    kind: str  # weight_out | weight_in | param | pad | group | reshape
+    kind: str  # weight_out | weight_in | param | pad | group | reshape | heads | kv_groups
     node: ir.Node
     elems: list[int]
     axis: int = 0
@@ -287,6 +287,9 @@ class _Builder:
             return
         if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
             self.reduce(node, ins)
+            return
+        if op == "GroupQueryAttention" and node.domain == "com.microsoft":
+            self.grouped_query_attention(node, ins)
             return
         self.block_inputs(node, "op not supported on a channel axis")
 
@@ -563,6 +566,29 @@ class _Builder:
             self.tracks[node.outputs[0]] = Track(a, [e for e in t.elems for _ in range(d)])
             return True
         return False
+
+    def grouped_query_attention(self, node: ir.Node, ins: list[Track | None]) -> None:
+        """ONNX Runtime's GroupQueryAttention on packed query-key-value channels [q heads | k heads | v heads]
+        (GenAI's builder): the unit is a KV group, one key head, one value head and the query heads sharing
+        them, tied into one class; the output carries the query heads' channels. Removing groups rewrites
+        ``num_heads`` / ``kv_num_heads`` and the KV cache's head axis (its past inputs, present outputs)."""
+        t = ins[0]
+        heads, kv = node.attributes.get_int("num_heads", 0), node.attributes.get_int("kv_num_heads", 0)
+        packed = all(v is None for v in node.inputs[1:3])
+        if (t is None or not packed or not heads or not kv or heads % kv or any(x is not None for x in ins[1:])
+                or t.axis != (self.rank(node.inputs[0]) or 0) - 1 or len(t.elems) % (heads + 2 * kv)):
+            self.block_inputs(node, "attention not in the packed query-key-value form split into KV groups")
+            return
+        d, ratio, e = len(t.elems) // (heads + 2 * kv), heads // kv, t.elems
+        reps = []
+        for g in range(kv):
+            members = (e[g * ratio * d:(g + 1) * ratio * d] + e[(heads + g) * d:(heads + g + 1) * d]
+                       + e[(heads + kv + g) * d:(heads + kv + g + 1) * d])
+            for m in members[1:]:
+                self.union(members[0], m)
+            reps.append(members[0])
+        self.cg.edits.append(Edit("kv_groups", node, reps, extra={"ratio": ratio}))
+        self.tracks[node.outputs[0]] = Track(t.axis, e[:heads * d])
 
     def _rewritable_target(self, node: ir.Node, t: Track, rank: int, what: str) -> list | None:
         """The Reshape's target spots, or None after blocking the channels when the target cannot be rewritten."""

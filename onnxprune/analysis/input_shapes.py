@@ -45,7 +45,8 @@ def parse_input_shapes(texts: Iterable[str] | Mapping[str, Iterable[int]] | None
     if not isinstance(texts, Mapping):
         named = _named_dims([t for t in texts if "=" in t and ":" not in t], inputs)
         texts = [t for t in texts if not ("=" in t and ":" not in t)]
-    pairs = list(texts.items()) if isinstance(texts, Mapping) else [_split(t, inputs) for t in texts]
+    from_record = isinstance(texts, Mapping)
+    pairs = list(texts.items()) if from_record else [_split(t, inputs) for t in texts]
     shapes: InputShapes = {}
     for name, dims in pairs:
         if name not in inputs:
@@ -54,7 +55,7 @@ def parse_input_shapes(texts: Iterable[str] | Mapping[str, Iterable[int]] | None
         if name in shapes:
             raise InputError(f"{OPTION} gives {name!r} twice; give each input once")
         dims = tuple(int(d) for d in dims)
-        if any(d < 1 for d in dims):
+        if any(d < (0 if from_record else 1) for d in dims):  # a recorded 0 came from --dim (an empty cache)
             raise InputError(f"{OPTION} {name}:{_text(dims)} has a dimension below 1; every size must be positive")
         declared = inputs[name]
         if declared and len(declared) != len(dims):

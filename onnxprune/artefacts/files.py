@@ -23,13 +23,13 @@ def check_schema(d: Any, schema: str, source: str) -> None:
 
 
 def read_input_shapes(d: dict, source: str) -> dict[str, list[int]]:
-    """An artefact's ``input_shapes`` (input name -> positive sizes), checked; {} when absent."""
+    """An artefact's ``input_shapes`` (input name -> sizes, 0 for an empty KV cache), checked; {} when absent."""
     shapes = d.get("input_shapes") or {}
     ok = isinstance(shapes, dict) and all(
-        isinstance(dims, list) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in dims)
+        isinstance(dims, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in dims)
         for dims in shapes.values())
     if not ok:
-        raise InputError(f"{source}: 'input_shapes' must map input names to lists of positive sizes; "
+        raise InputError(f"{source}: 'input_shapes' must map input names to lists of sizes (whole numbers, 0 or more); "
                          f"make the file again")
     return {str(name): list(dims) for name, dims in shapes.items()}
 

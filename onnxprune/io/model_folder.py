@@ -18,7 +18,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-__all__ = ["FolderResult", "write_folder"]
+from onnxprune.errors import InputError
+
+__all__ = ["FolderResult", "check_folder", "write_folder"]
 
 GENAI_CONFIG = "genai_config.json"
 HF_CONFIG = "config.json"
@@ -67,6 +69,19 @@ def write_folder(model: ir.Model, input_path: Path, output_path: Path, layers: i
             config["num_attention_heads"], config["num_key_value_heads"] = heads
     (dst / kind).write_text(json.dumps(config, indent=4) + "\n")
     return FolderResult(kind, copied)
+
+
+def check_folder(model: ir.Model, input_path: Path) -> None:
+    """Refuse (InputError) a pruned model that its runtime's folder configuration cannot describe: GenAI holds
+    one query-head and one KV-head count for every layer."""
+    if _folder_kind(input_path.parent, input_path.name) != GENAI_CONFIG:
+        return
+    counts = {(n.attributes.get_int("num_heads", 0), n.attributes.get_int("kv_num_heads", 0))
+              for n in model.graph if n.op_type == "GroupQueryAttention"}
+    if len(counts) > 1:
+        raise InputError("ONNX Runtime GenAI's genai_config.json holds one KV-head count for every layer, and "
+                         f"the plan leaves layers with different counts ({', '.join(f'{h}/{k}' for h, k in sorted(counts))}"
+                         " query/KV heads); plan the same number of KV groups in every layer (--method uniform)")
 
 
 def _folder_kind(folder: Path, model_name: str) -> str | None:

@@ -2,7 +2,8 @@
 
 Which channels go is decided before (onnxprune.planning.channel_selection); this pass rewrites the layer
 weights (output and input axes), depthwise group counts, BatchNorm parameters, per-channel constants,
-channel pads, attention head counts and flattening reshapes.
+channel pads, attention head counts (Reshape targets, GroupQueryAttention's KV groups with the cache's
+declared shapes) and flattening reshapes.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
             _pad(graph, cg, edit, remove)
         elif edit.kind == "heads":
             _heads(graph, edit, len(keep))
+        elif edit.kind == "kv_groups":
+            _kv_groups(edit, len(keep))
         elif edit.kind == "reshape":
             target = np.array(edit.extra["target"], copy=True)
             if target[edit.axis] > 0:
@@ -148,6 +151,19 @@ def _heads(graph: ir.Graph, edit: Edit, heads: int) -> None:
     for k, v in values.items():
         src = source.inputs[k]
         source.replace_input_with(k, _new_initializer(graph, src.name, np.array([v], np.int64)))
+
+
+def _kv_groups(edit: Edit, groups: int) -> None:
+    """A GroupQueryAttention with ``groups`` KV groups left: its head counts, and the head axis (1) of its
+    past inputs and present outputs (graph inputs and outputs keep declared shapes)."""
+    node = edit.node
+    node.attributes["num_heads"] = ir.AttrInt64("num_heads", groups * edit.extra["ratio"])
+    node.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", groups)
+    for value in (*node.inputs[3:5], *node.outputs[1:3]):
+        if value is not None and value.shape is not None and len(value.shape) == 4:
+            dims = list(value.shape)
+            dims[1] = groups
+            value.shape = ir.Shape(dims)
 
 
 def _pad(graph: ir.Graph, cg: ChannelGraph, edit: Edit, remove: set[int]) -> None:

@@ -20,7 +20,7 @@ from onnxprune.artefacts import Plan, check_fingerprint, load_plan
 from onnxprune.errors import InputError
 from onnxprune.io import check_output_path, load_model, model_file_bytes, save_model
 from onnxprune.io.checking import OnnxCheckError, check_file
-from onnxprune.io.model_folder import FolderResult, write_folder
+from onnxprune.io.model_folder import FolderResult, check_folder, write_folder
 from onnxprune.passes import (
     ProvenancePass,
     RefitPass,
@@ -197,6 +197,7 @@ class _Target:
     folder: FolderResult | None = None  # the runtime's folder files written beside the model (io.model_folder)
 
     def save(self, am: AnalysedModel, sparse: set[str] | None = None):
+        check_folder(am.model, self.input_path)
         saved = save_model(am.model, self.output, external_data=self.external_data, input_path=self.input_path,
                            force=self.force, sparse=sparse, verify=self._verify if self.check else None)
         decoder = decoder_of(am.model)
