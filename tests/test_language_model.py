@@ -103,7 +103,7 @@ def test_removing_zero_layers_generates_the_same_tokens(llm, tmp_path):
     assert generate(same.parent, prompt) == generate(src.parent, prompt)
 
 
-@pytest.mark.parametrize("export", ["genai_fp32"])
+@pytest.mark.parametrize("export", ["genai_fp32", "genai_int4"])
 def test_pruned_genai_folder_generates(llm, tmp_path, export):
     src = llm / export / "model.onnx"
     scores = tmp_path / "scores.json"
@@ -163,3 +163,78 @@ def test_token_data_outside_the_vocabulary_is_refused(llm, tmp_path):
     np.savez(data, input_ids=np.full((2, 8), 5000, np.int64))
     code, text = run_cli(["eval", str(llm / "genai_fp32" / "model.onnx"), "--data", str(data)], expect=2)
     assert "outside the model's vocabulary of 384" in text
+
+
+DIMS = ["--dim", "batch_size=1", "--dim", "sequence_length=64", "--dim", "past_sequence_length=0",
+        "--dim", "total_sequence_length=64", "--dim", "kv_cache_dim=16"]
+
+
+def test_kv_groups_and_mlp_width_go_and_the_folder_still_generates(llm, tmp_path):
+    """GroupQueryAttention's KV groups (a key head, a value head, their query heads) and the SwiGLU width are
+    channel groups; removing half of each rewrites the heads, the cache's declared head axis and
+    genai_config.json, and onnxruntime_genai still generates."""
+    src = llm / "genai_fp32" / "model.onnx"
+    groups = {tuple(g["layers"]): g for g in api.inspect(src).groups}
+    assert groups[("/model/layers.0/attn/qkv_proj/MatMul",)]["channels"] == 2  # 2 KV groups
+    assert groups[("/model/layers.0/attn/qkv_proj/MatMul",)]["prunable"]
+    assert groups[("/model/layers.0/mlp/gate_proj/MatMul", "/model/layers.0/mlp/up_proj/MatMul")]["prunable"]
+    plan = tmp_path / "plan.json"
+    run_cli(["allocate", str(src), "--method", "uniform", "--granularity", "channel", "--budget", "flops",
+             "--target-sparsity", "0.5", "--round-to", "1", *DIMS, "-o", str(plan)])
+    out = tmp_path / "pruned"
+    out.mkdir()
+    run_cli(["apply", str(src), str(plan), "-o", str(out / "model.onnx")])
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    past = next(v for v in proto.graph.input if v.name == "past_key_values.0.key")
+    assert past.type.tensor_type.shape.dim[1].dim_value == 1
+    assert len(generate(out, [5, 17, 42, 99, 3], new=8)) == 13
+    result = api.evaluate(out / "model.onnx", llm / "heldout.npz", limit=16, latency=False)
+    assert np.isfinite(result.language_model.perplexity)
+
+
+def test_genai_refuses_layers_with_different_kv_head_counts(llm, tmp_path):
+    src = llm / "genai_fp32" / "model.onnx"
+    plan = tmp_path / "plan.json"
+    run_cli(["allocate", str(src), "--method", "uniform", "--granularity", "channel", "--budget", "flops",
+             "--target-sparsity", "0.5", "--round-to", "1", *DIMS, "-o", str(plan)])
+    d = json.loads(plan.read_text())
+    for group in d["options"]["group_removed"]:  # layer 0 keeps both KV groups, the others keep one
+        if group["layers"] == ["/model/layers.0/attn/qkv_proj/MatMul"]:
+            group["removed"] = 0
+    plan.write_text(json.dumps(d))
+    out = tmp_path / "pruned"
+    out.mkdir()
+    _, text = run_cli(["apply", str(src), str(plan), "-o", str(out / "model.onnx")], expect=2)
+    assert "one KV-head count for every layer" in text
+    assert list(out.iterdir()) == []  # nothing written
+
+
+def test_int4_channels_go_in_quantisation_blocks(llm, tmp_path):
+    """MatMulNBits (int4, blocks of 32 along the input): removed output channels leave the kept columns'
+    quantised values untouched; an input axis cut inside blocks re-quantises the kept rows, within half a
+    quantisation step of the dequantised originals."""
+    from onnxprune.tensors.nbits import dequantize, is_nbits, nbits_weight
+
+    src = llm / "genai_int4" / "model.onnx"
+    plan = tmp_path / "plan.json"
+    run_cli(["allocate", str(src), "--method", "uniform", "--granularity", "channel", "--budget", "flops",
+             "--target-sparsity", "0.5", "--round-to", "1", *DIMS, "-o", str(plan)])
+    out = tmp_path / "pruned"
+    out.mkdir()
+    run_cli(["apply", str(src), str(plan), "-o", str(out / "model.onnx")])
+    before = {n.name: n for n in load_model(src).graph if is_nbits(n)}
+    after = {n.name: n for n in load_model(out / "model.onnx").graph if is_nbits(n)}
+    gate = "/model/layers.0/mlp/gate_proj/MatMul_Q4"
+    w0, w1 = dequantize(before[gate]), dequantize(after[gate])
+    assert w1.shape == (64, 48)
+    columns = {w0[:, j].tobytes() for j in range(w0.shape[1])}
+    assert all(w1[:, j].tobytes() in columns for j in range(w1.shape[1]))  # kept columns exactly as they were
+    down = "/model/layers.0/mlp/down_proj/MatMul_Q4"
+    d0, d1 = dequantize(before[down]), dequantize(after[down])
+    assert d1.shape == (48, 64)
+    step = float(nbits_weight(after[down]).scales.max())
+    nearest = np.abs(d1[:, None, :] - d0[None, :, :]).max(axis=2).min(axis=1)  # each kept row vs the original's
+    assert nearest.max() <= step / 2 + 1e-6
+    assert len(generate(out, [5, 17, 42, 99, 3], new=6)) == 11

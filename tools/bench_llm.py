@@ -18,7 +18,9 @@ held-out sequence of 128 tokens, fed as a prefill):
 
 Calibration: 64 training sequences (calib.npz) for SR-init and influence.
 
-    python -m tools.bench_llm [--write]
+Second part (``--part channels``): KV groups and MLP width to 30 % fewer FLOPs, perplexity and latency.
+
+    python -m tools.bench_llm [--part layers|channels|all] [--rounds 5] [--write]
 """
 
 from __future__ import annotations
@@ -53,20 +55,27 @@ def perplexity(path: Path) -> float:
     return api.evaluate(path, LLM / "heldout.npz", latency=False).language_model.perplexity
 
 
-def layer_plan(src: Path, method: str | None, units: str = "transformer-layers", remove: int = REMOVE) -> Plan:
-    """Remove ``remove`` transformer layers (or blocks): the least sensitive by ``method`` (srinit /
-    influence), or the last layers."""
+def layer_plan(src: Path, method: str | None) -> Plan:
+    """Remove REMOVE transformer layers: the least sensitive by ``method`` (srinit / influence), or the last."""
     if method is None:
         am = api.inspect(src)
         from onnxprune.analysis.blocks import transformer_layers
 
-        layers = transformer_layers(am.blocks)[-remove:]
+        layers = transformer_layers(am.blocks)[-REMOVE:]
         blocks = [{"name": b.name, "layers": b.layers, "unit": members[0].name} for members in layers
                   for b in members]
         return Plan(method="srinit", fingerprint=am.fingerprint, input_shapes={}, layers=[], blocks=blocks,
                     totals={}, granularity="blocks", options={"rule": "last layers"})
-    scores = api.score(src, method=method, units=units, data=LLM / "calib.npz", limit=CALIB, batch_size=16)
-    return api.allocate(src, method="srinit", scores=scores, remove=remove)
+    scores = api.score(src, method=method, units="transformer-layers", data=LLM / "calib.npz", limit=CALIB,
+                       batch_size=16)
+    return api.allocate(src, method="srinit", scores=scores, remove=REMOVE)
+
+
+def block_plan(src: Path, method: str, **rule) -> Plan:
+    """Remove residual sub-blocks (attention or MLP halves), the least sensitive by ``method``; ``rule``:
+    remove=K or target_params=P (allocate's)."""
+    scores = api.score(src, method=method, units="blocks", data=LLM / "calib.npz", limit=CALIB, batch_size=16)
+    return api.allocate(src, method="srinit", scores=scores, **rule)
 
 
 def onnxsim_prune(src: Path, dst: Path, blocks: int) -> Path:
@@ -119,26 +128,31 @@ def run() -> dict:
             removed = sorted({b.get("unit", b["name"]) for b in plan.blocks})
             rows.append({"export": export, "rule": rule, "ppl": perplexity(folder / "model.onnx"), "removed": removed,
                          "params": params(folder / "model.onnx"), "seconds": round(seconds, 1)})
-        if export == "optimum":  # sub-blocks, as many as onnxsim removes
-            for blocks in (REMOVE, 2 * REMOVE):
-                for rule in ("srinit", "influence"):
-                    t0 = time.perf_counter()
-                    plan = layer_plan(src, rule, units="blocks", remove=blocks)
-                    seconds = time.perf_counter() - t0
-                    out = OUT / f"{export}_{rule}_blocks{blocks}.onnx"
-                    api.apply(src, plan, out, force=True)
-                    kinds = {b.name: f"{_layer_index(b.name)} {'attention' if b.attention else 'MLP'}"
-                             for b in api.inspect(src).blocks}
-                    rows.append({"export": export, "rule": f"{rule} ({blocks} blocks)", "ppl": perplexity(out),
-                                 "removed": [kinds[b["name"]] for b in plan.blocks], "params": params(out),
-                                 "seconds": round(seconds, 1)})
+        if export == "optimum":  # sub-blocks: as many as onnxsim removes, and as many parameters
+            dense_params = params(src)
+            total = api.inspect(src).params
+            kinds = {b.name: f"{_layer_index(b.name)} {'attention' if b.attention else 'MLP'}"
+                     for b in api.inspect(src).blocks}
             for blocks in (REMOVE, 2 * REMOVE):
                 dst = OUT / f"onnxsim_{blocks}.onnx"
                 t0 = time.perf_counter()
                 onnxsim_prune(src, dst, blocks)
                 seconds = time.perf_counter() - t0
-                rows.append({"export": export, "rule": f"onnxsim ({blocks} blocks)", "ppl": perplexity(dst),
-                             "removed": [], "params": params(dst), "seconds": round(seconds, 1)})
+                peer = {"export": export, "rule": f"onnxsim ({blocks} blocks)", "ppl": perplexity(dst),
+                        "removed": [], "params": params(dst), "seconds": round(seconds, 1)}
+                rows.append(peer)
+                fraction = (dense_params - peer["params"]) / total
+                for rule in ("srinit", "influence"):
+                    for budget, kwargs in ((f"{blocks} blocks", {"remove": blocks}),
+                                           (f"params of onnxsim {blocks}", {"target_params": fraction})):
+                        t0 = time.perf_counter()
+                        plan = block_plan(src, rule, **kwargs)
+                        seconds = time.perf_counter() - t0
+                        out = OUT / f"{export}_{rule}_{budget.replace(' ', '_')}.onnx"
+                        api.apply(src, plan, out, force=True)
+                        rows.append({"export": export, "rule": f"{rule} ({budget})", "ppl": perplexity(out),
+                                     "removed": [kinds[b["name"]] for b in plan.blocks], "params": params(out),
+                                     "seconds": round(seconds, 1)})
     return {"rows": rows, "train": json.loads((LLM / "train.json").read_text())}
 
 
@@ -165,14 +179,20 @@ def render(result: dict) -> str:
         f"unigram model of the training tokens (add-one smoothed). Perplexity below: onnxprune eval over all "
         f"{train['heldout_sequences']} held-out sequences of {train['config']['seq']} tokens. {REMOVE} of 8 "
         f"layers removed by each rule, with their KV cache; calibration: {CALIB} training sequences. "
-        "`params`: float weight matrices left. onnxsim cannot remove a whole layer (it declines every attention "
-        "half: the causal mask, rotary tables and KV cache leave the block), so its rows remove MLP halves.",
+        "`params`: float weight matrices the graph reads. onnxsim cannot remove a whole layer (it declines every "
+        "attention half: the causal mask, rotary tables and KV cache leave the block), so its rows remove MLP "
+        "halves; onnxprune's sub-block rules are compared with it at the same number of blocks and at the same "
+        "parameters removed (`allocate --method srinit --target-params`, the fraction onnxsim's blocks hold).",
         "",
         "| export | rule | layers removed | held-out perplexity | params | scoring s |",
         "|---|---|---|---:|---:|---:|",
     ]
     def budget(rule: str) -> str:
-        return rule.split("(")[1].rstrip(")") if "(" in rule else "layers"
+        """The comparison a row belongs to: whole layers, N blocks, or the parameters onnxsim's N blocks hold."""
+        if "(" not in rule:
+            return "layers"
+        inner = rule.split("(")[1].rstrip(")")
+        return inner
 
     best: dict[tuple, float] = {}
     for r in result["rows"]:
@@ -191,28 +211,132 @@ def render(result: dict) -> str:
         group = [r for r in rows if r["rule"] != "dense" and budget(r["rule"]) == key]
         ours = [r for r in group if r["rule"].split()[0] in ("srinit", "influence")]
         peers = [r for r in group if r not in ours]
+        if key.startswith("params of onnxsim"):  # the same parameters as onnxsim's N blocks removed
+            n = key.split()[-1]
+            peers = [r for r in rows if r["rule"] == f"onnxsim ({n} blocks)"]
         if not ours or not peers:
             continue
         top = min(r["ppl"] for r in ours)
         met = all(top <= r["ppl"] for r in peers)
-        what = f"{REMOVE} whole layers" if key == "layers" else key + " (sub-blocks)"
+        what = (f"{REMOVE} whole layers" if key == "layers" else f"sub-blocks, {key}" if key.startswith("params")
+                else f"{key} (sub-blocks)")
         lines.append(f"- {what}, Optimum export: onnxprune's best {top:.2f} against "
                      + ", ".join(f"{r['rule']} {r['ppl']:.2f}" for r in peers)
                      + f": target (at or below every baseline) **{'met' if met else 'missed'}**.")
     return "\n".join(lines) + "\n"
 
 
+def render_channels(result: dict) -> str:
+    small, wide = result["small"], result["wide"]
+    cut_small = small["flops_before"] / small["flops_after"]
+    cut_wide = wide["flops_before"] / wide["flops_after"]
+    prefill = wide["prefill_dense"] / wide["prefill_pruned"]
+    decode = wide["decode_dense"] / wide["decode_pruned"]
+    lines = [
+        "## Decoder LLM: KV groups and MLP width to 30 % fewer FLOPs (issue 18)",
+        "",
+        f"Measured {today()} on {machine()}: `python -m tools.bench_llm --part channels --write`.",
+        "",
+        "`allocate --method uniform --granularity channel --budget flops --target-sparsity 0.3` (default "
+        "rounding) on ONNX Runtime GenAI's fp32 export, FLOPs counted at batch 1 and the sequence length given "
+        "(`--dim`), then `apply`: whole KV groups of GroupQueryAttention (a key head, a value head and their "
+        "query heads; the cache inputs and genai_config.json follow) and the SwiGLU width (gate, up and down "
+        "together). Perplexity: the trained `small` model on all held-out sequences. Latency: a `wide` "
+        "configuration of the same architecture (hidden 1024, 16/4 heads, MLP 2816, 8 layers, untrained: speed "
+        "does not depend on the weights), ONNX Runtime CPU, batch 1, median of interleaved rounds.",
+        "",
+        "| model | heads (q/kv) | FLOPs dense -> pruned | FLOP ratio | perplexity dense -> pruned |",
+        "|---|---|---|---:|---|",
+        f"| small (seq 128) | {small['heads_dense'][0]}/{small['heads_dense'][1]} -> {small['heads'][0]}/"
+        f"{small['heads'][1]} | {small['flops_before'] / 1e6:.1f}M -> {small['flops_after'] / 1e6:.1f}M | "
+        f"{cut_small:.2f}x | {small['ppl_dense']:.2f} -> {small['ppl_pruned']:.2f} |",
+        f"| wide (seq 256) | {wide['heads_dense'][0]}/{wide['heads_dense'][1]} -> {wide['heads'][0]}/"
+        f"{wide['heads'][1]} | {wide['flops_before'] / 1e9:.2f}G -> {wide['flops_after'] / 1e9:.2f}G | "
+        f"{cut_wide:.2f}x | - |",
+        "",
+        "| wide, batch 1 | dense ms | pruned ms | speed-up | speed-up / FLOP ratio |",
+        "|---|---:|---:|---:|---:|",
+        f"| prefill of {wide['seq']} tokens | {wide['prefill_dense']:.1f} | {wide['prefill_pruned']:.1f} | "
+        f"{prefill:.2f}x | {prefill / cut_wide:.2f} |",
+        f"| decode 1 token at context {wide['seq']} | {wide['decode_dense']:.2f} | {wide['decode_pruned']:.2f} | "
+        f"{decode:.2f}x | {decode / cut_wide:.2f} |",
+        "",
+        f"Target (prefill speed-up at least 0.8 of the FLOP reduction): **{'met' if prefill / cut_wide >= 0.8 else 'missed'}** "
+        f"({prefill / cut_wide:.2f}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="replace the llm-layers section of BENCHMARKS.md")
+    parser.add_argument("--part", choices=("layers", "channels", "all"), default="all")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="replace the llm sections of BENCHMARKS.md")
     args = parser.parse_args()
-    result = run()
-    (OUT / "result.json").write_text(json.dumps(result, indent=2))
-    text = render(result)
-    print(text)
-    if args.write:
-        write_section("llm-layers", text)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.part in ("layers", "all"):
+        result = run()
+        (OUT / "layers.json").write_text(json.dumps(result, indent=2))
+        text = render(result)
+        print(text)
+        if args.write:
+            write_section("llm-layers", text)
+    if args.part in ("channels", "all"):
+        result = channel_rows(args.rounds)
+        (OUT / "channels.json").write_text(json.dumps(result, indent=2))
+        text = render_channels(result)
+        print(text)
+        if args.write:
+            write_section("llm-channels", text)
 
 
 if __name__ == "__main__":
     main()
+
+
+WIDE = ROOT / "build" / "llm_wide"
+TARGET = 0.3
+
+
+def _dims(seq: int) -> list[str]:
+    return ["batch_size=1", f"sequence_length={seq}", "past_sequence_length=0", f"total_sequence_length={seq}"]
+
+
+def channel_rows(rounds: int) -> dict:
+    """KV groups and MLP width to 30 % fewer FLOPs (uniform plan): held-out perplexity on the trained model
+    (GenAI fp32), ONNX Runtime latency dense vs pruned on the wide untrained one (prefill of 256 tokens,
+    one decode step at a context of 256), interleaved."""
+    from onnxprune.runtime.timing import lm_latency
+
+    ensure_model()
+    if not (WIDE / "genai_fp32" / "model.onnx").exists():
+        from models.llama_lm import build
+
+        build(WIDE, "wide", steps=0, int4=False, optimum=False)
+    out = {}
+    for name, folder, seq in (("small", LLM, 128), ("wide", WIDE, 256)):
+        src = folder / "genai_fp32" / "model.onnx"
+        dims = _dims(seq) + [f"kv_cache_dim={_head_size(src)}"]
+        plan = api.allocate(src, method="uniform", granularity="channel", budget="flops", target_sparsity=TARGET,
+                            input_shapes=dims)
+        dst = OUT / f"{name}_channels" / "model.onnx"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        res = api.apply(src, plan, dst, force=True)
+        heads = json.loads((dst.parent / "genai_config.json").read_text())["model"]["decoder"]
+        dense = json.loads((src.parent / "genai_config.json").read_text())["model"]["decoder"]
+        row = {"heads_dense": [dense["num_attention_heads"], dense["num_key_value_heads"]],"flops_before": res.totals["flops_before"], "flops_after": res.totals["flops_after"],
+               "heads": [heads["num_attention_heads"], heads["num_key_value_heads"]], "seq": seq,
+               "round_to": plan.options.get("round_to")}
+        if name == "small":
+            row["ppl_dense"], row["ppl_pruned"] = perplexity(src), perplexity(dst)
+        else:
+            (pd, dd), (pp, dp) = lm_latency([src, dst], "cpu", context=seq, rounds=rounds)
+            row.update(prefill_dense=pd, prefill_pruned=pp, decode_dense=dd, decode_pruned=dp)
+        out[name] = row
+    return out
+
+
+def _head_size(src: Path) -> int:
+    from onnxprune.runtime.language_model import decoder_of
+
+    return next(iter(decoder_of(load_model(src)).past.values()))[3]

@@ -1,5 +1,7 @@
-"""Prunable layers: Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant, and the input (W)
-and recurrent (R) weights of LSTM, GRU and RNN nodes (two layers per node, named NODE.W and NODE.R).
+"""Prunable layers: Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant, the input (W)
+and recurrent (R) weights of LSTM, GRU and RNN nodes (two layers per node, named NODE.W and NODE.R), and
+ONNX Runtime's MatMulNBits (blockwise-quantised int4 weights; the layer's weight shape is the (K, N) matrix
+they stand for, read and written through onnxprune.tensors.nbits).
 
 For each: the weight tensor, its shape, the bias (Conv/Gemm input, or the Add of a constant after a MatMul),
 the BatchNormalization that follows it if the graph still has one, the parameter count (weight + bias +
@@ -27,7 +29,8 @@ from onnxprune.analysis.graph import (
 __all__ = ["CHANNEL_OPS", "PRUNABLE_OPS", "RECURRENT_OPS", "Layer", "find_layers", "model_params", "nodes_in_scope",
            "out_in_axes"]
 
-CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # layers whose channels the channel analysis follows
+CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits")  # layers whose channels the channel
+# analysis follows
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # weights W (directions, gates x hidden, input), R (..., hidden)
 PRUNABLE_OPS = CHANNEL_OPS + RECURRENT_OPS
 
@@ -188,11 +191,32 @@ def nodes_in_scope(graph: ir.Graph):
                 yield inner, node.name, label
 
 
+def _nbits_layer(info: GraphInfo, node: ir.Node) -> Layer | None:
+    """A MatMulNBits node with constant quantised weights, as the (K, N) layer it computes."""
+    ins = node.inputs
+    if len(ins) < 3 or any(v is None or constant_source(v) is None for v in ins[1:3]):
+        return None
+    k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
+    if not k or not n:
+        return None
+    bias = ins[5] if len(ins) > 5 and ins[5] is not None and constant_source(ins[5]) is not None else None
+    out = per_sample_count(info.shape(node.outputs[0]), info.batch)
+    return Layer(name=node.name, op_type=node.op_type, weight=stored_value(ins[1]).name, weight_shape=(k, n),
+                 params=k * n + (n if bias is not None else 0), flops=None if out is None else 2 * out * k,
+                 weight_input=1, bias=None if bias is None else bias.name, node=node)
+
+
 def find_layers(info: GraphInfo) -> list[Layer]:
     graph = info.graph
     layers: list[Layer] = []
     first_use: dict[int, str] = {}
     for node, scope, branch in nodes_in_scope(graph):
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            layer = _nbits_layer(info, node)
+            if layer is not None:
+                layer.scope, layer.branch = scope, branch
+                layers.append(layer)
+            continue
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type in RECURRENT_OPS:
@@ -263,16 +287,23 @@ def find_layers(info: GraphInfo) -> list[Layer]:
 
 def model_params(info: GraphInfo) -> int:
     """All floating-point parameters of the model: initializers and Constant tensors of float type with more
-    than one element, BatchNormalization running statistics excluded, each tensor counted once."""
+    than one element, BatchNormalization running statistics excluded, each tensor counted once; a
+    MatMulNBits weight counts K x N."""
     stats: set[int] = set()
     nodes = [node for node, _, _ in nodes_in_scope(info.graph)]
+    total = 0
     for node in nodes:
         if node.op_type == "BatchNormalization":
             for v in node.inputs[3:5]:
                 if v is not None and constant_source(v) is not None:
                     stats.add(id(constant_source(v)))
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            # the quantised matrix counts as the K x N weights it stands for, its scales as part of them
+            total += node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0)
+            for v in node.inputs[2:4]:
+                if v is not None and constant_source(v) is not None:
+                    stats.add(id(constant_source(v)))
     seen: set[int] = set()
-    total = 0
     candidates: list[tuple[int, ir.DataType | None, tuple | None]] = []
     graphs = [info.graph] + list(dict.fromkeys(n.graph for n in nodes if n.graph is not info.graph))
     for value in (v for g in graphs for v in g.initializers.values()):
@@ -309,7 +340,8 @@ def out_in_axes(layer: Layer) -> tuple[int, int]:
         if layer.weight_input == 1:
             return (0, 1) if trans else (1, 0)
         return (1, 0) if trans else (0, 1)
-    # MatMul: x @ W, W (..., K, N): inputs on axis -2; W @ x, W (..., M, K): inputs on axis -1
+    # MatMul: x @ W, W (..., K, N): inputs on axis -2; W @ x, W (..., M, K): inputs on axis -1 (MatMulNBits:
+    # the (K, N) matrix it stands for)
     if layer.weight_input == 1:
         return rank - 1, rank - 2
     return rank - 2, rank - 1

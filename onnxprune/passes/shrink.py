@@ -1,9 +1,9 @@
 """Remove whole channels from the graph: shrink every tensor that holds the chosen channels.
 
 Which channels go is decided before (onnxprune.planning.channel_selection); this pass rewrites the layer
-weights (output and input axes), depthwise group counts, BatchNorm parameters, per-channel constants,
-channel pads, attention head counts (Reshape targets, GroupQueryAttention's KV groups with the cache's
-declared shapes) and flattening reshapes.
+weights (output and input axes; MatMulNBits' quantised ones through onnxprune.tensors.nbits), depthwise
+group counts, BatchNorm parameters, per-channel constants, channel pads, attention head counts (Reshape
+targets, GroupQueryAttention's KV groups with the cache's declared shapes) and flattening reshapes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import onnx_ir as ir
 from onnxprune.analysis.channels import ChannelGraph, Edit
 from onnxprune.analysis.graph import constant_array, stored_value
 from onnxprune.analysis.layers import out_in_axes
-from onnxprune.tensors.weights import get_weight, lazy_from
+from onnxprune.tensors.nbits import is_nbits, nbits_weight, take
+from onnxprune.tensors.weights import get_weight, lazy_from, write_nbits
 
 __all__ = ["ShrinkChannelsPass", "shrink"]
 
@@ -61,6 +62,8 @@ class ShrinkChannelsPass(ir.passes.InPlacePass):
             weight = layer.node.inputs[layer.weight_input]
             shape = weight.const_value.shape if weight.const_value is not None else weight.shape
             found = None if shape is None else shape[out_in_axes(layer)[0]]
+            if is_nbits(layer.node):
+                found = layer.node.attributes.get_int("N")
             if found is not None and found != channels:
                 raise ir.passes.PostconditionError(f"layer {name!r} has {found} output channels after the "
                                                    f"shrink, planned {channels}")
@@ -96,6 +99,14 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
     layers_by_node = {layer.node: layer for layer in cg.layers.values()}
     for node, axes in weight_keep.items():
         layer = layers_by_node[node]
+        if is_nbits(node):  # quantised: whole blocks of inputs keep their grid, partial ones are re-quantised
+            weight = nbits_weight(node)
+            outputs, inputs = axes.get(1), axes.get(0)
+            if (outputs is None or len(outputs) == weight.q.shape[0]) and (inputs is None or len(inputs) == weight.k):
+                continue
+            write_nbits(node, take(weight, outputs, inputs))
+            done += 1
+            continue
         reader, index = _stored_reader(node, layer.weight_input)
         src = reader.inputs[index]
         w = np.asarray(get_weight(layer))

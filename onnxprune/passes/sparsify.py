@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from onnxprune.analysis.layers import Layer
 from onnxprune.tensors.masks import apply_mask, magnitude_mask, nm_mask
+from onnxprune.tensors.nbits import is_nbits
 from onnxprune.tensors.weights import get_weight, lazy_from, out_in_axes, set_weight
 
 __all__ = ["SparsifyPass", "SparsifyReport"]
@@ -55,7 +56,7 @@ class SparsifyPass(ir.passes.InPlacePass):
             mask_of = (lambda a, k=self.targets[layer.name]: magnitude_mask(a, k)) if self.nm is None else \
                 (lambda a, ax=in_axis: nm_mask(a, *self.nm, ax))
             source = layer.node.inputs[layer.weight_input].const_value
-            if isinstance(source, ir.ExternalTensor):
+            if isinstance(source, ir.ExternalTensor) and not is_nbits(layer.node):
                 # memory-mapped weights (big models): computed while the model is written, one layer at a
                 # time, so the pruned model never sits in memory beside the mapped original
                 set_weight(layer, lazy_from(source, lambda a, f=mask_of: apply_mask(a, f(a))))

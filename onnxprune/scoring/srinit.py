@@ -41,6 +41,7 @@ from onnxprune.scoring.common import (
     unit_entry,
     untaken_branches,
 )
+from onnxprune.tensors.nbits import is_nbits, nbits_weight, quantize, stored_inputs
 from onnxprune.tensors.weights import get_weight, out_in_axes
 
 __all__ = ["DEFAULT_MAX_MEMORY", "METRICS", "UNIT_KINDS", "check", "fresh_init", "fresh_norms", "score_srinit",
@@ -61,7 +62,12 @@ def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int) -> dict[str, n
         fan_in = int(np.prod(w.shape)) // int(w.shape[out_in_axes(layer)[0]])
         if layer.op_type not in ("Conv", "ConvTranspose"):  # matrices, recurrent weights: the input axis
             fan_in = int(w.shape[in_axis])
-        out[layer.weight] = (rng.standard_normal(w.shape) * np.sqrt(2.0 / fan_in)).astype(w.dtype)
+        fresh = (rng.standard_normal(w.shape) * np.sqrt(2.0 / fan_in)).astype(w.dtype)
+        if is_nbits(layer.node):  # stored quantised: the fresh matrix on a grid of its own
+            stored = stored_inputs(quantize(fresh, nbits_weight(layer.node)))
+            out.update({layer.node.inputs[i].name: array for i, array in stored.items()})
+        else:
+            out[layer.weight] = fresh
         if layer.bias is not None:
             out[layer.bias] = np.zeros_like(constant_array(values[layer.bias]))
         if layer.bn is not None:
@@ -232,7 +238,9 @@ def _groups(pairs: list, weight_bytes: dict[str, int], budget: int) -> list[list
 
 
 def _param_names(layer: Layer, nodes: dict) -> list[str]:
-    names = [layer.weight]
+    # quantised: B, its scales and stored zero points
+    names = [v.name for v in layer.node.inputs[2:4] if v is not None] if is_nbits(layer.node) else []
+    names.append(layer.weight)
     if layer.bias is not None:
         names.append(layer.bias)
     if layer.bn is not None:

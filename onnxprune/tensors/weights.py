@@ -10,9 +10,10 @@ from onnxprune.analysis.graph import constant_array, stored_value
 from onnxprune.analysis.layers import Layer, out_in_axes
 from onnxprune.errors import InputError
 from onnxprune.io import release
+from onnxprune.tensors.nbits import NBitsWeight, dequantize, is_nbits, nbits_weight, on_grid, stored_inputs
 
 __all__ = ["as_matrix", "compute_dtype", "get_weight", "lazy_from", "out_in_axes", "release_weight",
-           "set_weight"]
+           "set_weight", "write_nbits"]
 
 
 def _source(layer: Layer) -> ir.Value | ir.Node:
@@ -31,8 +32,11 @@ def _source(layer: Layer) -> ir.Value | ir.Node:
 
 
 def get_weight(layer: Layer) -> np.ndarray:
-    """The layer's weight as a (read-only, possibly memory-mapped) array in its ONNX layout."""
+    """The layer's weight as a (read-only, possibly memory-mapped) array in its ONNX layout (a MatMulNBits
+    layer: the dequantised (K, N) matrix)."""
     _source(layer)  # a clear error for weights onnxprune cannot rewrite
+    if is_nbits(layer.node):
+        return dequantize(layer.node)
     return constant_array(layer.node.inputs[layer.weight_input])
 
 
@@ -65,13 +69,35 @@ def lazy_from(source: ir.ExternalTensor, fn, shape: tuple[int, ...] | None = Non
 
 
 def set_weight(layer: Layer, array: np.ndarray | ir.LazyTensor) -> None:
-    """Replace the layer's weight (same shape and dtype): an array, or a tensor computed when written."""
+    """Replace the layer's weight (same shape and dtype): an array, or a tensor computed when written. A
+    MatMulNBits layer's weight is encoded on its own quantisation grid (exact for values taken from it)."""
+    if is_nbits(layer.node):
+        values = array.numpy() if isinstance(array, ir.LazyTensor) else array
+        write_nbits(layer.node, on_grid(values, nbits_weight(layer.node)))
+        return
     src = _source(layer)
     tensor = array if isinstance(array, ir.LazyTensor) else ir.tensor(array, name=src.name)
     if isinstance(src, ir.Value):
         src.const_value = tensor
     else:
         src.attributes["value"] = ir.AttrTensor("value", tensor)
+
+
+def write_nbits(node: ir.Node, weight: NBitsWeight) -> None:
+    """Store ``weight`` as the MatMulNBits node's B, scales and zero points (new initializers), K and N."""
+    graph = node.graph
+    for index, array in stored_inputs(weight).items():
+        old = node.inputs[index]
+        name, k = f"{old.name}_pruned", 0
+        while name in graph.initializers:
+            k += 1
+            name = f"{old.name}_pruned{k}"
+        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        graph.register_initializer(value)
+        node.replace_input_with(index, value)
+    node.attributes["K"] = ir.AttrInt64("K", weight.k)
+    node.attributes["N"] = ir.AttrInt64("N", weight.q.shape[0])
 
 
 def as_matrix(layer: Layer, w: np.ndarray) -> np.ndarray:
