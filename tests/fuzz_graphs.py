@@ -285,6 +285,76 @@ def float16_graphs(draw) -> onnx.ModelProto:
         return float16.convert_float_to_float16(draw(vision_graphs()), keep_io_types=True)
 
 
+@st.composite
+def decoder_graphs(draw) -> onnx.ModelProto:
+    """A decoder LM with a KV cache, as Optimum-style exports write it: token ids (plus an attention mask)
+    in, ``logits`` and ``present.N.key / value`` out, ``past_key_values.N.key / value`` in, the new keys and
+    values concatenated after the past along the sequence; pre- or post-norm, grouped-query attention (fewer
+    KV heads, repeated) or not, a SwiGLU or plain MLP, and some of torch's habits: layer 0's past key also
+    read for its shape (the mask's past length), a one-input Concat passing a past on."""
+    b = _Builder(draw(st.integers(0, 2**16)), draw(st.sampled_from([17, 20])))
+    vocab, layers = 11, draw(st.integers(2, 3))
+    kv, ratio, dh = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])), 4
+    heads, d = kv * ratio, kv * ratio * dh
+    pre_norm, swiglu = draw(st.booleans()), draw(st.booleans())
+    x = b.node("Gather", [b.weight("embed", (vocab, d), d), "input_ids"])
+    pasts, presents = [], []
+    mask_from_shape = draw(st.booleans())
+    mask = None
+    for i in range(layers):
+        h = b.layernorm(x, d) if pre_norm else x
+        q = b.node("Transpose", [b.node("Reshape", [b.linear(h, d, d, bias=False), b.const(
+            "qs", np.array([0, 0, heads, dh], np.int64))])], perm=[0, 2, 1, 3])
+        new = []
+        for kind in ("key", "value"):
+            t = b.node("Transpose", [b.node("Reshape", [b.linear(h, d, kv * dh, bias=False), b.const(
+                "ks", np.array([0, 0, kv, dh], np.int64))])], perm=[0, 2, 1, 3])
+            past = f"past_key_values.{i}.{kind}"
+            pasts.append(past)
+            read = b.node("Concat", [past], axis=2) if i == 0 and draw(st.booleans()) else past  # torch's habit
+            if i == 0 and kind == "key" and mask_from_shape:
+                mask = b.node("Shape", [read])  # the past length the causal mask is sized from
+            present = b.node("Concat", [read, t], axis=2)
+            presents.append((present, f"present.{i}.{kind}"))
+            new.append(present if ratio == 1 else b.node("Tile", [present, b.const(
+                "rep", np.array([1, ratio, 1, 1], np.int64))]))
+        k, v = new
+        scores = b.node("Mul", [b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 1, 3, 2])]),
+                                b.const("scale", np.array(dh ** -0.5, np.float32))])
+        ctx = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+        ctx = b.node("Reshape", [b.node("Transpose", [ctx], perm=[0, 2, 1, 3]), b.const(
+            "merge", np.array([0, 0, d], np.int64))])
+        x = b.join(x, b.linear(ctx, d, d, bias=False), "Add")
+        if not pre_norm:
+            x = b.layernorm(x, d)
+        h = b.layernorm(x, d) if pre_norm else x
+        f = 2 * d
+        if swiglu:
+            gate = b.linear(h, d, f, bias=False)
+            y = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])]), b.linear(h, d, f, bias=False)])
+        else:
+            y = b.act(b.linear(h, d, f), "relu")
+        x = b.join(x, b.linear(y, f, d, bias=False), "Add")
+        if not pre_norm:
+            x = b.layernorm(x, d)
+    logits = b.linear(x, d, vocab, bias=False)
+    if mask is not None:  # the past length reaches the output only through a shape: logits + 0 * length
+        length = b.node("Cast", [b.node("Gather", [mask, b.const("two", np.array(2, np.int64))]), ], to=1)
+        logits = b.node("Add", [logits, b.node("Mul", [length, b.const("nothing", np.array(0.0, np.float32))])])
+    b.node("Identity", [logits])
+    for value, name in presents:
+        b.nodes.append(helper.make_node("Identity", [value], [name], name=f"out_{name}"))
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch_size", kv, "past_sequence_length", dh])
+               for n in pasts]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
+    outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", kv, "total", dh])
+                for _, name in presents]
+    last = b.nodes[-1 - len(presents)]
+    last.output[0] = "logits"
+    return make_model(b.nodes, inputs, outputs, b.inits, opset=b.opset)
+
+
 def graphs() -> st.SearchStrategy[onnx.ModelProto]:
     return st.one_of(vision_graphs(), sequence_graphs(), float16_graphs())
 

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from onnxprune.cli import main
-from tests.fuzz_graphs import CLASSES, float16_graphs, sample_input, sequence_graphs, vision_graphs
+from tests.fuzz_graphs import CLASSES, decoder_graphs, float16_graphs, sample_input, sequence_graphs, vision_graphs
 from tests.test_blocks import zero_branches
 from tests.test_channels import shrink_vs_mask
 
@@ -221,6 +221,63 @@ def test_float16_graphs(proto, data):
     pipeline(proto, data)
 
 
+@settings(FUZZ, max_examples=max(EXAMPLES // 4, 5))
+@given(decoder_graphs(), st.data())
+def test_decoder_graphs(proto, data):
+    """Decoders with a KV cache: every layer found with its cache; removing a drawn layer (through the CLI)
+    equals the original with that layer's branches zeroed, on logits and on the kept layers' present cache
+    (renumbered contiguous); SR-init per transformer layer and eval --task lm run on token data."""
+    from onnxprune import inspect
+    from onnxprune.analysis.blocks import transformer_layers
+
+    OUTCOMES["decoder with KV cache"] += 1
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        model = d / "model.onnx"
+        onnx.save(proto, model)
+        layers = transformer_layers(inspect(model).blocks)
+        count = len([i for i in proto.graph.input if i.name.endswith(".key")])
+        assert len(layers) == count and all(b.removable for members in layers for b in members)
+        for i, members in enumerate(layers):
+            assert sorted(members[0].cache_inputs) == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        drop = data.draw(st.integers(0, count - 1))
+        rng = np.random.default_rng(drop)
+        ids = rng.integers(0, 11, (4, 3))
+        np.savez(d / "tokens.npz", input_ids=ids)
+        cli("score", model, "--method", "srinit", "--units", "transformer-layers", "--data", d / "tokens.npz",
+            "-o", d / "sr.json", allow_error=False)
+        plan = json.loads((d / "sr.json").read_text())
+        plan_units = [u for u in plan["units"] if u["name"] == layers[drop][0].name]
+        assert plan_units and plan_units[0]["blocks"] == [b.name for b in layers[drop]]
+        from onnxprune.artefacts import Plan, write_json
+
+        info = inspect(model)
+        write_json(Plan(method="manual", fingerprint=info.fingerprint, layers=[], totals={}, granularity="blocks",
+                        blocks=[{"name": b.name, "layers": b.layers} for b in layers[drop]]).to_dict(),
+                   d / "plan.json")
+        cli("apply", model, d / "plan.json", "-o", d / "pruned.onnx", allow_error=False)
+        kv, dh = proto.graph.input[1].type.tensor_type.shape.dim[1].dim_value, 4
+        feeds = {"input_ids": ids[:2]}
+        for i in range(count):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal((2, kv, 2, dh)).astype(np.float32)
+        oracle = ort.InferenceSession(zero_branches(model, layers[drop]))
+        want = dict(zip([o.name for o in oracle.get_outputs()], oracle.run(None, feeds), strict=True))
+        pruned = ort.InferenceSession(str(d / "pruned.onnx"))
+        kept = [i for i in range(count) if i != drop]
+        mine = {f"past_key_values.{j}.{kind}": feeds[f"past_key_values.{i}.{kind}"]
+                for j, i in enumerate(kept) for kind in ("key", "value")}
+        got = dict(zip([o.name for o in pruned.get_outputs()], pruned.run(None, {"input_ids": ids[:2], **mine}),
+                       strict=True))
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-4, rtol=1e-4)
+        for j, i in enumerate(kept):
+            np.testing.assert_allclose(got[f"present.{j}.key"], want[f"present.{i}.key"], atol=1e-4, rtol=1e-4)
+        assert len(got) == 1 + 2 * len(kept)
+        OUTCOMES["decoder layer oracle"] += 1
+        result = cli("eval", d / "pruned.onnx", "--data", d / "tokens.npz", allow_error=False)
+        assert np.isfinite(result["language_model"]["perplexity"])
+
+
 def test_fuzz_really_exercised_everything():
     """Runs after the two above (file order): the oracles were reached and most commands succeeded."""
     if not OUTCOMES:
@@ -228,6 +285,6 @@ def test_fuzz_really_exercised_everything():
     print(dict(OUTCOMES), dict(ERRORS))
     for what in ("apply: ok", "channel oracle", "block oracle", "finetune: ok", "eval: ok", "sensitivity",
                  "dynamic height and width", "recurrent layer", "layers in If branches", "float16",
-                 "search", "compactness"):
+                 "search", "compactness", "decoder layer oracle"):
         assert OUTCOMES[what] > 0, (what, dict(OUTCOMES))
     assert OUTCOMES["apply: ok"] > 4 * OUTCOMES["apply: clean error"], dict(OUTCOMES)

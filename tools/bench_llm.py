@@ -220,8 +220,9 @@ def render(result: dict) -> str:
         met = all(top <= r["ppl"] for r in peers)
         what = (f"{REMOVE} whole layers" if key == "layers" else f"sub-blocks, {key}" if key.startswith("params")
                 else f"{key} (sub-blocks)")
-        lines.append(f"- {what}, Optimum export: onnxprune's best {top:.2f} against "
-                     + ", ".join(f"{r['rule']} {r['ppl']:.2f}" for r in peers)
+        mine = min(ours, key=lambda r: r["ppl"])
+        lines.append(f"- {what}, Optimum export: onnxprune's best {top:.2f} ({mine['params']:,} params left) against "
+                     + ", ".join(f"{r['rule']} {r['ppl']:.2f} ({r['params']:,})" for r in peers)
                      + f": target (at or below every baseline) **{'met' if met else 'missed'}**.")
     return "\n".join(lines) + "\n"
 
@@ -290,8 +291,6 @@ def main() -> None:
             write_section("llm-channels", text)
 
 
-if __name__ == "__main__":
-    main()
 
 
 WIDE = ROOT / "build" / "llm_wide"
@@ -340,3 +339,7 @@ def _head_size(src: Path) -> int:
     from onnxprune.runtime.language_model import decoder_of
 
     return next(iter(decoder_of(load_model(src)).past.values()))[3]
+
+
+if __name__ == "__main__":
+    main()

@@ -261,7 +261,12 @@ def _onnx_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _has_unknown(proto: onnx.ModelProto) -> bool:
-    return any(_unknown(d) for _, shape in _value_shapes(proto) for d in shape)
+    """Whether ONNX left a dimension unknown, or a node output without a shape at all (an operator only
+    ONNX Runtime defines, whose declared shapes a rewrite dropped)."""
+    shapes = dict(_value_shapes(proto))
+    if any(_unknown(d) for shape in shapes.values() for d in shape):
+        return True
+    return any(o and o not in shapes for node in proto.graph.node for o in node.output)
 
 
 _BATCH_PROBES = (7919, 7927)  # primes no real dimension is: a dim equal to one in its run is the batch
