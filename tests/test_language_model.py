@@ -169,6 +169,20 @@ DIMS = ["--dim", "batch_size=1", "--dim", "sequence_length=64", "--dim", "past_s
         "--dim", "total_sequence_length=64", "--dim", "kv_cache_dim=16"]
 
 
+def half_the_channels(src: Path, tmp_path: Path, apply: bool = True) -> Path:
+    """A uniform channel plan at half the FLOPs (KV groups and MLP width), applied into tmp_path/pruned
+    (returns that folder), or only planned (returns the plan)."""
+    plan = tmp_path / "plan.json"
+    run_cli(["allocate", str(src), "--method", "uniform", "--granularity", "channel", "--budget", "flops",
+             "--target-sparsity", "0.5", "--round-to", "1", *DIMS, "-o", str(plan)])
+    if not apply:
+        return plan
+    out = tmp_path / "pruned"
+    out.mkdir()
+    run_cli(["apply", str(src), str(plan), "-o", str(out / "model.onnx")])
+    return out
+
+
 def test_kv_groups_and_mlp_width_go_and_the_folder_still_generates(llm, tmp_path):
     """GroupQueryAttention's KV groups (a key head, a value head, their query heads) and the SwiGLU width are
     channel groups; removing half of each rewrites the heads, the cache's declared head axis and
@@ -178,12 +192,7 @@ def test_kv_groups_and_mlp_width_go_and_the_folder_still_generates(llm, tmp_path
     assert groups[("/model/layers.0/attn/qkv_proj/MatMul",)]["channels"] == 2  # 2 KV groups
     assert groups[("/model/layers.0/attn/qkv_proj/MatMul",)]["prunable"]
     assert groups[("/model/layers.0/mlp/gate_proj/MatMul", "/model/layers.0/mlp/up_proj/MatMul")]["prunable"]
-    plan = tmp_path / "plan.json"
-    run_cli(["allocate", str(src), "--method", "uniform", "--granularity", "channel", "--budget", "flops",
-             "--target-sparsity", "0.5", "--round-to", "1", *DIMS, "-o", str(plan)])
-    out = tmp_path / "pruned"
-    out.mkdir()
-    run_cli(["apply", str(src), str(plan), "-o", str(out / "model.onnx")])
+    out = half_the_channels(src, tmp_path)
     decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (2, 1)
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -196,9 +205,7 @@ def test_kv_groups_and_mlp_width_go_and_the_folder_still_generates(llm, tmp_path
 
 def test_genai_refuses_layers_with_different_kv_head_counts(llm, tmp_path):
     src = llm / "genai_fp32" / "model.onnx"
-    plan = tmp_path / "plan.json"
-    run_cli(["allocate", str(src), "--method", "uniform", "--granularity", "channel", "--budget", "flops",
-             "--target-sparsity", "0.5", "--round-to", "1", *DIMS, "-o", str(plan)])
+    plan = half_the_channels(src, tmp_path, apply=False)
     d = json.loads(plan.read_text())
     for group in d["options"]["group_removed"]:  # layer 0 keeps both KV groups, the others keep one
         if group["layers"] == ["/model/layers.0/attn/qkv_proj/MatMul"]:
@@ -218,12 +225,7 @@ def test_int4_channels_go_in_quantisation_blocks(llm, tmp_path):
     from onnxprune.tensors.nbits import dequantize, is_nbits, nbits_weight
 
     src = llm / "genai_int4" / "model.onnx"
-    plan = tmp_path / "plan.json"
-    run_cli(["allocate", str(src), "--method", "uniform", "--granularity", "channel", "--budget", "flops",
-             "--target-sparsity", "0.5", "--round-to", "1", *DIMS, "-o", str(plan)])
-    out = tmp_path / "pruned"
-    out.mkdir()
-    run_cli(["apply", str(src), str(plan), "-o", str(out / "model.onnx")])
+    out = half_the_channels(src, tmp_path)
     before = {n.name: n for n in load_model(src).graph if is_nbits(n)}
     after = {n.name: n for n in load_model(out / "model.onnx").graph if is_nbits(n)}
     gate = "/model/layers.0/mlp/gate_proj/MatMul_Q4"
