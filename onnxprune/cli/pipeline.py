@@ -215,8 +215,10 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
 @output_option("Where to write the pruned model.")
 @click.option("--granularity", type=click.Choice(api.GRANULARITIES), default=None,
               help="unstructured (zero weights), n:m, or channel (remove whole channels). Default: the plan's.")
-@click.option("--criterion", type=click.Choice(api.CRITERIA), default=None,
-              help="channel: the norm that ranks channels. Default: the plan's, else l2.")
+@click.option("--criterion", type=click.Choice(api.APPLY_CRITERIA), default=None,
+              help="channel: l1 | l2, the norm that ranks channels (default: the plan's, else l2). unstructured, "
+                   "n:m: magnitude (default), or wanda / obs, chosen from the layers' inputs on --data (obs, "
+                   "SparseGPT: also updates the kept weights).")
 @click.option("--round-to", type=int, default=None, help="channel: keep channel counts multiples of N. "
                                                           "Default: the plan's, else 1.")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --granularity n:m.")
@@ -244,7 +246,7 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
         n, m = (int(v) for v in nm.split(":"))
     except ValueError:
         raise InputError(f"--nm must look like 2:4, got {nm!r}") from None
-    with progress_bar("refitting layers", visible=data_spec.given) as tick:
+    with progress_bar("calibrating layers", visible=data_spec.given) as tick:
         result = api.apply(model, plan, output, granularity=granularity, nm=(n, m), store=store, force=force,
                            external_data=external_data, check=not no_check, criterion=criterion,
                            round_to=round_to, data=data_spec if data_spec.given else None, progress=tick,

@@ -29,6 +29,8 @@ from onnxprune.passes import (
     SparsifyPass,
     run_passes,
 )
+from onnxprune.passes.data_aware import CRITERIA as DATA_CRITERIA
+from onnxprune.passes.data_aware import DataAwareSparsifyPass
 from onnxprune.planning.channel_selection import CRITERIA, choose
 from onnxprune.planning.channels import describe_blocked
 from onnxprune.runtime import data as rdata
@@ -40,9 +42,12 @@ from onnxprune.runtime.timing import random_feeds
 from onnxprune.verbs.inspect import summarise
 from onnxprune.verbs.loading import InputShapesLike, data_path, open_model
 
-__all__ = ["APPLY_METADATA", "ApplyResult", "GRANULARITIES", "apply", "check_runs"]
+__all__ = ["APPLY_CRITERIA", "APPLY_METADATA", "ApplyResult", "GRANULARITIES", "WEIGHT_CRITERIA", "apply",
+           "check_runs"]
 
 GRANULARITIES = ("unstructured", "n:m", "channel")
+WEIGHT_CRITERIA = ("magnitude",) + DATA_CRITERIA  # how unstructured / N:M weights are chosen
+APPLY_CRITERIA = CRITERIA + WEIGHT_CRITERIA  # channel criteria (l1, l2) and weight criteria
 APPLY_METADATA = "onnxprune.apply"
 
 
@@ -133,7 +138,10 @@ def apply(
 
     ``data`` (channel granularity): calibration data (an .npz path or a DataSpec, DataSpec options as
     keywords); every layer that loses input channels is then refit by least squares to reproduce its original
-    output (onnxprune.passes.reconstruct), which recovers much of the accuracy without training.
+    output (onnxprune.passes.reconstruct), which recovers much of the accuracy without training. For
+    unstructured / N:M weights, ``criterion`` ``wanda`` or ``obs`` (onnxprune.passes.data_aware) chooses the
+    zeros from the layers' inputs on ``data`` (obs also updates the survivors); ``magnitude`` (default) needs
+    no data.
 
     The written model is checked at ``input_shapes`` (see onnxprune.api.inspect), else at the sizes the plan
     was made at, else at those the data fixes, with its auxiliary inputs at ``input_values`` (``["sr=16000"]``
@@ -157,8 +165,17 @@ def apply(
                       forceable=False)
     spec = rdata.DataSpec.of(data, **data_options) if data is not None or data_options.get(
         "data_loader_script") else None
-    if spec is not None and granularity != "channel":
-        raise InputError("--data calibrates channel removal only; drop it or use --granularity channel")
+    if granularity != "channel":
+        criterion = criterion or "magnitude"
+        if criterion not in WEIGHT_CRITERIA:
+            raise InputError(f"--criterion {criterion} ranks channels; for {granularity} weights use one of "
+                             f"{', '.join(WEIGHT_CRITERIA)}")
+        if criterion != "magnitude" and spec is None:
+            raise InputError(f"--criterion {criterion} chooses weights from the layers' real inputs: give "
+                             "--data (a few hundred calibration samples)")
+        if criterion == "magnitude" and spec is not None:
+            raise InputError("--data calibrates channel removal and the wanda / obs criteria; drop it, or give "
+                             "--criterion wanda or obs")
     am = open_model(model, input_shapes=input_shapes or pl.input_shapes, data=spec)
     check_fingerprint(pl.fingerprint, am.fingerprint, "plan", force)
     unknown = describe_unknown(am.unknown_dims, am.model) if am.unknown_dims else None
@@ -168,7 +185,7 @@ def apply(
         criterion = criterion or pl.options.get("criterion", "l2")
         round_to = round_to or pl.options.get("round_to", 1)
         return _apply_channels(am, pl, target, criterion, round_to, spec, progress)
-    return _apply_sparsity(am, pl, target, granularity, (n, mm), store)
+    return _apply_sparsity(am, pl, target, granularity, (n, mm), store, criterion, spec, progress)
 
 
 def _check_granularity(pl: Plan, granularity: str) -> None:
@@ -216,8 +233,10 @@ class _Target:
 
 
 def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: str, nm: tuple[int, int],
-                    store: str) -> ApplyResult:
-    """Unstructured or N:M zeros per layer, after removing the plan's blocks (if any)."""
+                    store: str, criterion: str = "magnitude", spec: rdata.DataSpec | None = None,
+                    progress=None) -> ApplyResult:
+    """Unstructured or N:M zeros per layer, after removing the plan's blocks (if any), chosen by magnitude
+    or, on ``spec``'s data, by wanda / obs (onnxprune.passes.data_aware)."""
     input_fingerprint = am.fingerprint
     before = None
     if pl.blocks:
@@ -237,10 +256,20 @@ def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: s
     sizes = {name: int(np.prod(by_name[name].weight_shape)) for name in planned}
     targets = {name: int(round(s * sizes[name])) for name, s in planned.items()}
     n, mm = nm
-    sparsify = SparsifyPass([by_name[name] for name in planned], targets, nm=nm if granularity == "n:m" else None)
-    options = {"granularity": granularity, "nm": f"{n}:{mm}" if granularity == "n:m" else None, "store": store}
+    chosen = [by_name[name] for name in planned]
+    pattern = nm if granularity == "n:m" else None
+    options = {"granularity": granularity, "nm": f"{n}:{mm}" if granularity == "n:m" else None, "store": store,
+               "criterion": criterion}
+    if criterion == "magnitude":
+        sparsify = SparsifyPass(chosen, targets, nm=pattern)
+    else:
+        provider, batches = calibration_batches(am.model, spec)
+        sparsify = DataAwareSparsifyPass(chosen, targets, criterion, [f for f, _ in batches], nm=pattern,
+                                         provider=provider, progress=progress)
+        options["calibration"] = spec.record()
     run_passes(am.model, [sparsify, _provenance(pl, input_fingerprint, options)])
     rep = sparsify.report
+    fallback = getattr(sparsify, "fallback", {})  # layers wanda / obs could not view: pruned by magnitude
     flops = {name: by_name[name].flops or 0 for name in planned}
     total_w = sum(sizes.values()) or 0
     total_f = sum(flops.values())
@@ -251,7 +280,10 @@ def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: s
         "zeros": sum(rep.zeros.values()), "weights": total_w,
         "planned_params_sparsity": pl.totals.get("params_sparsity"),
         "planned_flops_sparsity": pl.totals.get("flops_sparsity"), "granularity": granularity,
+        "criterion": criterion,
     }
+    if fallback:
+        achieved["magnitude_fallback"] = fallback
     if granularity == "n:m":
         achieved["nm"] = f"{n}:{mm}"
     if before is not None:
