@@ -26,7 +26,7 @@ from onnxprune.scoring.sensitivity import METRICS as SENSITIVITY_METRICS
 from onnxprune.scoring.srinit import METRICS as SRINIT_METRICS
 from onnxprune.scoring.srinit import UNIT_KINDS as SRINIT_UNITS
 from onnxprune.verbs.allocate import allocate
-from onnxprune.verbs.apply import APPLY_CRITERIA, GRANULARITIES, ApplyResult, apply, check_runs
+from onnxprune.verbs.apply import APPLY_CRITERIA, GRANULARITIES, WEIGHT_CRITERIA, ApplyResult, apply, check_runs
 from onnxprune.verbs.evaluate import TASKS as EVAL_TASKS
 from onnxprune.verbs.evaluate import EvalResult, LanguageModelResult, evaluate
 from onnxprune.verbs.finetune import FinetuneResult, finetune
@@ -48,7 +48,7 @@ __all__ = [
     "ALLOCATION_GRANULARITIES", "ALLOCATION_METHODS", "BUDGETS", "CAPACITY_METRICS", "COUPLED", "CRITERIA",
     "DEFAULT_CAPACITY_METRIC", "GRANULARITIES", "INSERT_BN", "LAYER_METHODS", "PROVIDERS", "SCORE_METHODS",
     "SENSITIVITY_METRICS", "SRINIT_METRICS", "SRINIT_UNITS", "STORES", "EVAL_TASKS", "LanguageModelResult",
-    "APPLY_CRITERIA",
+    "APPLY_CRITERIA", "WEIGHT_CRITERIA",
     "AnalysedModel", "ApplyResult", "DataSpec", "EvalResult", "FinetuneOptions", "FinetuneResult",
     "InspectResult", "ModelLike", "Plan", "Scores", "Sweep",
     "allocate", "apply", "check_output_path", "check_runs", "evaluate", "find_layers", "finetune", "inspect",

@@ -81,6 +81,7 @@ def prune(
     eval_data: rdata.DataSpec | str | os.PathLike | None = None,
     round_to: int | str = "auto",
     seed: int = 1,
+    criterion: str = "magnitude",
     latency: bool = True,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -95,7 +96,8 @@ def prune(
     Exactly one goal:
 
     - ``target_sparsity=S``: zero a fraction S of the weights (unstructured), allocated by ``method``
-      (default ``lamp``; ``capacity`` uses capacity scores, ``sensitivity`` and ``search`` need ``data``);
+      (default ``lamp``; ``capacity`` uses capacity scores, ``sensitivity`` and ``search`` need ``data``),
+      chosen inside each layer by ``criterion`` (``magnitude``; ``wanda`` and ``obs`` need ``data``);
     - ``target_flops=F``: remove whole channels until a fraction F of the FLOPs is gone (``method`` default
       ``uniform``); with ``data`` the layers that lose inputs are refit (no training);
     - ``remove_blocks=K``: remove the K residual blocks whose SR-init re-initialisation hurts least
@@ -111,6 +113,10 @@ def prune(
     goals = [g for g in (target_sparsity, target_flops, remove_blocks) if g is not None]
     if len(goals) != 1:
         raise InputError("give exactly one goal: --target-sparsity S, --target-flops F or --remove-blocks K")
+    if criterion != "magnitude" and target_sparsity is None:
+        raise InputError(f"--criterion {criterion} chooses weights inside layers: it goes with --target-sparsity")
+    if criterion != "magnitude" and data is None and not data_options.get("data_loader_script"):
+        raise InputError(f"--criterion {criterion} chooses weights from the layers' real inputs: give --data")
     say = progress or (lambda _: None)
     spec = rdata.DataSpec.of(data, **data_options) if data is not None or data_options.get("data_loader_script") \
         else None
@@ -159,10 +165,11 @@ def prune(
                         budget="params" if mode == "unstructured" else "flops",
                         granularity=mode, round_to=round_to, seed=seed)
     say("applying")
-    refit = spec if mode == "channel" else None
+    calibrate = spec if mode == "channel" or criterion != "magnitude" else None  # the refit, wanda / obs
     before = _stats(model, am)
     am_shapes = am.input_shapes
-    applied = apply(am, plan, out, force=force, data=refit, input_values=values)  # rewrites am's model
+    applied = apply(am, plan, out, force=force, data=calibrate, input_values=values,  # rewrites am's model
+                    criterion=criterion if mode == "unstructured" else None)
     try:
         write_json(scores.to_dict(), scores_path)
         write_json(plan.to_dict(), plan_path)
@@ -186,7 +193,8 @@ def prune(
             before.output_error, after.output_error = 0.0, res.output_error
             notes.append("the data has no labels: the outputs are compared with the dense model's instead "
                          "(output error)")
-        elif eval_data is None and (mode != "unstructured" or method in ("sensitivity", "search")):
+        elif eval_data is None and (mode != "unstructured" or method in ("sensitivity", "search")
+                                    or criterion != "magnitude"):
             notes.append("accuracy measured on --data, which the pruning also used; give --eval-data held-out "
                          "data for an unbiased number")
     return PruneResult(path=applied.path, scores_path=scores_path, plan_path=plan_path, before=before, after=after,

@@ -28,6 +28,9 @@ __all__ = ["prune", "report", "sweep"]
                    "capacity, global, erk, sensitivity or search (these two need --data).")
 @round_to_option("--target-flops: kept channel counts in multiples of N (auto: the multiple this machine's "
                  "convolutions need, 8 with AVX2, 16 with AVX-512).")
+@click.option("--criterion", type=click.Choice(api.WEIGHT_CRITERIA), default="magnitude", show_default=True,
+              help="--target-sparsity: how each layer's zeros are chosen; wanda and obs (SparseGPT: the kept "
+                   "weights updated) from the layers' inputs on --data.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of SR-init and search.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--eval-data", type=click.Path(path_type=str), default=None,
@@ -36,8 +39,8 @@ __all__ = ["prune", "report", "sweep"]
 @data_options
 @output_option("The pruned model; OUT.scores.json and OUT.plan.json are written beside it.")
 @common_options
-def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, seed, no_latency, eval_data, force,
-          data_spec, input_shapes, output, as_json):
+def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, criterion, seed, no_latency,
+          eval_data, force, data_spec, input_shapes, output, as_json):
     """Score, allocate and apply in one command; print MODEL before and after.
 
     --data is optional: with labels it adds accuracy before and after, with --target-flops it refits the
@@ -54,6 +57,7 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
     with progress_bar("pruning") as bar:
         result = workflows.prune(model, output, target_sparsity=target_sparsity, target_flops=target_flops,
                                  remove_blocks=remove_blocks, method=method, round_to=round_to, seed=seed,
+                                 criterion=criterion,
                                  latency=not no_latency, force=force, data=data_spec if data_spec.given else None,
                                  eval_data=eval_data, progress=bar.describe, input_shapes=input_shapes,
                                  input_values=data_spec.input_values)

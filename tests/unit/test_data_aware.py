@@ -104,3 +104,16 @@ def test_cli_criteria_need_the_right_granularity_and_data(tmp_path):
     assert result.exit_code == 0, result.stderr
     w = initializer(onnx.load(str(tmp_path / "o.onnx")), "wg")
     assert np.count_nonzero(w == 0) == w.size // 2
+
+
+def test_prune_takes_the_criterion(tmp_path):
+    model = save(gemm_chain(), tmp_path / "m.onnx")
+    data = write_npz(tmp_path / "d.npz", 32, 16)
+    runner = CliRunner()
+    result = runner.invoke(main, ["prune", str(model), "--target-sparsity", "0.5", "--criterion", "wanda",
+                                  "--data", str(data), "--no-latency", "-o", str(tmp_path / "p.onnx"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert '"criterion": "wanda"' in result.stdout
+    result = runner.invoke(main, ["prune", str(model), "--target-flops", "0.5", "--criterion", "obs", "--data",
+                                  str(data), "--no-latency", "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 2 and "goes with --target-sparsity" in result.stderr
