@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from onnxprune.analysis.layers import Layer
 from onnxprune.io import session_proto
-from onnxprune.passes.reconstruct import _patches, _why_not
+from onnxprune.passes.reconstruct import layer_rows, unsupported
 from onnxprune.passes.sparsify import SparsifyReport
 from onnxprune.runtime.graph_io import weights_as_inputs, with_outputs
 from onnxprune.runtime.session import create_session
@@ -66,7 +66,7 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         todo, rest = [], []
         for layer in self.layers:
             why = None if layer.node in order else "inside a subgraph"
-            why = why or _why_not(layer)
+            why = why or unsupported(layer)
             (rest if why else todo).append(layer)
             if why:
                 self.fallback[layer.name] = why
@@ -137,7 +137,7 @@ def _gram(session, layer: Layer, batches: list[dict], weight_feeds: dict) -> np.
     gram = None
     for feeds in batches:
         x = session.run([name], {**feeds, **weight_feeds})[0]
-        a = _patches(np.asarray(x, np.float32), layer).astype(np.float64)
+        a = layer_rows(np.asarray(x, np.float32), layer).astype(np.float64)
         if order is not None:
             a = a[:, order]
         gram = a.T @ a if gram is None else gram + a.T @ a

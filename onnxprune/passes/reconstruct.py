@@ -34,7 +34,7 @@ from onnxprune.runtime.graph_io import with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.tensors.weights import compute_dtype, get_weight, out_in_axes, set_weight
 
-__all__ = ["ReconstructReport", "RefitPass", "reconstruct"]
+__all__ = ["ReconstructReport", "RefitPass", "layer_rows", "reconstruct", "unsupported"]
 
 
 @dataclass
@@ -58,7 +58,9 @@ def _kept_inputs(cg: ChannelGraph, remove: set[int]) -> dict[ir.Node, np.ndarray
     return out
 
 
-def _why_not(layer: Layer) -> str | None:
+def unsupported(layer: Layer) -> str | None:
+    """Why the layer's least-squares view (layer_rows) does not cover it, or None (also used by
+    onnxprune.passes.data_aware: Wanda and OBS are the unstructured cases of the same reconstruction)."""
     node = layer.node
     if layer.op_type == "Conv":
         if node.attributes.get_int("group", 1) != 1:
@@ -77,7 +79,7 @@ def _why_not(layer: Layer) -> str | None:
     return f"{layer.op_type} layers are not refit"
 
 
-def _patches(x: np.ndarray, layer: Layer) -> np.ndarray:
+def layer_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
     """Rows of the least-squares problem: im2col of a 1-D, 2-D or 3-D Conv input (columns in the weight's
     (C, k...) order), or the flattened features of a Gemm / MatMul input."""
     if layer.op_type != "Conv":
@@ -103,7 +105,7 @@ def _targets(y: np.ndarray, layer: Layer) -> np.ndarray:
 
 
 def _matrix(w: np.ndarray, layer: Layer) -> np.ndarray:
-    """(inputs, outputs) matrix of a weight, rows in the order of _patches' columns."""
+    """(inputs, outputs) matrix of a weight, rows in the order of layer_rows' columns."""
     if layer.op_type == "Conv":
         return w.reshape(w.shape[0], -1).T
     out_axis, _ = out_in_axes(layer)
@@ -158,7 +160,7 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
     todo = []
     for node in sorted(consumers, key=order.get):
         layer = layers[node]
-        why = _why_not(layer)
+        why = unsupported(layer)
         if why:
             report.skipped[layer.name] = why
         else:
@@ -192,7 +194,7 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
         for feeds in batches:
             y = _targets(ref_sess.run([layer.node.outputs[0].name], feeds)[0], layer).astype(np.float64)
             x = sess.run([x_name], {**feeds, **_weight_feeds(weights, biases, feeds_of, dtypes)})[0]
-            a = _patches(x, layer)[:, rows].astype(np.float64)
+            a = layer_rows(x, layer)[:, rows].astype(np.float64)
             pred = a @ wm[rows].astype(np.float64) + (biases[layer.name] if has_bias else 0.0)
             err_norm += float(((pred - y) ** 2).sum())
             y_norm += float(((y - y.mean(0)) ** 2).sum())
