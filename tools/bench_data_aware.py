@@ -74,7 +74,8 @@ def run(sparsities: list[float], calib: int, search: bool, jpeg_limit: int | Non
                           granularity="n:m" if target == "2:4" else None,
                           **(data if criterion != "magnitude" else {}))
                 seconds = time.perf_counter() - t0
-                rows.append({"setting": str(target), "allocation": allocation, "criterion": criterion,
+                rows.append({"setting": str(target), "allocation": "every layer" if target == "2:4" else allocation,
+                             "criterion": criterion,
                              **evaluate(out, jpeg_limit), "seconds": round(seconds, 1)})
         for name, prune in _onnxsim(src, target, peers).items():
             out = OUT / f"onnxsim_{name}_{target}.onnx".replace(":", "of")
