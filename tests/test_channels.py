@@ -270,12 +270,12 @@ def test_refit_recovers_accuracy(export, cifar_lossless, cifar_jpeg, tmp_path):
     assert before < 30 and after > before + 30, (before, after)
 
 
-def test_calibration_data_only_for_channels(export, digits_npz, tmp_path):
+def test_calibration_data_only_for_channels_and_data_criteria(export, digits_npz, tmp_path):
     from onnxprune.errors import InputError
 
     path = export("mlp")
     plan = api.allocate(path, method="uniform", target_sparsity=0.5)
-    with pytest.raises(InputError, match="calibrates channel removal only"):
+    with pytest.raises(InputError, match="calibrates channel removal and the wanda / obs criteria"):
         api.apply(path, plan, tmp_path / "x.onnx", granularity="unstructured", data=digits_npz)
     assert not (tmp_path / "x.onnx").exists()
 
