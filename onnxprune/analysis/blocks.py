@@ -33,7 +33,7 @@ from onnxprune.analysis.graph import FLOAT_TYPES, GraphInfo, const_shape, consta
 from onnxprune.analysis.layers import Layer
 
 __all__ = ["FUSED_RESIDUAL_OPS", "RESIDUAL_OPS", "Block", "branch_params", "find_blocks", "residual_inputs",
-           "shape_only", "transformer_layers"]
+           "transformer_layers"]
 
 RESIDUAL_OPS = ("Add", "Sum")
 # ONNX Runtime's fused residual + normalisation (its transformer optimizer, GenAI's builder): output 0 is
@@ -273,27 +273,17 @@ def _input_source(value: ir.Value) -> ir.Value | None:
 
 
 def _goes_with(value: ir.Value, own: set[ir.Node]) -> bool:
-    """Whether every reader of ``value`` is one of ``own``, reads only its shape, or passes it on (one input) to
-    such readers only."""
+    """Whether every reader of ``value`` is one of ``own``, a Shape, or passes it on (a one-input node: an
+    Identity, a one-input Concat) to such readers only."""
     for use in value.uses():
         node = use.node
-        if node in own or shape_only(node):
+        if node in own or node.op_type == "Shape":
             continue
         if sum(i is not None for i in node.inputs) != 1 or any(o.is_graph_output() for o in node.outputs):
             return False
         if not all(_goes_with(o, own) for o in node.outputs):
             return False
     return True
-
-
-def shape_only(node: ir.Node) -> bool:
-    """Whether ``node`` reads its input only for the shape: a Shape, or a one-input node (an Identity, a
-    one-input Concat) whose results only reach Shape nodes."""
-    if node.op_type == "Shape":
-        return True
-    if sum(i is not None for i in node.inputs) != 1 or any(o.is_graph_output() for o in node.outputs):
-        return False
-    return all(shape_only(use.node) for o in node.outputs for use in o.uses())
 
 
 def transformer_layers(blocks: list[Block]) -> list[list[Block]]:

@@ -77,8 +77,9 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
             proto = weights_as_inputs(session_proto(model), [layer.weight for layer in todo])
             proto = with_outputs(proto, [_data_input(layer).name for layer in todo], None)
             session = create_session(proto.SerializeToString(), self.provider).session
+            dtypes = {layer.name: compute_dtype(layer) for layer in todo}
             for k, layer in enumerate(todo):
-                feeds_w = {other.weight: weights[other.name].astype(compute_dtype(other), copy=False)
+                feeds_w = {other.weight: weights[other.name].astype(dtypes[other.name], copy=False)
                            for other in todo}
                 gram = _gram(session, layer, self.batches, feeds_w)
                 weights[layer.name] = self._prune(layer, weights[layer.name], gram)

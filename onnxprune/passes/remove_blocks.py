@@ -58,16 +58,12 @@ class RemoveBlocksPass(ir.passes.InPlacePass):
         dropped = {name for block in self.blocks for name in block.cache_outputs}
         for value in [v for v in graph.outputs if v.name in dropped]:
             graph.outputs.remove(value)
-        RemoveUnusedNodesPass()(model)
-        _drop_cache_inputs(graph, self._cache_inputs)
+        RemoveUnusedNodesPass()(model)  # the present outputs' producers go, so only shape readers remain
+        _drop_cache_inputs(graph, {name for block in self.blocks for name in block.cache_inputs})
         RemoveUnusedNodesPass()(model)
         _rename(graph.inputs, renumbered(input_names, [v.name for v in graph.inputs]))
         _rename(graph.outputs, renumbered(output_names, [v.name for v in graph.outputs]))
         return ir.passes.PassResult(model, bool(self.blocks))
-
-    @property
-    def _cache_inputs(self) -> set[str]:
-        return {name for block in self.blocks for name in block.cache_inputs}
 
     def ensures(self, model: ir.Model) -> None:
         """The joining Add of every removed block is gone, and so is its cache."""

@@ -15,24 +15,9 @@ from onnxprune.analysis.channels import ChannelGraph, Edit
 from onnxprune.analysis.graph import constant_array, stored_value
 from onnxprune.analysis.layers import out_in_axes
 from onnxprune.tensors.nbits import is_nbits, nbits_weight, take
-from onnxprune.tensors.weights import get_weight, lazy_from, write_nbits
+from onnxprune.tensors.weights import get_weight, lazy_from, new_initializer, write_nbits
 
 __all__ = ["ShrinkChannelsPass", "shrink"]
-
-
-def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray | ir.LazyTensor) -> ir.Value:
-    name, k = f"{base}_shrunk", 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}_shrunk{k}"
-    if isinstance(array, ir.LazyTensor):
-        tensor, dtype = array, array.dtype
-        tensor.name = name
-    else:
-        tensor, dtype = ir.tensor(array, name=name), ir.DataType.from_numpy(array.dtype)
-    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _take(arr: np.ndarray, cut: dict[int, list[int]]) -> np.ndarray:
@@ -94,7 +79,7 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
             target = np.array(edit.extra["target"], copy=True)
             if target[edit.axis] > 0:
                 target[edit.axis] = len(keep)
-                edit.node.replace_input_with(1, _new_initializer(graph, edit.node.inputs[1].name, target))
+                edit.node.replace_input_with(1, new_initializer(graph, edit.node.inputs[1].name, target))
         done += 1
     layers_by_node = {layer.node: layer for layer in cg.layers.values()}
     for node, axes in weight_keep.items():
@@ -121,7 +106,7 @@ def shrink(model: ir.Model, cg: ChannelGraph, remove: set[int]) -> int:
             new = lazy_from(src.const_value, lambda a, c=cut: _take(a, c), tuple(shape))
         else:
             new = _take(w, cut)
-        reader.replace_input_with(index, _new_initializer(graph, src.name, new))
+        reader.replace_input_with(index, new_initializer(graph, src.name, new))
         done += 1
     _forget_shapes(graph)
     return done
@@ -143,7 +128,7 @@ def _param(graph: ir.Graph, edit: Edit, keep: list[int]) -> None:
     if arr is None:  # ... or the one the analysis folded from a small constant computation
         arr = edit.extra["value"]
     new = np.ascontiguousarray(np.take(arr, keep, axis=edit.axis))
-    edit.node.replace_input_with(edit.input_index, _new_initializer(graph, src.name, new))
+    edit.node.replace_input_with(edit.input_index, new_initializer(graph, src.name, new))
 
 
 def _heads(graph: ir.Graph, edit: Edit, heads: int) -> None:
@@ -157,11 +142,11 @@ def _heads(graph: ir.Graph, edit: Edit, heads: int) -> None:
         target = np.array(source, np.int64).reshape(-1)
         for k, v in values.items():
             target[k] = v
-        node.replace_input_with(1, _new_initializer(graph, node.inputs[1].name, target))
+        node.replace_input_with(1, new_initializer(graph, node.inputs[1].name, target))
         return
     for k, v in values.items():
         src = source.inputs[k]
-        source.replace_input_with(k, _new_initializer(graph, src.name, np.array([v], np.int64)))
+        source.replace_input_with(k, new_initializer(graph, src.name, np.array([v], np.int64)))
 
 
 def _kv_groups(edit: Edit, groups: int) -> None:
@@ -186,7 +171,7 @@ def _pad(graph: ir.Graph, cg: ChannelGraph, edit: Edit, remove: set[int]) -> Non
         return
     pads[k], pads[len(axes) + k] = before, after
     src = edit.node.inputs[1]
-    edit.node.replace_input_with(1, _new_initializer(graph, src.name, np.array(pads, np.int64)))
+    edit.node.replace_input_with(1, new_initializer(graph, src.name, np.array(pads, np.int64)))
 
 
 def _forget_shapes(graph: ir.Graph) -> None:

@@ -47,7 +47,7 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
     values = _checked_values(spec, by_name)
     decoder = decoder_of(model)
     if decoder is not None:
-        return _decoder_batches(decoder, by_name, spec, sess)
+        return _decoder_batches(decoder, spec, sess)
     data_names = [s.name for s in specs if s.name not in values]  # the inputs the .npz feeds
     if not data_names:
         raise InputError("every model input has an --input-value: the data feeds none; drop one of them")
@@ -91,7 +91,7 @@ def batches(model: ir.Model, sess, spec: rdata.DataSpec):
     return feeds, total, "; ".join(notes) or None
 
 
-def _decoder_batches(decoder: Decoder, inputs: dict[str, rdata.InputSpec], spec: rdata.DataSpec, sess):
+def _decoder_batches(decoder: Decoder, spec: rdata.DataSpec, sess):
     """A decoder LM's batches: token sequences from the data, the other inputs a prefill from an empty cache."""
     arrays, _ = rdata.load_npz_inputs(spec.data, [decoder.input_ids], spec.input_key, None)
     ids = arrays.get(decoder.input_ids)

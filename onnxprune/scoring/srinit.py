@@ -127,12 +127,12 @@ DEFAULT_MAX_MEMORY = 2 << 30  # bytes: suffix sessions alive at once plus one ba
 def srinit_scores(
     model, info: GraphInfo, units: list[tuple[str, list[str], list[Layer]]], batches: list,
     seeds: list[int], provider: str = "cpu", progress: Callable[[int, int], None] | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY, tokens: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY, logits: str | None = None,
 ) -> tuple[dict[str, dict], dict]:
     """units: (name, node names, layers). Returns per unit {metric: drop, metric_se, (metric_seed_std),
-    seconds} and the baseline metrics, and the number of passes over the data. ``tokens``: the first output
-    is a language model's logits (batch, positions, vocabulary): ``kl`` and ``agreement`` are per sequence,
-    averaged over its positions.
+    seconds} and the baseline metrics, and the number of passes over the data. ``logits``: the output that
+    holds a language model's logits (batch, positions, vocabulary): ``kl`` and ``agreement`` are then per
+    sequence, averaged over its positions.
 
     Each (unit, seed) gets a suffix session with that seed's weights built in (injected when the session is
     made, never serialised), so it runs as fast as the unmodified graph. For each batch the unmodified model
@@ -154,6 +154,7 @@ def srinit_scores(
                                                for name, node_names, _ in units],
                                  provider=provider, inject="initializers")
     pairs = [(name, seed) for name, _, _ in units for seed in seeds]
+    token_at = None if logits is None else evaluator.output_names.index(logits)
     first = evaluator.run_prefix(batches[0][0]) if batches else {}
     acts_bytes = sum(a.nbytes for a in first.values())
     if acts_bytes >= max_memory:
@@ -174,7 +175,7 @@ def srinit_scores(
         for b, (feeds, labels) in enumerate(batches):
             acts = first if g == 0 and b == 0 else evaluator.run_prefix(feeds)
             refs = [acts[name] for name in evaluator.output_names]
-            ref = None if tokens else Reference.of(refs)
+            ref = None if token_at is not None else Reference.of(refs)
             ref_ok = None if labels is None or ref is None else (ref.top == labels.reshape(-1)).astype(np.float64)
             if g == 0:
                 state["n"] += len(refs[0])
@@ -186,9 +187,10 @@ def srinit_scores(
                 outs = bound.run(acts)
                 p = acc[(name, seed)]
                 p.add("error", output_error(refs, outs))
-                if tokens:  # a language model: next-token distributions at every position, per sequence
-                    p.add("agreement", (outs[0].argmax(-1) != refs[0].argmax(-1)).mean(axis=1))
-                    p.add("kl", token_kl(refs[0], outs[0]))
+                if token_at is not None:  # a language model: next-token distributions at every position
+                    ref_logits, new_logits = refs[token_at], outs[token_at]
+                    p.add("agreement", (new_logits.argmax(-1) != ref_logits.argmax(-1)).mean(axis=1))
+                    p.add("kl", token_kl(ref_logits, new_logits))
                 else:
                     logp = Reference.of(outs).logp
                     top = logp.argmax(axis=1)
@@ -278,7 +280,7 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
     t0 = time.perf_counter()
     results, base = srinit_scores(am.model, am.info, unit_defs, batches, list(range(seed, seed + seeds)),
                                   provider=provider, progress=progress, max_memory=max_memory,
-                                  tokens=decoder_of(am.model) is not None)
+                                  logits=decoder.logits if (decoder := decoder_of(am.model)) else None)
     seconds = time.perf_counter() - t0
     passes = base.pop("passes")
     out = []

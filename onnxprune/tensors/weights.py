@@ -13,7 +13,7 @@ from onnxprune.io import release
 from onnxprune.tensors.nbits import NBitsWeight, dequantize, is_nbits, nbits_weight, on_grid, stored_inputs
 
 __all__ = ["as_matrix", "compute_dtype", "get_weight", "lazy_from", "out_in_axes", "release_weight",
-           "set_weight", "write_nbits"]
+           "new_initializer", "set_weight", "write_nbits"]
 
 
 def _source(layer: Layer) -> ir.Value | ir.Node:
@@ -83,19 +83,28 @@ def set_weight(layer: Layer, array: np.ndarray | ir.LazyTensor) -> None:
         src.attributes["value"] = ir.AttrTensor("value", tensor)
 
 
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray | ir.LazyTensor, suffix: str = "_shrunk"
+                    ) -> ir.Value:
+    """A new initializer ``<base><suffix>`` (numbered when taken) holding ``array``, registered in ``graph``."""
+    name, k = f"{base}{suffix}", 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}{suffix}{k}"
+    if isinstance(array, ir.LazyTensor):
+        tensor, dtype = array, array.dtype
+        tensor.name = name
+    else:
+        tensor, dtype = ir.tensor(array, name=name), ir.DataType.from_numpy(array.dtype)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 def write_nbits(node: ir.Node, weight: NBitsWeight) -> None:
     """Store ``weight`` as the MatMulNBits node's B, scales and zero points (new initializers), K and N."""
-    graph = node.graph
     for index, array in stored_inputs(weight).items():
-        old = node.inputs[index]
-        name, k = f"{old.name}_pruned", 0
-        while name in graph.initializers:
-            k += 1
-            name = f"{old.name}_pruned{k}"
-        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-        graph.register_initializer(value)
-        node.replace_input_with(index, value)
+        node.replace_input_with(index, new_initializer(node.graph, node.inputs[index].name,
+                                                       np.ascontiguousarray(array), suffix="_pruned"))
     node.attributes["K"] = ir.AttrInt64("K", weight.k)
     node.attributes["N"] = ir.AttrInt64("N", weight.q.shape[0])
 

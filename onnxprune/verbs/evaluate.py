@@ -127,14 +127,17 @@ def evaluate(
     nll, tokens, context = 0.0, 0, 0
     start = time.perf_counter()
     outputs = [o.name for o in sess.session.get_outputs()]
+    measured = outputs[0] if decoder is None else decoder.logits  # class scores, or a language model's logits
+    run_outputs = outputs if ref_sess is not None else [measured]
     for feeds, labels in batches:
         t0 = time.perf_counter()
-        outs = sess.run(feeds, outputs if ref_sess is not None else outputs[:1])
+        outs = sess.run(feeds, run_outputs)
         run_seconds += time.perf_counter() - t0
-        acc.update(np.asarray(outs[0]), labels)
+        scores = np.asarray(outs[run_outputs.index(measured)])
+        acc.update(scores, labels)
         if decoder is not None:
             ids = feeds[decoder.input_ids]
-            nll += float(next_token_nll(np.asarray(outs[0]), ids).sum())
+            nll += float(next_token_nll(scores, ids).sum())
             tokens += ids.shape[0] * (ids.shape[1] - 1)
             context = ids.shape[1]
         if ref_sess is not None:
