@@ -143,6 +143,7 @@ def random_graphs(draw) -> onnx.ModelProto:
 
     c = 2 * draw(st.integers(2, 6))
     x = relu(conv("input", 3, c))
+    side = 8
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["plain", "bn", "residual", "depthwise", "grouped", "concat", "pool"]))
         if kind == "plain":
@@ -165,16 +166,12 @@ def random_graphs(draw) -> onnx.ModelProto:
             y = name("cat")
             nodes.append(helper.make_node("Concat", [a, b_, x], [y], name=y, axis=1))
             x, c = y, 2 * c2 + c
-        else:
+        elif side > 1:  # a fourth 2x2 pool of the 8 x 8 input would leave nothing
             y = name("pool")
             nodes.append(helper.make_node("MaxPool", [x], [y], name=y, kernel_shape=[2, 2], strides=[2, 2]))
-            x = y
+            x, side = y, side // 2
     f = name("flat")
     nodes.append(helper.make_node("Flatten", [x], [f], name=f, axis=1))
-    side = 8
-    for n in nodes:
-        if n.op_type == "MaxPool":
-            side //= 2
     w = name("fcw")
     inits.append(weights(w, c * side * side, 5, seed=rng_seed, scale=np.sqrt(1 / (c * side * side))))
     nodes.append(helper.make_node("Gemm", [f, w], ["logits"], name="fc"))
