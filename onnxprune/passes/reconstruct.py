@@ -34,7 +34,43 @@ from onnxprune.runtime.graph_io import with_outputs
 from onnxprune.runtime.session import create_session
 from onnxprune.tensors.weights import compute_dtype, get_weight, out_in_axes, set_weight
 
-__all__ = ["ReconstructReport", "RefitPass", "layer_rows", "reconstruct", "unsupported"]
+__all__ = ["NormalEquations", "ReconstructReport", "RefitPass", "bias_value", "layer_rows", "layer_targets",
+           "reconstruct", "unsupported"]
+
+
+class NormalEquations:
+    """The sums behind min over W of || A W - Y ||^2, gathered batch by batch in float64: A the rows of a
+    layer's input in the pruned model (layer_rows, a column of ones last when a bias is fit too), Y the
+    layer's output in the original model (layer_targets). The channel refit solves it on the kept input
+    columns; OBS (onnxprune.passes.data_aware) prunes its solution with ``gram`` as the Hessian."""
+
+    def __init__(self):
+        self.gram: np.ndarray | None = None  # A^T A
+        self.cross: np.ndarray | None = None  # A^T Y
+        self.y2 = 0.0  # sum of Y^2
+        self.spread = 0.0  # sum of (Y - its batch mean)^2
+
+    def add(self, a: np.ndarray, y: np.ndarray) -> None:
+        a, y = a.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
+        gram, cross = a.T @ a, a.T @ y
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.y2 += float((y ** 2).sum())
+        self.spread += float(((y - y.mean(0)) ** 2).sum())
+
+    def ridge(self, relative: float) -> float:
+        """``relative`` times the mean of the Hessian's diagonal (SparseGPT's dampening)."""
+        return relative * float(np.trace(self.gram)) / len(self.gram)
+
+    def solve(self, relative_ridge: float) -> np.ndarray:
+        """The least-squares W, (columns, outputs), with ``relative_ridge`` (see ridge) on the diagonal."""
+        eye = np.eye(len(self.gram))
+        return np.linalg.solve(self.gram + self.ridge(relative_ridge) * eye, self.cross)
+
+    def relative_error(self, w: np.ndarray) -> float:
+        """|| A W - Y ||^2 over Y's spread about its (batch) mean: 0 exact, about 1 no better than a constant."""
+        resid = float(np.trace(w.T @ self.gram @ w - 2 * w.T @ self.cross)) + self.y2
+        return max(resid, 0.0) / max(self.spread, 1e-30)
 
 
 @dataclass
@@ -98,7 +134,8 @@ def layer_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
     return np.ascontiguousarray(win.transpose(order)).reshape(n * int(np.prod(outs)), c * int(np.prod(kernel)))
 
 
-def _targets(y: np.ndarray, layer: Layer) -> np.ndarray:
+def layer_targets(y: np.ndarray, layer: Layer) -> np.ndarray:
+    """The layer's output as rows matching layer_rows' (one column per output channel)."""
     if layer.op_type == "Conv":
         return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     return y.reshape(-1, y.shape[-1])
@@ -119,7 +156,7 @@ def _unmatrix(m: np.ndarray, layer: Layer, shape: tuple) -> np.ndarray:
     return (m.T if out_axis == 0 else m).reshape(shape)
 
 
-def _bias_value(layer: Layer) -> ir.Value | None:
+def bias_value(layer: Layer) -> ir.Value | None:
     """The constant added to the layer's raw output that the refit may change: a Conv's or Gemm's bias input
     (MatMul: None, its bias Add stays and the refit targets the raw product)."""
     node = layer.node
@@ -176,7 +213,7 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
     stored = {layer.name: np.asarray(get_weight(layer)).dtype for layer in todo}  # written back in it
     dtypes = {layer.name: compute_dtype(layer) for layer in todo}  # fed in it (float16 models: float16)
     weights = {layer.name: np.array(get_weight(layer), np.float32) for layer in todo}
-    biases = {layer.name: (np.array(constant_array(b), np.float32) if (b := _bias_value(layer)) is not None
+    biases = {layer.name: (np.array(constant_array(b), np.float32) if (b := bias_value(layer)) is not None
                            else None) for layer in todo}
     for k, layer in enumerate(todo):
         x_name = feeds_of[layer.name][0]
@@ -187,39 +224,29 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
         per_in = wm.shape[0] // len(mask)
         rows = (kept[:, None] * per_in + np.arange(per_in)).reshape(-1)
         has_bias = biases[layer.name] is not None
-        dim = len(rows) + has_bias
-        gram = np.zeros((dim, dim))
-        cross = np.zeros((dim, wm.shape[1]))
-        y_norm = err_norm = y2 = 0.0
+        equations = NormalEquations()
         for feeds in batches:
-            y = _targets(ref_sess.run([layer.node.outputs[0].name], feeds)[0], layer).astype(np.float64)
+            y = layer_targets(ref_sess.run([layer.node.outputs[0].name], feeds)[0], layer)
             x = sess.run([x_name], {**feeds, **_weight_feeds(weights, biases, feeds_of, dtypes)})[0]
-            a = layer_rows(x, layer)[:, rows].astype(np.float64)
-            pred = a @ wm[rows].astype(np.float64) + (biases[layer.name] if has_bias else 0.0)
-            err_norm += float(((pred - y) ** 2).sum())
-            y_norm += float(((y - y.mean(0)) ** 2).sum())
-            y2 += float((y ** 2).sum())
-            if has_bias:
-                a = np.hstack([a, np.ones((len(a), 1))])
-            gram += a.T @ a
-            cross += a.T @ y
-        lam = ridge * np.trace(gram) / dim
-        sol = np.linalg.solve(gram + lam * np.eye(dim), cross)
+            a = layer_rows(x, layer)[:, rows]
+            equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a, y)
+        before = wm[rows].astype(np.float64)
+        if has_bias:
+            before = np.vstack([before, biases[layer.name][None, :]])
+        sol = equations.solve(ridge)
         new = np.zeros_like(wm, dtype=np.float64)
         new[rows] = sol[:len(rows)]
         weights[layer.name] = _unmatrix(new, layer, w.shape).astype(np.float32)
         if has_bias:
             biases[layer.name] = sol[-1].astype(np.float32)
-        # the refit's own error on the data, relative to the output's variance
-        resid = float(np.trace(sol.T @ gram @ sol - 2 * sol.T @ cross)) + y2
-        report.error_before[layer.name] = err_norm / max(y_norm, 1e-30)
-        report.error_after[layer.name] = max(resid, 0.0) / max(y_norm, 1e-30)
+        report.error_before[layer.name] = equations.relative_error(before)
+        report.error_after[layer.name] = equations.relative_error(sol)
         report.refit.append(layer.name)
         if progress:
             progress(k + 1, len(todo))
     for layer in todo:
         set_weight(layer, weights[layer.name].astype(stored[layer.name]))
-        b = _bias_value(layer)
+        b = bias_value(layer)
         if b is not None:
             b.const_value = ir.tensor(biases[layer.name].astype(constant_array(b).dtype), name=b.name)
     return report
@@ -267,7 +294,7 @@ def _masked(proto: onnx.ModelProto, consumers: dict, todo: list[Layer], layers: 
                 n.input[layer.weight_input] = w_name
                 p.graph.input.append(helper.make_tensor_value_info(w_name, elem, list(layer.weight_shape)))
                 b_name = None
-                if _bias_value(layer) is not None:
+                if bias_value(layer) is not None:
                     b_name = f"{n.name}__refit_b"
                     n.input[2] = b_name
                     outputs = layer.weight_shape[out_in_axes(layer)[0]]
