@@ -10,14 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxprune.artefacts import Plan, Scores, Sweep, write_json
+from onnxprune.artefacts import Scores, Sweep, write_json
 from onnxprune.errors import InputError
 from onnxprune.io import check_output_path, model_file_bytes
 from onnxprune.planning.registry import LAYER_METHODS
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.input_values import parse_input_values
 from onnxprune.verbs.allocate import allocate
-from onnxprune.verbs.apply import ApplyResult, apply
+from onnxprune.verbs.apply import WEIGHT_CRITERIA, ApplyResult, apply
 from onnxprune.verbs.evaluate import evaluate
 from onnxprune.verbs.loading import InputShapesLike, data_path, open_model
 from onnxprune.verbs.score import score
@@ -82,6 +82,8 @@ def prune(
     round_to: int | str = "auto",
     seed: int = 1,
     criterion: str = "magnitude",
+    damp: float | None = None,
+    block_size: int | None = None,
     latency: bool = True,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -97,7 +99,8 @@ def prune(
 
     - ``target_sparsity=S``: zero a fraction S of the weights (unstructured), allocated by ``method``
       (default ``lamp``; ``capacity`` uses capacity scores, ``sensitivity`` and ``search`` need ``data``),
-      chosen inside each layer by ``criterion`` (``magnitude``; ``wanda`` and ``obs`` need ``data``);
+      chosen inside each layer by ``criterion`` (``magnitude``; ``wanda`` and ``obs`` need ``data``; obs's
+      ``damp`` and ``block_size`` as in onnxprune.api.apply);
     - ``target_flops=F``: remove whole channels until a fraction F of the FLOPs is gone (``method`` default
       ``uniform``); with ``data`` the layers that lose inputs are refit (no training);
     - ``remove_blocks=K``: remove the K residual blocks whose SR-init re-initialisation hurts least
@@ -131,7 +134,7 @@ def prune(
         am.require_input_sizes("FLOPs")
     if latency:
         am.require_input_sizes("Latency (turn it off with --no-latency)")
-    espec = _eval_spec(eval_data, spec)
+    espec = _fed_like(eval_data, spec)
     before_acc = None
     if espec is not None:  # first: bad evaluation data fails before any work or any file
         say("evaluating")
@@ -169,7 +172,7 @@ def prune(
     before = _stats(model, am)
     am_shapes = am.input_shapes
     applied = apply(am, plan, out, force=force, data=calibrate, input_values=values,  # rewrites am's model
-                    criterion=criterion if mode == "unstructured" else None)
+                    criterion=criterion if mode == "unstructured" else None, damp=damp, block_size=block_size)
     try:
         write_json(scores.to_dict(), scores_path)
         write_json(plan.to_dict(), plan_path)
@@ -201,7 +204,9 @@ def prune(
                        mode=mode, method=method, applied=applied, notes=notes)
 
 
-def _eval_spec(eval_data, spec: rdata.DataSpec | None) -> rdata.DataSpec | None:
+def _fed_like(eval_data, spec: rdata.DataSpec | None) -> rdata.DataSpec | None:
+    """``eval_data`` (a path: fed with ``spec``'s keys, normalisation and batch size; a DataSpec as it is), or
+    ``spec`` when it is None."""
     if eval_data is None:
         return spec
     if isinstance(eval_data, rdata.DataSpec):
@@ -229,6 +234,8 @@ def sweep(
     granularity: str = "unstructured",
     budget: str = "params",
     seed: int = 0,
+    criteria: tuple[str, ...] = ("magnitude",),
+    calibration: rdata.DataSpec | str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
     input_shapes: InputShapesLike = None,
     **data_options,
@@ -236,8 +243,22 @@ def sweep(
     """Prune ``model`` with each method at each sparsity (one-shot, no recovery) and measure top-1 on
     ``data`` (without labels: the output error against ``model``, onnxprune.runtime.metrics.output_error):
     the table behind the accuracy-against-sparsity plot of ``onnxprune report``.
-    ``granularity`` unstructured (sparsity = fraction of weights) or channel (fraction of the ``budget``)."""
+    ``granularity`` unstructured (sparsity = fraction of weights) or channel (fraction of the ``budget``).
+    Unstructured: each allocation with each of ``criteria`` (magnitude, wanda, obs; a row's ``method`` is then
+    ``lamp+obs``); wanda and obs choose weights from ``calibration`` data (an .npz path or DataSpec), which
+    should not overlap ``data``."""
     spec = rdata.DataSpec.of(data, **data_options)
+    unknown = [c for c in criteria if c not in WEIGHT_CRITERIA]
+    if unknown or not criteria:
+        raise InputError(f"unknown criteria {unknown or criteria}; use some of {', '.join(WEIGHT_CRITERIA)}")
+    if set(criteria) != {"magnitude"} and granularity != "unstructured":
+        raise InputError("--criteria chooses weights inside layers: it goes with --granularity unstructured")
+    calib = None
+    if set(criteria) - {"magnitude"}:
+        if calibration is None:
+            raise InputError(f"--criteria {','.join(criteria)}: wanda and obs choose weights from the layers' real "
+                             "inputs; give --calibration-data (samples not in --data)")
+        calib = _fed_like(calibration, spec)  # fed like data
     if not sparsities or not all(0 <= s < 1 for s in sparsities):
         raise InputError(f"--sparsities must be numbers in [0, 1), got {list(sparsities)}")
     unknown = [x for x in methods if x not in LAYER_METHODS]
@@ -256,23 +277,31 @@ def sweep(
     if "sensitivity" in methods:
         scores["sensitivity"] = score(am, "sensitivity", data=spec)
     rows = []
-    total, done = len(methods) * len(sparsities), 0
+    total, done = len(methods) * len(sparsities) * len(criteria), 0
     tmp = Path(tempfile.mkdtemp(prefix="onnxprune-sweep-"))
     try:
-        for method in methods:
-            for s in sparsities:
-                row = {"method": method, "sparsity": s}
+        for method, s in ((m, s) for m in methods for s in sparsities):
+            try:
+                plan, failed = allocate(am, method=method, target_sparsity=s, scores=scores.get(method),
+                                        budget=budget, granularity=granularity, seed=seed,
+                                        data=spec if method == "search" else None), None
+            except InputError as exc:  # e.g. a target this method cannot reach on this model
+                plan, failed = None, str(exc)
+            for criterion in criteria:
+                row = {"method": method if criterion == "magnitude" else f"{method}+{criterion}", "sparsity": s,
+                       **({"criterion": criterion} if criterion != "magnitude" else {})}
                 try:
-                    plan: Plan = allocate(am, method=method, target_sparsity=s, scores=scores.get(method),
-                                          budget=budget, granularity=granularity, seed=seed,
-                                          data=spec if method == "search" else None)
-                    applied = apply(model, plan, tmp / "pruned.onnx", check=False, force=True)
+                    if failed:
+                        raise InputError(failed)
+                    applied = apply(model, plan, tmp / "pruned.onnx", check=False, force=True,
+                                    criterion=criterion if granularity == "unstructured" else None,
+                                    data=calib if criterion != "magnitude" else None)
                     res = evaluate(applied.path, spec, reference=None if labelled else model)
                     t = applied.totals
                     row.update(top1=res.top1, top5=res.top5, output_error=res.output_error,
                                params_removed=t.get("params_sparsity", t.get("params_fraction_removed")),
                                flops_removed=t.get("flops_sparsity", t.get("flops_fraction_removed")))
-                except InputError as exc:  # e.g. a target this method cannot reach on this model
+                except InputError as exc:
                     row["error"] = str(exc)
                 rows.append(row)
                 done += 1
@@ -284,4 +313,5 @@ def sweep(
                  dense={"top1": dense.top1, "top5": dense.top5, "output_error": None if labelled else 0.0,
                         "samples": dense.samples}, rows=rows,
                  options={"sparsities": list(sparsities), "methods": list(methods), "seed": seed,
-                          "metric": "top1" if labelled else "output_error"})
+                          "metric": "top1" if labelled else "output_error", "criteria": list(criteria),
+                          **({"calibration": calib.record()} if calib is not None else {})})

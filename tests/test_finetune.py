@@ -82,10 +82,10 @@ def test_round_trip_with_inserted_batchnorm_is_exact_before_training(export, cif
     assert [i.name for i in onnx.load(str(out)).graph.input] == names_in
 
 
-def _sparse_cnn(export, tmp_path, sparsity=0.9):
+def _sparse_cnn(export, tmp_path, sparsity=0.9, criterion="magnitude", data=None):
     path = export("cnn")
     plan = api.allocate(path, method="lamp", target_sparsity=sparsity)
-    return api.apply(path, plan, tmp_path / "sparse.onnx").path
+    return api.apply(path, plan, tmp_path / "sparse.onnx", criterion=criterion, data=data, limit=256).path
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,10 @@ def _weights(path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-def test_masks_survive_training(export, digits_train, digits_npz, tmp_path):
-    sparse = _sparse_cnn(export, tmp_path)
+@pytest.mark.parametrize("criterion", ["magnitude", "obs"])
+def test_masks_survive_training(export, digits_train, digits_npz, tmp_path, criterion):
+    """The zeros stay exactly zero, whoever chose them (obs also moved the kept weights)."""
+    sparse = _sparse_cnn(export, tmp_path, criterion=criterion, data=digits_train if criterion == "obs" else None)
     before = _weights(sparse)
     res = api.finetune(sparse, digits_train, tmp_path / "tuned.onnx", options=FinetuneOptions(epochs=2, lr=0.05),
                        eval_data=digits_npz)

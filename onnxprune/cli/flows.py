@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -31,6 +32,9 @@ __all__ = ["prune", "report", "sweep"]
 @click.option("--criterion", type=click.Choice(api.WEIGHT_CRITERIA), default="magnitude", show_default=True,
               help="--target-sparsity: how each layer's zeros are chosen; wanda and obs (SparseGPT: the kept "
                    "weights updated) from the layers' inputs on --data.")
+@click.option("--damp", type=float, default=None,
+              help="obs: dampening added to the Hessian's diagonal, times its mean (default 0.01).")
+@click.option("--block-size", type=int, default=None, help="obs: inputs pruned together (default 128).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of SR-init and search.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--eval-data", type=click.Path(path_type=str), default=None,
@@ -39,7 +43,7 @@ __all__ = ["prune", "report", "sweep"]
 @data_options
 @output_option("The pruned model; OUT.scores.json and OUT.plan.json are written beside it.")
 @common_options
-def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, criterion, seed, no_latency,
+def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, criterion, damp, block_size, seed, no_latency,
           eval_data, force, data_spec, input_shapes, output, as_json):
     """Score, allocate and apply in one command; print MODEL before and after.
 
@@ -57,7 +61,7 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
     with progress_bar("pruning") as bar:
         result = workflows.prune(model, output, target_sparsity=target_sparsity, target_flops=target_flops,
                                  remove_blocks=remove_blocks, method=method, round_to=round_to, seed=seed,
-                                 criterion=criterion,
+                                 criterion=criterion, damp=damp, block_size=block_size,
                                  latency=not no_latency, force=force, data=data_spec if data_spec.given else None,
                                  eval_data=eval_data, progress=bar.describe, input_shapes=input_shapes,
                                  input_values=data_spec.input_values)
@@ -109,10 +113,18 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
               show_default=True, help="Zero weights, or remove channels (then the target is a fraction of --budget).")
 @click.option("--budget", type=click.Choice(api.BUDGETS), default="params", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of search.")
+@click.option("--criteria", default="magnitude", show_default=True, metavar="C,C,...",
+              help="unstructured: how each layer's zeros are chosen, each tried with every method: magnitude, "
+                   "wanda, obs (these two need --calibration-data).")
+@click.option("--calibration-data", type=click.Path(path_type=str), default=None,
+              help="wanda / obs: .npz of calibration samples, fed like --data; keep them out of --data.")
+@click.option("--calibration-offset", type=int, default=0, show_default=True)
+@click.option("--calibration-limit", type=int, default=128, show_default=True)
 @data_options
 @output_option("Where to write sweep.json.")
 @common_options
-def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, input_shapes, output, as_json):
+def sweep(model, sparsities, methods, granularity, budget, seed, criteria, calibration_data, calibration_offset,
+          calibration_limit, data_spec, input_shapes, output, as_json):
     """Accuracy against sparsity for several allocation methods (one-shot, no recovery), on labelled data.
 
     \b
@@ -126,9 +138,15 @@ def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, inpu
     api.check_output_path(Path(output), input_path=[model, data_spec.data], forceable=False)
     targets = api.parse_floats(sparsities, "sparsities")
     names = tuple(x.strip() for x in methods.split(",") if x.strip())
+    chosen = tuple(x.strip() for x in criteria.split(",") if x.strip())
+    calibration = None
+    if calibration_data is not None:
+        calibration = dataclasses.replace(data_spec, data=calibration_data, loader=None,
+                                          offset=calibration_offset, limit=calibration_limit)
     with progress_bar("sweeping") as tick:
         result = workflows.sweep(model, data_spec, sparsities=targets, methods=names, granularity=granularity,
-                                 budget=budget, seed=seed, progress=tick, input_shapes=input_shapes)
+                                 budget=budget, seed=seed, criteria=chosen, calibration=calibration,
+                                 progress=tick, input_shapes=input_shapes)
     api.write_json(result.to_dict(), output)
     for r in result.rows:
         if "error" in r:
@@ -141,7 +159,7 @@ def sweep(model, sparsities, methods, granularity, budget, seed, data_spec, inpu
     table.add_column("method")
     for s in targets:
         table.add_column(f"{s:g}", justify="right")
-    for name in names:
+    for name in dict.fromkeys(r["method"] for r in result.rows):
         cells = []
         for s in targets:
             r = next(r for r in result.rows if r["method"] == name and r["sparsity"] == s)

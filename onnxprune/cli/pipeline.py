@@ -219,6 +219,9 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
               help="channel: l1 | l2, the norm that ranks channels (default: the plan's, else l2). unstructured, "
                    "n:m: magnitude (default), or wanda / obs, chosen from the layers' inputs on --data (obs, "
                    "SparseGPT: also updates the kept weights).")
+@click.option("--damp", type=float, default=None,
+              help="obs: dampening added to the Hessian's diagonal, times its mean (default 0.01).")
+@click.option("--block-size", type=int, default=None, help="obs: inputs pruned together (default 128).")
 @click.option("--round-to", type=int, default=None, help="channel: keep channel counts multiples of N. "
                                                           "Default: the plan's, else 1.")
 @click.option("--nm", default="2:4", show_default=True, help="N:M pattern for --granularity n:m.")
@@ -229,7 +232,7 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker and the ONNX Runtime test run of the output.")
 @data_options
 @common_options
-def apply(model, plan, output, granularity, criterion, round_to, nm, store, external_data, force, no_check,
+def apply(model, plan, output, granularity, criterion, damp, block_size, round_to, nm, store, external_data, force, no_check,
           data_spec, input_shapes, as_json):
     """Rewrite MODEL per PLAN and write a checked, deployable model.
 
@@ -248,7 +251,8 @@ def apply(model, plan, output, granularity, criterion, round_to, nm, store, exte
         raise InputError(f"--nm must look like 2:4, got {nm!r}") from None
     with progress_bar("calibrating layers", visible=data_spec.given) as tick:
         result = api.apply(model, plan, output, granularity=granularity, nm=(n, m), store=store, force=force,
-                           external_data=external_data, check=not no_check, criterion=criterion,
+                           external_data=external_data, check=not no_check, criterion=criterion, damp=damp,
+                           block_size=block_size,
                            round_to=round_to, data=data_spec if data_spec.given else None, progress=tick,
                            input_shapes=input_shapes, input_values=data_spec.input_values)
     t = result.totals

@@ -127,6 +127,8 @@ def apply(
     progress: Callable[[int, int | None], None] | None = None,
     input_shapes: InputShapesLike = None,
     input_values=None,
+    damp: float | None = None,
+    block_size: int | None = None,
     **data_options,
 ) -> ApplyResult:
     """Rewrite the model per the plan and write a checked model to ``output``.
@@ -142,7 +144,8 @@ def apply(
     output (onnxprune.passes.reconstruct), which recovers much of the accuracy without training. For
     unstructured / N:M weights, ``criterion`` ``wanda`` or ``obs`` (onnxprune.passes.data_aware) chooses the
     zeros from the layers' inputs on ``data`` (obs also updates the survivors); ``magnitude`` (default) needs
-    no data.
+    no data. obs's ``damp`` (added to the Hessian's diagonal, times its mean; default 0.01) and ``block_size``
+    (inputs pruned together; default 128) were chosen on ResNet-56 (BENCHMARKS.md, data-aware).
 
     The written model is checked at ``input_shapes`` (see onnxprune.api.inspect), else at the sizes the plan
     was made at, else at those the data fixes, with its auxiliary inputs at ``input_values`` (``["sr=16000"]``
@@ -177,6 +180,7 @@ def apply(
         if criterion == "magnitude" and spec is not None:
             raise InputError("--data calibrates channel removal and the wanda / obs criteria; drop it, or give "
                              "--criterion wanda or obs")
+    obs_options = _obs_options(criterion if granularity != "channel" else None, damp, block_size)
     am = open_model(model, input_shapes=input_shapes or pl.input_shapes, data=spec)
     check_fingerprint(pl.fingerprint, am.fingerprint, "plan", force)
     unknown = describe_unknown(am.unknown_dims, am.model) if am.unknown_dims else None
@@ -186,7 +190,19 @@ def apply(
         criterion = criterion or pl.options.get("criterion", "l2")
         round_to = round_to or pl.options.get("round_to", 1)
         return _apply_channels(am, pl, target, criterion, round_to, spec, progress)
-    return _apply_sparsity(am, pl, target, granularity, (n, mm), store, criterion, spec, progress)
+    return _apply_sparsity(am, pl, target, granularity, (n, mm), store, criterion, spec, progress, obs_options)
+
+
+def _obs_options(criterion: str | None, damp: float | None, block_size: int | None) -> dict:
+    """DataAwareSparsifyPass's keywords for obs; refused for anything else (an option that does nothing)."""
+    given = {k: v for k, v in (("damp", damp), ("block", block_size)) if v is not None}
+    if given and criterion != "obs":
+        raise InputError("--damp and --block-size tune --criterion obs; drop them or give --criterion obs")
+    if damp is not None and not (0 < damp < float("inf")):
+        raise InputError(f"--damp must be a positive number (0.01 is the default), got {damp}")
+    if block_size is not None and block_size < 1:
+        raise InputError(f"--block-size must be a positive whole number (128 is the default), got {block_size}")
+    return given
 
 
 def _check_granularity(pl: Plan, granularity: str) -> None:
@@ -235,9 +251,9 @@ class _Target:
 
 def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: str, nm: tuple[int, int],
                     store: str, criterion: str = "magnitude", spec: rdata.DataSpec | None = None,
-                    progress=None) -> ApplyResult:
+                    progress=None, obs_options: dict | None = None) -> ApplyResult:
     """Unstructured or N:M zeros per layer, after removing the plan's blocks (if any), chosen by magnitude
-    or, on ``spec``'s data, by wanda / obs (onnxprune.passes.data_aware)."""
+    or, on ``spec``'s data, by wanda / obs (onnxprune.passes.data_aware; ``obs_options``: damp, block)."""
     input_fingerprint = am.fingerprint
     before = None
     if pl.blocks:
@@ -266,8 +282,10 @@ def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: s
     else:
         provider, batches = calibration_batches(am.model, spec)
         sparsify = DataAwareSparsifyPass(chosen, targets, criterion, [f for f, _ in batches], nm=pattern,
-                                         provider=provider, progress=progress)
+                                         provider=provider, progress=progress, **(obs_options or {}))
         options["calibration"] = spec.record()
+        if criterion == "obs":
+            options.update(damp=sparsify.damp, block_size=sparsify.block)
     run_passes(am.model, [sparsify, _provenance(pl, input_fingerprint, options)])
     rep = sparsify.report
     fallback = getattr(sparsify, "fallback", {})  # layers wanda / obs could not view: pruned by magnitude
@@ -292,8 +310,10 @@ def _apply_sparsity(am: AnalysedModel, pl: Plan, target: _Target, granularity: s
         achieved.update({"blocks_removed": len(pl.blocks), **_size_change(before, after)})
     weight_values = {by_name[name].weight for name in planned if rep.zeros.get(name)}
     saved = target.save(am, sparse=weight_values if store == "sparse" else None)
+    output_error = getattr(sparsify, "error", {})  # obs: each layer's relative output error on the data
     per_layer = [{"name": name, "planned_sparsity": planned[name], "sparsity": rep.zeros[name] / sizes[name],
-                  "zeros": rep.zeros[name], "params": sizes[name]} for name in planned]
+                  "zeros": rep.zeros[name], "params": sizes[name],
+                  **({"output_error": output_error[name]} if name in output_error else {})} for name in planned]
     return ApplyResult(path=saved.path, layers=per_layer, totals=achieved,
                        input_bytes=model_file_bytes(target.input_path), output_bytes=saved.size_bytes,
                        sparse_initializers=saved.sparse_initializers, skipped=rep.skipped,

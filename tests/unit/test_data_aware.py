@@ -3,12 +3,16 @@ properties, and OBS's point: the layer's output on the calibration data changes 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 
+from onnxprune import workflows
 from onnxprune.cli import main
+from onnxprune.errors import InputError
 from onnxprune.passes.data_aware import DataAwareSparsifyPass, _obs, _wanda
 from onnxprune.passes.sparsify import SparsifyPass
 from onnxprune.tensors.masks import magnitude_mask
@@ -117,3 +121,39 @@ def test_prune_takes_the_criterion(tmp_path):
     result = runner.invoke(main, ["prune", str(model), "--target-flops", "0.5", "--criterion", "obs", "--data",
                                   str(data), "--no-latency", "-o", str(tmp_path / "q.onnx")])
     assert result.exit_code == 2 and "goes with --target-sparsity" in result.stderr
+
+
+def test_obs_options_are_recorded_and_refused_where_they_do_nothing(tmp_path):
+    model = save(gemm_chain(), tmp_path / "m.onnx")
+    data = write_npz(tmp_path / "d.npz", 32, 16)
+    runner = CliRunner()
+    assert runner.invoke(main, ["allocate", str(model), "--method", "uniform", "--target-sparsity", "0.5",
+                                "-o", str(tmp_path / "p.json")]).exit_code == 0
+    base = ["apply", str(model), str(tmp_path / "p.json"), "-o", str(tmp_path / "o.onnx")]
+    for extra, fragment in [(["--damp", "0.1"], "tune --criterion obs"),
+                            (["--criterion", "wanda", "--data", str(data), "--block-size", "8"], "tune --criterion obs"),
+                            (["--criterion", "obs", "--data", str(data), "--damp", "0"], "positive number")]:
+        result = runner.invoke(main, [*base, *extra])
+        assert result.exit_code == 2 and fragment in result.stderr, result.stderr
+        assert not (tmp_path / "o.onnx").exists()
+    result = runner.invoke(main, [*base, "--criterion", "obs", "--data", str(data), "--damp", "0.05",
+                                  "--block-size", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    errors = [layer["output_error"] for layer in out["layers"]]
+    assert errors and all(0 <= e < 1 for e in errors)  # each layer's relative output error on the data
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "o.onnx")).metadata_props}
+    assert '"damp": 0.05' in "".join(props.values()) and '"block_size": 4' in "".join(props.values()), props
+
+
+def test_sweep_tries_each_criterion_on_calibration_data(tmp_path):
+    model = save(gemm_chain(), tmp_path / "m.onnx")
+    data = write_npz(tmp_path / "d.npz", 64, 16, seed=1)
+    calib = write_npz(tmp_path / "c.npz", 64, 16, seed=2)
+    result = workflows.sweep(model, data, sparsities=(0.6,), methods=("uniform",), criteria=("magnitude", "obs"),
+                             calibration=calib)
+    assert [r["method"] for r in result.rows] == ["uniform", "uniform+obs"]
+    assert all("error" not in r and r["top1"] is not None for r in result.rows)
+    assert result.options["calibration"]["data"].endswith("c.npz")
+    with pytest.raises(InputError, match="--calibration-data"):
+        workflows.sweep(model, data, sparsities=(0.6,), methods=("uniform",), criteria=("obs",))
