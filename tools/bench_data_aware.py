@@ -1,14 +1,14 @@
 """Benchmark of issue 19: data-aware one-shot pruning inside each layer on ResNet-56 (CIFAR-10).
 
-Per-layer sparsities from LAMP (and from ``search`` when ``--search`` is given: its objective stays
+Per-layer sparsities from LAMP (and from ``search`` at the sparsities in ``--search``: its objective stays
 magnitude), then each layer's zeros chosen by ``magnitude``, ``wanda`` or ``obs`` (SparseGPT) from the
-layers' inputs on calibration images (JPEG images 1017.., ``--calib`` of them: never the lossless 1,017
-test images); and at 2:4 (every layer). Peers in the same run: onnxsim 0.8.1's magnitude and Wanda
+layers' inputs on calibration images (JPEG images 1017.., ``--calib`` of them, the first size for wanda
+and obs, the others for obs: never the lossless 1,017 test images); and at 2:4 (every layer). Peers in the same run: onnxsim 0.8.1's magnitude and Wanda
 (uniform and global, the same calibration images) and SparseGPT (MatMul/Gemm only in onnxsim: on ResNet-56
 it prunes the classifier). Test: lossless 1,017 and the JPEG 10k set (``--jpeg-limit`` to shorten). The
 wall time of each apply is reported.
 
-    python -m tools.bench_data_aware [--sparsities 0.6,0.7,0.8] [--calib 128] [--search] [--write]
+    python -m tools.bench_data_aware [--sparsities 0.6,0.7,0.8] [--calib 128,512] [--search 0.7] [--write]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from tools.benchlib import ROOT, bench_resnet56, machine, today, write_section
 
 OUT = ROOT / "build" / "bench" / "data_aware"
 OFFSET = 1017
-CRITERIA = ("magnitude", "wanda", "obs")
 
 
 def cifar(kind: str) -> Path:
@@ -51,14 +50,14 @@ def calibration(src: Path, count: int) -> list[dict]:
     return [f for f, _ in feeds]
 
 
-def run(sparsities: list[float], calib: int, search: bool, jpeg_limit: int | None) -> dict:
+def run(sparsities: list[float], calibs: list[int], search: list[float], jpeg_limit: int | None) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     src = bench_resnet56()
     rows = [{"setting": "dense", "allocation": "-", "criterion": "-", **evaluate(src, jpeg_limit), "seconds": 0.0}]
-    data = {"data": cifar("jpeg"), "offset": OFFSET, "limit": calib}
-    peers = calibration(src, calib)
+    peers = calibration(src, calibs[0])
+    settings = [("magnitude", None), *((c, calibs[0]) for c in ("wanda", "obs")), *(("obs", n) for n in calibs[1:])]
     for target in [*sparsities, "2:4"]:
-        allocations = ["lamp"] + (["search"] if search and target != "2:4" else [])
+        allocations = ["lamp"] + (["search"] if target in search else [])
         for allocation in allocations:
             if target == "2:4":
                 plan = api.allocate(src, method="uniform", target_sparsity=0.5)
@@ -67,15 +66,15 @@ def run(sparsities: list[float], calib: int, search: bool, jpeg_limit: int | Non
                                     limit=512, iterations=150)
             else:
                 plan = api.allocate(src, method="lamp", target_sparsity=target)
-            for criterion in CRITERIA:
-                out = OUT / f"{allocation}_{target}_{criterion}.onnx".replace(":", "of")
+            for criterion, calib in settings:
+                out = OUT / f"{allocation}_{target}_{criterion}_{calib}.onnx".replace(":", "of")
                 t0 = time.perf_counter()
                 api.apply(src, plan, out, force=True, criterion=criterion,
                           granularity="n:m" if target == "2:4" else None,
-                          **(data if criterion != "magnitude" else {}))
+                          **({"data": cifar("jpeg"), "offset": OFFSET, "limit": calib} if calib else {}))
                 seconds = time.perf_counter() - t0
                 rows.append({"setting": str(target), "allocation": "every layer" if target == "2:4" else allocation,
-                             "criterion": criterion,
+                             "criterion": criterion if calib is None else f"{criterion} ({calib})",
                              **evaluate(out, jpeg_limit), "seconds": round(seconds, 1)})
         for name, prune in _onnxsim(src, target, peers).items():
             out = OUT / f"onnxsim_{name}_{target}.onnx".replace(":", "of")
@@ -84,7 +83,7 @@ def run(sparsities: list[float], calib: int, search: bool, jpeg_limit: int | Non
             seconds = time.perf_counter() - t0
             rows.append({"setting": str(target), "allocation": "onnxsim", "criterion": name,
                          **evaluate(out, jpeg_limit), "seconds": round(seconds, 1)})
-    return {"rows": rows, "calib": calib, "jpeg_limit": jpeg_limit}
+    return {"rows": rows, "calib": calibs, "jpeg_limit": jpeg_limit}
 
 
 def _onnxsim(src: Path, target, peers: list[dict]) -> dict:
@@ -110,11 +109,12 @@ def render(result: dict) -> str:
         "",
         f"Measured {today()} on {machine()}: `python -m tools.bench_data_aware --write`.",
         "",
-        f"Per-layer sparsities from LAMP (or `search`), each layer's zeros chosen by magnitude, `wanda` or `obs` "
-        f"(SparseGPT) on {result['calib']} calibration images (JPEG 1017..; never the lossless test images), "
-        "no fine-tuning. 2:4: every layer (the classifier too), N of M along the input channels. onnxsim 0.8.1 in "
-        "the same run on the same images (its SparseGPT covers MatMul / Gemm only, so on a CNN it is not a "
-        "peer). Top-1 %, wall seconds of the pruning call.",
+        "Per-layer sparsities from LAMP (or `search`, its objective magnitude), each layer's zeros chosen by "
+        "magnitude, `wanda` or `obs` (SparseGPT against the original model's layer outputs, bias refit) on N "
+        "calibration images (the criterion's `(N)`; JPEG 1017..; never the lossless test images), no "
+        "fine-tuning. 2:4: every layer (the classifier too), N of M along the input channels. onnxsim 0.8.1 in "
+        f"the same run on the first {result['calib'][0]} images (its SparseGPT covers MatMul / Gemm only, so on "
+        "a CNN it is not a peer). Top-1 %, wall seconds of the pruning call (evaluation not included).",
         "",
         f"| sparsity | allocation | criterion | lossless 1,017 | {jpeg} | s |",
         "|---|---|---|---:|---:|---:|",
@@ -148,12 +148,15 @@ def render(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sparsities", default="0.6,0.7,0.8")
-    parser.add_argument("--calib", type=int, default=128)
-    parser.add_argument("--search", action="store_true", help="also the search allocation (minutes each)")
+    parser.add_argument("--calib", default="128,512", help="calibration sizes: the first for wanda and obs, the "
+                                                           "others for obs")
+    parser.add_argument("--search", default="0.7", help="sparsities also allocated by search (minutes each); "
+                                                        "'' for none")
     parser.add_argument("--jpeg-limit", type=int, default=None)
     parser.add_argument("--write", action="store_true", help="replace the data-aware section of BENCHMARKS.md")
     args = parser.parse_args()
-    result = run([float(s) for s in args.sparsities.split(",")], args.calib, args.search, args.jpeg_limit)
+    result = run([float(s) for s in args.sparsities.split(",")], [int(c) for c in args.calib.split(",")],
+                 [float(s) for s in args.search.split(",") if s], args.jpeg_limit)
     (OUT / "result.json").write_text(json.dumps(result, indent=2))
     text = render(result)
     print(text)

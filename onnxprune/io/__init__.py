@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,10 +131,12 @@ def has_external_data(model: ir.Model) -> bool:
                for g in model.graphs() for v in g.initializers.values())
 
 
-def session_proto(model: ir.Model) -> onnx.ModelProto:
+def session_proto(model: ir.Model, leave_out: Iterable[str] = ()) -> onnx.ModelProto:
     """The model as a protobuf for an in-memory ONNX Runtime session: external tensors inlined (a session made
-    from bytes resolves external files against the working directory, not the model's folder)."""
+    from bytes resolves external files against the working directory, not the model's folder), except those
+    named in ``leave_out`` (weights the caller feeds at run time: they stay references, never read)."""
     proto = ir.serde.serialize_model(model)
+    leave_out = set(leave_out)
     if not has_external_data(model):
         return proto
     graphs = [proto.graph]
@@ -142,7 +144,8 @@ def session_proto(model: ir.Model) -> onnx.ModelProto:
     while graphs:
         graph = graphs.pop()
         for tensor in graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in values:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in values \
+                    and tensor.name not in leave_out:
                 array = values[tensor.name].const_value.numpy()
                 del tensor.external_data[:]
                 tensor.data_location = onnx.TensorProto.DEFAULT

@@ -31,6 +31,8 @@ weights, layers in subgraphs) fall back to magnitude, named in the report.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -44,7 +46,7 @@ from onnxprune.passes.sparsify import SparsifyReport
 from onnxprune.runtime.graph_io import weights_as_inputs
 from onnxprune.runtime.segments import Segments
 from onnxprune.tensors.masks import magnitude_mask, nm_mask
-from onnxprune.tensors.weights import compute_dtype, get_weight, out_in_axes, set_weight
+from onnxprune.tensors.weights import compute_dtype, get_weight, out_in_axes, release_weight, set_weight
 
 __all__ = ["CRITERIA", "DEFAULT_BLOCK", "DEFAULT_DAMP", "DataAwareSparsifyPass"]
 
@@ -99,21 +101,36 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(self.layers))
 
     def _sequential(self, model: ir.Model, todo: list[Layer], index: dict) -> None:
-        """Prune ``todo`` (top-level layers in graph order) one after another on the carried activations."""
+        """Prune ``todo`` (top-level layers in graph order) one after another on the carried activations.
+        Weights are read when their layer's segment runs and pruned ones kept on disk until the model is
+        written, so a big model's pass holds about one layer's weight in memory."""
         obs = self.criterion == "obs"
-        weights = {layer.weight: np.array(get_weight(layer), np.float32) for layer in todo}
-        biases = {b.name: np.array(constant_array(b), np.float32) for layer in todo
-                  if obs and (b := bias_value(layer)) is not None}
+        layer_of = {layer.weight: layer for layer in todo}
         dtypes = {layer.weight: compute_dtype(layer) for layer in todo}
+        original_biases = {b.name: np.array(constant_array(b), np.float32) for layer in todo
+                           if obs and (b := bias_value(layer)) is not None}
         dtypes.update({bias_value(layer).name: dtypes[layer.weight] for layer in todo
-                       if bias_value(layer) is not None and bias_value(layer).name in biases})
-        original = {**weights, **biases}
-        proto = weights_as_inputs(session_proto(model), original)
+                       if bias_value(layer) is not None and bias_value(layer).name in original_biases})
+        stored = {layer.weight: np.asarray(get_weight(layer)).dtype for layer in todo}  # written back in it
+        refit_biases: dict[str, np.ndarray] = {}
+        fed_names = [*layer_of, *original_biases]
+        proto = weights_as_inputs(session_proto(model, leave_out=fed_names), fed_names)
         cuts = [index[layer.node] + k for layer in todo for k in (0, 1)]
-        segments = Segments(proto, cuts, self.provider, fed=original,
+        segments = Segments(proto, cuts, self.provider, fed=fed_names,
                             keep=[layer.node.outputs[0].name for layer in todo] if obs else ())
-        fed = {name: v.astype(dtypes[name], copy=False) for name, v in original.items()}
-        dense_fed = dict(fed)
+        del proto
+        spilled = _Spilled()
+
+        def dense_value(name: str) -> np.ndarray:
+            value = original_biases[name] if name in original_biases else get_weight(layer_of[name])
+            return np.asarray(value).astype(dtypes[name], copy=False)
+
+        def pruned_value(name: str) -> np.ndarray:
+            if name in refit_biases:
+                return refit_biases[name].astype(dtypes[name], copy=False)
+            return spilled.get(name).astype(dtypes[name], copy=False) if name in spilled else dense_value(name)
+
+        dense_fed, fed = _Feeds(dense_value), _Feeds(pruned_value)
         pruned = [dict(b) for b in self.batches]
         dense = [dict(b) for b in self.batches] if obs else []
         seg = 0
@@ -123,32 +140,32 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
                 dense = [segments.run(seg, state, dense_fed) for state in dense]
                 seg += 1
             x_name = _data_input(layer).name
+            w = np.asarray(get_weight(layer), np.float32)
             if obs:
                 dense = [segments.run(seg, state, dense_fed) for state in dense]
                 b = bias_value(layer)
-                has_bias = b is not None and b.name in biases
-                new_w, new_b = self._obs(layer, weights[layer.weight], has_bias,
-                                         [state[x_name] for state in pruned],
+                has_bias = b is not None and b.name in original_biases
+                new_w, new_b = self._obs(layer, w, has_bias, [state[x_name] for state in pruned],
                                          [state[layer.node.outputs[0].name] for state in dense])
                 if new_b is not None:
-                    biases[b.name] = new_b
-                    fed[b.name] = new_b.astype(dtypes[b.name], copy=False)
+                    refit_biases[b.name] = new_b
             else:
-                new_w = self._wanda(layer, weights[layer.weight], [state[x_name] for state in pruned])
-            weights[layer.weight] = new_w
-            fed[layer.weight] = new_w.astype(dtypes[layer.weight], copy=False)
+                new_w = self._wanda(layer, w, [state[x_name] for state in pruned])
+            del w
+            spilled.put(layer.weight, new_w)
+            self.report.sizes[layer.name] = int(new_w.size)
+            self.report.zeros[layer.name] = int(new_w.size - np.count_nonzero(new_w))
+            del new_w
             pruned = [segments.run(seg, state, fed) for state in pruned]  # through the pruned layer
             seg += 1
+            release_weight(layer)
             if self.progress:
                 self.progress(k + 1, len(todo))
         for layer in todo:
-            w = weights[layer.weight]
-            set_weight(layer, w.astype(np.asarray(get_weight(layer)).dtype))
-            self.report.sizes[layer.name] = int(w.size)
-            self.report.zeros[layer.name] = int(w.size - np.count_nonzero(w))
+            set_weight(layer, spilled.tensor(layer.weight, stored[layer.weight], layer.weight_shape))
             b = bias_value(layer)
-            if b is not None and b.name in biases:
-                b.const_value = ir.tensor(biases[b.name].astype(constant_array(b).dtype), name=b.name)
+            if b is not None and b.name in refit_biases:
+                b.const_value = ir.tensor(refit_biases[b.name].astype(constant_array(b).dtype), name=b.name)
 
     def _fits_pattern(self, layer: Layer, columns: int) -> bool:
         if self.nm is not None and columns % self.nm[1]:
@@ -180,6 +197,46 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         self.error[layer.name] = equations.relative_error(out.T)
         bias = out[:, -1].astype(np.float32) if has_bias else None
         return back(out[:, :mat.shape[1]]), bias
+
+
+class _Feeds:
+    """Weights fed at run time, read only when a segment asks for them (see Segments.run)."""
+
+    def __init__(self, read: Callable[[str], np.ndarray]):
+        self._read = read
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._read(name)
+
+
+class _Spilled:
+    """Pruned weights written to a temporary folder as they are made and read back one at a time (``get``,
+    or ``tensor``: computed when the model is written); the folder goes with the last tensor made from it."""
+
+    def __init__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix="onnxprune-pruned-")
+        self._paths: dict[str, str] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._paths
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        path = os.path.join(self._folder.name, f"{len(self._paths)}.npy")
+        np.save(path, array)
+        self._paths[name] = path
+
+    def get(self, name: str) -> np.ndarray:
+        return np.load(self._paths[name])
+
+    def tensor(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> ir.LazyTensor:
+        folder, path = self._folder, self._paths[name]
+
+        def compute() -> ir.Tensor:
+            assert folder is not None  # the closure keeps the folder until the tensor is written
+            return ir.tensor(np.load(path).astype(dtype), name=name)
+
+        return ir.LazyTensor(compute, dtype=ir.DataType.from_numpy(np.dtype(dtype)), shape=ir.Shape(shape),
+                             name=name)
 
 
 def _data_input(layer: Layer) -> ir.Value:

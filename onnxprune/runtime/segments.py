@@ -13,7 +13,7 @@ Loop, Scan) reads the outer values its bodies name, and a cut never falls inside
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -89,16 +89,16 @@ class Segments:
             used = reads & set(initializers)
             sub = helper.make_graph(seg, f"segment{s}", [_info(n, types) for n in inputs],
                                     [_info(n, types) for n in outputs], [initializers[n] for n in sorted(used)])
-            model = onnx.ModelProto()
-            model.CopyFrom(proto)
-            model.graph.CopyFrom(sub)
+            model = helper.make_model(sub, ir_version=proto.ir_version, opset_imports=proto.opset_import,
+                                      functions=proto.functions)
             self._sessions.append(create_session(model.SerializeToString(), provider, spin=False).session)
         self.count = len(bounds)
 
-    def run(self, i: int, state: dict[str, np.ndarray], feeds: dict[str, np.ndarray] | None = None
+    def run(self, i: int, state: dict[str, np.ndarray], feeds: Mapping[str, np.ndarray] | None = None
             ) -> dict[str, np.ndarray]:
         """The state after segment ``i``: what ``state`` holds that later segments read, and what segment i
-        makes that they read (or that ``keep`` names)."""
+        makes that they read (or that ``keep`` names). ``feeds`` is read only for the fed values segment i
+        reads (a lazy mapping: one layer's weight in memory at a time)."""
         feeds = feeds or {}
         out = {n: v for n, v in state.items() if self._last_read.get(n, -1) > i}
         if self._sessions[i] is not None:
