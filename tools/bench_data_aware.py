@@ -8,7 +8,12 @@ and obs, the others for obs: never the lossless 1,017 test images); and at 2:4 (
 it prunes the classifier). Test: lossless 1,017 and the JPEG 10k set (``--jpeg-limit`` to shorten). The
 wall time of each apply is reported.
 
-    python -m tools.bench_data_aware [--sparsities 0.6,0.7,0.8] [--calib 128,512] [--search 0.7] [--write]
+Second part (``--part llm``): the decoder LLM of issue 18 (models/llama_lm.py "small", its Optimum export),
+every layer at 50 % and at 2:4 (the LM head too), held-out perplexity of each criterion against onnxsim's
+magnitude, Wanda and SparseGPT on the same graph and the same 64 training sequences.
+
+    python -m tools.bench_data_aware [--part resnet|llm|all] [--sparsities 0.6,0.7,0.8] [--calib 128,512]
+                                     [--search 0.7] [--write]
 """
 
 from __future__ import annotations
@@ -38,14 +43,16 @@ def evaluate(path: Path, jpeg_limit: int | None) -> dict:
             "jpeg": api.evaluate(path, cifar("jpeg"), batch_size=512, limit=jpeg_limit).top1}
 
 
-def calibration(src: Path, count: int) -> list[dict]:
-    """The calibration images as onnxsim takes them (feeds, preprocessed like onnxprune feeds them)."""
+def calibration(src: Path, count: int, data: Path | None = None, offset: int = OFFSET, batch: int | None = None
+                ) -> list[dict]:
+    """The calibration samples as onnxsim takes them (whole feeds, prepared as onnxprune feeds them: images
+    normalised; a decoder's token ids with their attention mask, positions and empty KV cache)."""
     from onnxprune.io import load_model
     from onnxprune.runtime import data as rdata
     from onnxprune.runtime.feeding import batches
     from onnxprune.runtime.session import create_session
 
-    spec = rdata.DataSpec.of(cifar("jpeg"), offset=OFFSET, limit=count, batch_size=count)
+    spec = rdata.DataSpec.of(data or cifar("jpeg"), offset=offset, limit=count, batch_size=batch or count)
     feeds, _, _ = batches(load_model(src), create_session(src, "cpu"), spec)
     return [f for f, _ in feeds]
 
@@ -101,6 +108,66 @@ def _onnxsim(src: Path, target, peers: list[dict]) -> dict:
     return out
 
 
+def run_llm(calib: int = 64) -> dict:
+    """Every layer of the decoder at 50 % and 2:4 by each criterion, and onnxsim's three, perplexity each."""
+    import onnxsim
+
+    from tools.bench_llm import LLM, ensure_model, perplexity
+
+    ensure_model()
+    src = LLM / "optimum" / "model.onnx"
+    out = OUT / "llm"
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"data": LLM / "calib.npz", "limit": calib, "batch_size": 8}
+    peers = calibration(src, calib, LLM / "calib.npz", offset=0, batch=8)
+    rows = [{"setting": "dense", "who": "-", "criterion": "-", "ppl": perplexity(src), "seconds": 0.0}]
+    plan = api.allocate(src, method="uniform", target_sparsity=0.5)
+    for setting, nm in (("50 %", {}), ("2:4", {"n": 2, "m": 4})):
+        for criterion in ("magnitude", "wanda", "obs"):
+            dst = out / f"onnxprune_{criterion}_{'nm' if nm else 'u'}.onnx"
+            t0 = time.perf_counter()
+            api.apply(src, plan, dst, force=True, criterion=criterion, granularity="n:m" if nm else None,
+                      **(data if criterion != "magnitude" else {}))
+            rows.append({"setting": setting, "who": "onnxprune", "criterion": criterion, "ppl": perplexity(dst),
+                         "seconds": round(time.perf_counter() - t0, 1)})
+        for name, fn in (("magnitude", lambda: onnxsim.apply_magnitude_pruning(str(src), sparsity=0.5, **nm)),
+                         ("wanda", lambda: onnxsim.apply_wanda_pruning(str(src), calibration_data=peers,
+                                                                       num_samples=len(peers), sparsity=0.5, **nm)),
+                         ("sparsegpt", lambda: onnxsim.apply_sparsegpt_pruning(
+                             str(src), calibration_data=peers, num_samples=len(peers), sparsity=0.5, **nm))):
+            dst = out / f"onnxsim_{name}_{'nm' if nm else 'u'}.onnx"
+            t0 = time.perf_counter()
+            try:
+                onnx.save(fn(), str(dst))
+                ppl = perplexity(dst)
+            except Exception as exc:  # noqa: BLE001 - a peer's failure is a result too
+                ppl = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rows.append({"setting": setting, "who": "onnxsim", "criterion": name, "ppl": ppl,
+                         "seconds": round(time.perf_counter() - t0, 1)})
+    return {"rows": rows, "calib": calib}
+
+
+def render_llm(result: dict) -> str:
+    lines = [
+        "## Data-aware one-shot pruning: decoder LLM (issue 19)",
+        "",
+        f"Measured {today()} on {machine()}: `python -m tools.bench_data_aware --part llm --write`.",
+        "",
+        "The Llama-architecture decoder of issue 18 (models/llama_lm.py \"small\", 8 layers, trained on Debian's "
+        "fortunes; its Optimum export with KV cache), every MatMul layer (the LM head too) at 50 % and at 2:4 "
+        f"(N of M along the inputs). Calibration: {result['calib']} training sequences of 128 tokens, the same "
+        "feeds for onnxsim 0.8.1 in the same run. Held-out perplexity (every held-out sequence, as a prefill; lower "
+        "is better), wall seconds of the pruning call.",
+        "",
+        "| setting | pruner | criterion | held-out perplexity | s |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in result["rows"]:
+        ppl = r["ppl"] if isinstance(r["ppl"], str) else f"{r['ppl']:.2f}"
+        lines.append(f"| {r['setting']} | {r['who']} | {r['criterion']} | {ppl} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(result: dict) -> str:
     rows = result["rows"]
     jpeg = "JPEG 10k" if result["jpeg_limit"] is None else f"JPEG first {result['jpeg_limit']:,}"
@@ -154,14 +221,23 @@ def main() -> None:
                                                         "'' for none")
     parser.add_argument("--jpeg-limit", type=int, default=None)
     parser.add_argument("--write", action="store_true", help="replace the data-aware section of BENCHMARKS.md")
+    parser.add_argument("--part", choices=("resnet", "llm", "all"), default="resnet")
     args = parser.parse_args()
-    result = run([float(s) for s in args.sparsities.split(",")], [int(c) for c in args.calib.split(",")],
-                 [float(s) for s in args.search.split(",") if s], args.jpeg_limit)
-    (OUT / "result.json").write_text(json.dumps(result, indent=2))
-    text = render(result)
-    print(text)
-    if args.write:
-        write_section("data-aware", text)
+    if args.part in ("resnet", "all"):
+        result = run([float(s) for s in args.sparsities.split(",")], [int(c) for c in args.calib.split(",")],
+                     [float(s) for s in args.search.split(",") if s], args.jpeg_limit)
+        (OUT / "result.json").write_text(json.dumps(result, indent=2))
+        text = render(result)
+        print(text)
+        if args.write:
+            write_section("data-aware", text)
+    if args.part in ("llm", "all"):
+        result = run_llm()
+        (OUT / "llm_result.json").write_text(json.dumps(result, indent=2))
+        text = render_llm(result)
+        print(text)
+        if args.write:
+            write_section("data-aware-llm", text)
 
 
 if __name__ == "__main__":

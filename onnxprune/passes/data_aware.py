@@ -25,8 +25,9 @@ refit's), its columns ordered (kernel position, channel) so that N:M groups of c
 consecutive columns. Accumulation in float64; results are the same on one machine for the same data and
 options, and differ across CPUs by round-off only.
 
-Layers the view does not cover (grouped or dilated convolutions, ConvTranspose, MatMulNBits, recurrent
-weights, layers in subgraphs) fall back to magnitude, named in the report.
+Grouped convolutions (depthwise too) are one problem per group; dilated ones are their dilated im2col.
+Layers the view does not cover (ConvTranspose, MatMulNBits, recurrent weights, layers in subgraphs) fall
+back to magnitude, named in the report.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         todo, rest = [], []
         for layer in self.layers:
             why = None if layer.node in index else "inside a subgraph"
-            why = why or unsupported(layer)
+            why = why or unsupported(layer, grouped=True)
             (rest if why else todo).append(layer)
             if why:
                 self.fallback[layer.name] = why
@@ -177,26 +178,38 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         mat, back = _rows(layer, w)  # (outputs, columns), and the way back to the weight's layout
         if not self._fits_pattern(layer, mat.shape[1]):
             return w
-        squares = sum(np.square(_columns(x, layer)).sum(0) for x in inputs)
+        squares = np.empty_like(mat)  # each row: the squared norms of the inputs it multiplies
+        for out, channels in _groups(layer):
+            squares[out] = sum(np.square(_columns(x, layer, channels)).sum(0) for x in inputs)
         return back(_wanda(mat, squares, self.targets[layer.name], self.nm, per_row=layer.op_type != "Conv"))
 
     def _obs(self, layer: Layer, w: np.ndarray, has_bias: bool, inputs: list[np.ndarray],
              outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        """The layer's weight (and bias) pruned by OBS against the original model's outputs."""
+        """The layer's weight (and bias) pruned by OBS against the original model's outputs (a grouped
+        convolution group by group: each group's outputs read only its inputs)."""
         mat, back = _rows(layer, w)
         if not self._fits_pattern(layer, mat.shape[1]):
             return w, None
-        equations = NormalEquations()
-        for x, y in zip(inputs, outputs):
-            a = _columns(x, layer)
-            equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a,
-                          layer_targets(np.asarray(y), layer))
-        start = equations.solve(self.damp).T  # (outputs, columns [+ bias])
-        out = _obs(start, equations.gram, self.targets[layer.name], self.nm, self.damp, self.block,
-                   free=int(has_bias))
-        self.error[layer.name] = equations.relative_error(out.T)
-        bias = out[:, -1].astype(np.float32) if has_bias else None
-        return back(out[:, :mat.shape[1]]), bias
+        targets = [layer_targets(np.asarray(y), layer) for y in outputs]
+        groups = _groups(layer)
+        systems = []
+        for out, channels in groups:
+            equations = NormalEquations()
+            for x, y in zip(inputs, targets):
+                a = _columns(x, layer, channels)
+                equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a, y[:, out])
+            systems.append(equations)
+        start = np.stack([e.solve(self.damp).T for e in systems])  # (groups, outputs, columns [+ bias])
+        pruned = _obs(start, np.stack([e.gram for e in systems]), self.targets[layer.name], self.nm, self.damp,
+                      self.block, free=int(has_bias))
+        self.error[layer.name] = sum(e.residual(p.T) for e, p in zip(systems, pruned)) / max(
+            sum(e.spread for e in systems), 1e-30)
+        new, bias = np.empty_like(mat), np.empty(len(mat)) if has_bias else None
+        for (out, _), p in zip(groups, pruned):
+            new[out] = p[:, :mat.shape[1]]
+            if has_bias:
+                bias[out] = p[:, -1]
+        return back(new), None if bias is None else bias.astype(np.float32)
 
 
 class _Feeds:
@@ -244,9 +257,20 @@ def _data_input(layer: Layer) -> ir.Value:
     return node.inputs[0] if layer.op_type == "Conv" or layer.weight_input == 1 else node.inputs[1]
 
 
-def _columns(x: np.ndarray, layer: Layer) -> np.ndarray:
-    """The rows of the layer's least-squares problem (layer_rows), columns in _rows' order, in float64."""
-    a = layer_rows(np.asarray(x, np.float32), layer).astype(np.float64)
+def _groups(layer: Layer) -> list[tuple[slice, slice | None]]:
+    """(output rows, input channels) of each group of a grouped convolution; one (all, all) otherwise."""
+    count = layer.node.attributes.get_int("group", 1) if layer.op_type == "Conv" else 1
+    if count == 1:
+        return [(slice(None), None)]
+    outs, ins = layer.weight_shape[0] // count, layer.weight_shape[1]
+    return [(slice(g * outs, (g + 1) * outs), slice(g * ins, (g + 1) * ins)) for g in range(count)]
+
+
+def _columns(x: np.ndarray, layer: Layer, channels: slice | None = None) -> np.ndarray:
+    """The rows of the layer's least-squares problem (layer_rows; a convolution's input ``channels`` only),
+    columns in _rows' order, in float64."""
+    x = np.asarray(x, np.float32)
+    a = layer_rows(x if channels is None else x[:, channels], layer).astype(np.float64)
     if layer.op_type == "Conv":  # im2col's (channel, kernel...) columns to (kernel..., channel)
         c, k = layer.weight_shape[1], int(np.prod(layer.weight_shape[2:]))
         a = a[:, np.arange(c * k).reshape(c, k).T.reshape(-1)]
@@ -291,8 +315,9 @@ def _lowest_in_groups(scores: np.ndarray, n: int, m: int) -> np.ndarray:
 
 
 def _wanda(mat: np.ndarray, squares: np.ndarray, zeros: int, nm, per_row: bool) -> np.ndarray:
-    """Wanda on an (outputs, columns) matrix, ``squares`` the sum over the data of each input squared."""
-    scores = np.abs(mat) * np.sqrt(np.maximum(squares, 0.0))[None, :]
+    """Wanda on an (outputs, columns) matrix, ``squares`` the sum over the data of each input squared (per
+    column, or per output and column: a grouped convolution's rows read different inputs)."""
+    scores = np.abs(mat) * np.sqrt(np.maximum(squares, 0.0))  # squares: (columns,) or one row per output
     if nm is not None:
         pruned = _lowest_in_groups(scores, *nm)
     elif per_row:
@@ -303,43 +328,51 @@ def _wanda(mat: np.ndarray, squares: np.ndarray, zeros: int, nm, per_row: bool) 
 
 
 def _obs(mat: np.ndarray, gram: np.ndarray, zeros: int, nm, damp: float, block: int, free: int = 0) -> np.ndarray:
-    """SparseGPT's pass over the columns (the inputs), all rows at once. The last ``free`` columns (a bias's
-    column of ones) are never pruned; they only take their share of the compensation."""
+    """SparseGPT's pass over the columns (the inputs), all rows at once. ``mat`` (rows, columns) with its
+    ``gram`` (columns, columns), or a stack of independent problems (groups, rows, columns) with one gram
+    each (a grouped convolution): their zeros are chosen together, by the same saliency w^2 / [H^-1]_jj^2
+    (each one's increase of the squared output error). The last ``free`` columns (a bias's column of ones)
+    are never pruned; they only take their share of the compensation."""
+    if mat.ndim == 2:
+        return _obs(mat[None], gram[None], zeros, nm, damp, block, free)[0]
     w = mat.copy()
-    rows, cols = w.shape
+    groups, rows, cols = w.shape
     prunable = cols - free
-    zeros = min(zeros, rows * prunable)
+    zeros = min(zeros, groups * rows * prunable)
     h = gram.copy()
-    dead = np.diag(h) == 0  # inputs that are always 0: their weights go first, nothing to compensate
-    h[dead, dead] = 1.0
-    h += damp * float(np.mean(np.diag(h))) * np.eye(cols)
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
+    eye = np.eye(cols)
+    for g in range(groups):
+        dead = np.diag(h[g]) == 0  # inputs that are always 0: their weights go first, nothing to compensate
+        h[g][dead, dead] = 1.0
+        h[g] += damp * float(np.mean(np.diag(h[g]))) * eye
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # upper Cholesky factors of H^-1
     m = nm[1] if nm else 1
     block = max(block - block % m, m)
     done = 0  # zeros made so far (unstructured)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1, hinv1 = w[:, i1:i2].copy(), hinv[i1:i2, i1:i2]
+        w1, hinv1 = w[:, :, i1:i2].copy(), hinv[:, i1:i2, i1:i2]
         err1 = np.zeros_like(w1)
-        d = np.diag(hinv1)
+        d = np.diagonal(hinv1, axis1=1, axis2=2)[:, None, :]  # (groups, 1, block)
         pruned1 = np.zeros(w1.shape, bool)
         last = min(i2, prunable) - i1  # prunable columns in this block
         if nm is None and last > 0:  # the block's share of the zeros, the lowest w^2 / d^2 over its rows
-            share = min(max(round(zeros * (i1 + last) / prunable) - done, 0), rows * last)
-            pruned1[:, :last] = ~magnitude_mask(w1[:, :last] ** 2 / d[None, :last] ** 2, share)
+            share = min(max(round(zeros * (i1 + last) / prunable) - done, 0), groups * rows * last)
+            pruned1[..., :last] = ~magnitude_mask(w1[..., :last] ** 2 / d[..., :last] ** 2, share)
             done += share
         for i in range(i2 - i1):
             if nm is not None and i < last and i % m == 0:  # the group starting here, on the updated weights
                 span = slice(i, i + m)
-                pruned1[:, span] = _lowest_in_groups(w1[:, span] ** 2 / d[None, span] ** 2, *nm)
-            col = w1[:, i]
-            q = np.where(pruned1[:, i], 0.0, col)
-            e = (col - q) / d[i]
-            w1[:, i:] -= np.outer(e, hinv1[i, i:])
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                saliency = (w1[..., span] ** 2 / d[..., span] ** 2).reshape(groups * rows, m)
+                pruned1[..., span] = _lowest_in_groups(saliency, *nm).reshape(groups, rows, m)
+            col = w1[..., i]
+            q = np.where(pruned1[..., i], 0.0, col)
+            e = (col - q) / d[..., i]
+            w1[..., i:] -= e[..., None] * hinv1[:, None, i, i:]
+            w1[..., i] = q
+            err1[..., i] = e
+        w[..., i1:i2] = w1
+        w[..., i2:] -= err1 @ hinv[:, i1:i2, i2:]
     return w
 
 

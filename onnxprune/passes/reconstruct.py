@@ -12,7 +12,7 @@ that earlier layers leave behind is corrected too. The pruned model is evaluated
 original graph with every consumer's removed input channels multiplied by 0 right before it (which computes
 exactly what the shrunk graph computes) and the consumers' weights fed as inputs, so each refit is one run.
 
-Conv (group 1, no dilation, explicit or no padding), Gemm and MatMul (2-D constant weight on the right)
+Conv (group 1, any dilation, explicit or no padding), Gemm and MatMul (2-D constant weight on the right)
 consumers are refit; others keep their weights (named in the report).
 """
 
@@ -67,10 +67,13 @@ class NormalEquations:
         eye = np.eye(len(self.gram))
         return np.linalg.solve(self.gram + self.ridge(relative_ridge) * eye, self.cross)
 
+    def residual(self, w: np.ndarray) -> float:
+        """|| A W - Y ||^2 on the data."""
+        return max(float(np.trace(w.T @ self.gram @ w - 2 * w.T @ self.cross)) + self.y2, 0.0)
+
     def relative_error(self, w: np.ndarray) -> float:
         """|| A W - Y ||^2 over Y's spread about its (batch) mean: 0 exact, about 1 no better than a constant."""
-        resid = float(np.trace(w.T @ self.gram @ w - 2 * w.T @ self.cross)) + self.y2
-        return max(resid, 0.0) / max(self.spread, 1e-30)
+        return self.residual(w) / max(self.spread, 1e-30)
 
 
 @dataclass
@@ -94,15 +97,14 @@ def _kept_inputs(cg: ChannelGraph, remove: set[int]) -> dict[ir.Node, np.ndarray
     return out
 
 
-def unsupported(layer: Layer) -> str | None:
+def unsupported(layer: Layer, grouped: bool = False) -> str | None:
     """Why the layer's least-squares view (layer_rows) does not cover it, or None (also used by
-    onnxprune.passes.data_aware: Wanda and OBS are the unstructured cases of the same reconstruction)."""
+    onnxprune.passes.data_aware: Wanda and OBS are the unstructured cases of the same reconstruction, and
+    take a grouped convolution group by group: ``grouped``)."""
     node = layer.node
     if layer.op_type == "Conv":
-        if node.attributes.get_int("group", 1) != 1:
+        if node.attributes.get_int("group", 1) != 1 and not grouped:
             return "grouped convolution"
-        if any(d != 1 for d in node.attributes.get_ints("dilations", [1])):
-            return "dilated convolution"
         if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return "auto_pad"
         if len(layer.weight_shape) not in (3, 4, 5):
@@ -117,7 +119,7 @@ def unsupported(layer: Layer) -> str | None:
 
 def layer_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
     """Rows of the least-squares problem: im2col of a 1-D, 2-D or 3-D Conv input (columns in the weight's
-    (C, k...) order), or the flattened features of a Gemm / MatMul input."""
+    (C, k...) order; dilated kernels too), or the flattened features of a Gemm / MatMul input."""
     if layer.op_type != "Conv":
         return x.reshape(-1, x.shape[-1])
     node = layer.node
@@ -125,10 +127,13 @@ def layer_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
     nd = len(kernel)
     strides = node.attributes.get_ints("strides", [1] * nd)
     pads = node.attributes.get_ints("pads", [0] * 2 * nd)
+    dilations = node.attributes.get_ints("dilations", [1] * nd)
     x = np.pad(x, ((0, 0), (0, 0), *((pads[i], pads[i + nd]) for i in range(nd))))
     spatial = tuple(range(2, 2 + nd))
-    win = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=spatial)
-    win = win[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))  # the dilated kernel's extent
+    win = np.lib.stride_tricks.sliding_window_view(x, span, axis=spatial)
+    win = win[(slice(None), slice(None), *(slice(None, None, s) for s in strides),
+               *(slice(None, None, d) for d in dilations))]
     n, c, outs = win.shape[0], win.shape[1], win.shape[2:2 + nd]
     order = (0, *spatial, 1, *range(2 + nd, 2 + 2 * nd))  # (n, out positions..., c, kernel...)
     return np.ascontiguousarray(win.transpose(order)).reshape(n * int(np.prod(outs)), c * int(np.prod(kernel)))

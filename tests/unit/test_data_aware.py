@@ -175,3 +175,35 @@ def test_obs_is_repeatable_and_the_same_with_external_data(tmp_path):
         outs.append({t.name: t.raw_data or onnx.numpy_helper.to_array(t).tobytes()
                      for t in onnx.load(str(path)).graph.initializer})
     assert outs[0] == outs[1] == outs[2]
+
+
+def _depthwise_chain() -> onnx.ModelProto:
+    """x (N, 4, 8, 8) -> depthwise 3x3 Conv (group 4, dilation 2, bias) -> Relu -> Conv 1x1 (6 outputs)."""
+    from onnx import helper
+
+    from tests.graphs import make_model, tensor, weights
+
+    nodes = [helper.make_node("Conv", ["x", "wd", "bd"], ["d"], name="dw", group=4, dilations=[2, 2],
+                              pads=[2, 2, 2, 2]),
+             helper.make_node("Relu", ["d"], ["r"]),
+             helper.make_node("Conv", ["r", "wp"], ["y"], name="pw")]
+    inits = [weights("wd", 4, 1, 3, 3, seed=1), weights("bd", 4, seed=2), weights("wp", 6, 4, 1, 1, seed=3)]
+    return make_model(nodes, [tensor("x", "N", 4, 8, 8)], [tensor("y", "N", 6, 8, 8)], inits)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "obs"])
+def test_grouped_and_dilated_convolutions_are_pruned_from_their_inputs(criterion):
+    proto = _depthwise_chain()
+    x = sample(64, 4, 8, 8, seed=7) * np.array([0.1, 1, 3, 10], np.float32)[None, :, None, None]
+    dense = run(proto, {"x": x})[0]
+    err = {}
+    for how in ("magnitude", criterion):
+        am = analysed(proto)
+        layers = [layer for layer in am.layers if layer.name == "dw"]
+        targets = {"dw": 18}  # half of the 36 weights
+        p = SparsifyPass(layers, targets) if how == "magnitude" else \
+            DataAwareSparsifyPass(layers, targets, criterion, [{"x": x}])
+        p(am.model)
+        assert p.report.zeros == targets and not getattr(p, "fallback", {})
+        err[how] = float(np.linalg.norm(run(am.model, {"x": x})[0] - dense))
+    assert err[criterion] < err["magnitude"], err  # the channel scales matter: magnitude cannot see them
