@@ -25,9 +25,10 @@ refit's), its columns ordered (kernel position, channel) so that N:M groups of c
 consecutive columns. Accumulation in float64; results are the same on one machine for the same data and
 options, and differ across CPUs by round-off only.
 
-Grouped convolutions (depthwise too) are one problem per group; dilated ones are their dilated im2col.
-Layers the view does not cover (ConvTranspose, MatMulNBits, recurrent weights, layers in subgraphs) fall
-back to magnitude, named in the report.
+Grouped convolutions (depthwise too) are one problem per group; dilated ones are their dilated im2col; a
+ConvTranspose is the convolution it equals (input spread out by the strides, kernel flipped). Layers the
+view does not cover (MatMulNBits, recurrent weights, layers in subgraphs) fall back to magnitude, named in
+the report.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         todo, rest = [], []
         for layer in self.layers:
             why = None if layer.node in index else "inside a subgraph"
-            why = why or unsupported(layer, grouped=True)
+            why = why or unsupported(layer, per_group=True)
             (rest if why else todo).append(layer)
             if why:
                 self.fallback[layer.name] = why
@@ -181,7 +182,7 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         squares = np.empty_like(mat)  # each row: the squared norms of the inputs it multiplies
         for out, channels in _groups(layer):
             squares[out] = sum(np.square(_columns(x, layer, channels)).sum(0) for x in inputs)
-        return back(_wanda(mat, squares, self.targets[layer.name], self.nm, per_row=layer.op_type != "Conv"))
+        return back(_wanda(mat, squares, self.targets[layer.name], self.nm, per_row=layer.op_type not in CONVOLUTIONS))
 
     def _obs(self, layer: Layer, w: np.ndarray, has_bias: bool, inputs: list[np.ndarray],
              outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -252,17 +253,27 @@ class _Spilled:
                              name=name)
 
 
+CONVOLUTIONS = ("Conv", "ConvTranspose")
+
+
 def _data_input(layer: Layer) -> ir.Value:
     node = layer.node
-    return node.inputs[0] if layer.op_type == "Conv" or layer.weight_input == 1 else node.inputs[1]
+    return node.inputs[0] if layer.op_type in CONVOLUTIONS or layer.weight_input == 1 else node.inputs[1]
+
+
+def _conv_shape(layer: Layer) -> tuple[int, int, int]:
+    """(groups, outputs per group, inputs per group) of a Conv or ConvTranspose (weights (O, C/g, k...) and
+    (C, O/g, k...))."""
+    groups = layer.node.attributes.get_int("group", 1)
+    a, b = layer.weight_shape[:2]
+    return (groups, a // groups, b) if layer.op_type == "Conv" else (groups, b, a // groups)
 
 
 def _groups(layer: Layer) -> list[tuple[slice, slice | None]]:
     """(output rows, input channels) of each group of a grouped convolution; one (all, all) otherwise."""
-    count = layer.node.attributes.get_int("group", 1) if layer.op_type == "Conv" else 1
-    if count == 1:
+    if layer.op_type not in CONVOLUTIONS or _conv_shape(layer)[0] == 1:
         return [(slice(None), None)]
-    outs, ins = layer.weight_shape[0] // count, layer.weight_shape[1]
+    count, outs, ins = _conv_shape(layer)
     return [(slice(g * outs, (g + 1) * outs), slice(g * ins, (g + 1) * ins)) for g in range(count)]
 
 
@@ -271,22 +282,45 @@ def _columns(x: np.ndarray, layer: Layer, channels: slice | None = None) -> np.n
     columns in _rows' order, in float64."""
     x = np.asarray(x, np.float32)
     a = layer_rows(x if channels is None else x[:, channels], layer).astype(np.float64)
-    if layer.op_type == "Conv":  # im2col's (channel, kernel...) columns to (kernel..., channel)
-        c, k = layer.weight_shape[1], int(np.prod(layer.weight_shape[2:]))
+    if layer.op_type in CONVOLUTIONS:  # im2col's (channel, kernel...) columns to (kernel..., channel)
+        c, k = _conv_shape(layer)[2], int(np.prod(layer.weight_shape[2:]))
         a = a[:, np.arange(c * k).reshape(c, k).T.reshape(-1)]
     return a
 
 
 def _rows(layer: Layer, w: np.ndarray):
-    """(outputs, columns) view of the weight (a Conv's columns (kernel..., channel)) and the inverse."""
-    shape = w.shape
+    """(outputs, columns) view of the weight (a Conv's columns (kernel..., channel); a ConvTranspose as the
+    convolution it equals) and the inverse."""
+    if layer.op_type == "ConvTranspose":
+        groups, outs, ins = _conv_shape(layer)
+        mat, back = _conv_rows(_transposed_as_conv(w, groups, outs, ins))
+        return mat, lambda m: _conv_as_transposed(back(m), groups, outs, ins)
     if layer.op_type == "Conv":
-        moved = np.moveaxis(w, 1, -1)  # (out, k..., c)
-        mat = moved.reshape(shape[0], -1)
-        return mat.astype(np.float64), lambda m: np.moveaxis(m.reshape(moved.shape), -1, 1).astype(np.float32)
+        return _conv_rows(w)
     out_axis, _ = out_in_axes(layer)
     mat = w if out_axis == 0 else w.T
     return mat.astype(np.float64), lambda m: (m if out_axis == 0 else m.T).astype(np.float32)
+
+
+def _conv_rows(w: np.ndarray):
+    moved = np.moveaxis(w, 1, -1)  # (out, k..., c)
+    mat = moved.reshape(w.shape[0], -1)
+    return mat.astype(np.float64), lambda m: np.moveaxis(m.reshape(moved.shape), -1, 1).astype(np.float32)
+
+
+def _transposed_as_conv(w: np.ndarray, groups: int, outs: int, ins: int) -> np.ndarray:
+    """A ConvTranspose weight (groups x ins, outs, k...) as the Conv weight (groups x outs, ins, k...) that
+    computes the same on the input spread out by the strides: each group's axes swapped, the kernel flipped."""
+    kernel = w.shape[2:]
+    t = np.flip(w.reshape(groups, ins, outs, *kernel), axis=tuple(range(3, 3 + len(kernel))))
+    return np.ascontiguousarray(t.swapaxes(1, 2)).reshape(groups * outs, ins, *kernel)
+
+
+def _conv_as_transposed(w: np.ndarray, groups: int, outs: int, ins: int) -> np.ndarray:
+    """The inverse of _transposed_as_conv."""
+    kernel = w.shape[2:]
+    t = np.flip(w.reshape(groups, outs, ins, *kernel), axis=tuple(range(3, 3 + len(kernel))))
+    return np.ascontiguousarray(t.swapaxes(1, 2)).reshape(groups * ins, outs, *kernel)
 
 
 def _row_counts(zeros: int, rows: int, cols: int) -> np.ndarray:

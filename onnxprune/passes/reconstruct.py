@@ -97,13 +97,21 @@ def _kept_inputs(cg: ChannelGraph, remove: set[int]) -> dict[ir.Node, np.ndarray
     return out
 
 
-def unsupported(layer: Layer, grouped: bool = False) -> str | None:
-    """Why the layer's least-squares view (layer_rows) does not cover it, or None (also used by
-    onnxprune.passes.data_aware: Wanda and OBS are the unstructured cases of the same reconstruction, and
-    take a grouped convolution group by group: ``grouped``)."""
+def unsupported(layer: Layer, per_group: bool = False) -> str | None:
+    """Why the layer's least-squares view (layer_rows) does not cover it, or None. ``per_group``: the view
+    of onnxprune.passes.data_aware (Wanda and OBS are the unstructured cases of the same reconstruction),
+    which also takes grouped convolutions and ConvTranspose, group by group; the channel refit does not."""
     node = layer.node
-    if layer.op_type == "Conv":
-        if node.attributes.get_int("group", 1) != 1 and not grouped:
+    if layer.op_type == "ConvTranspose" and per_group:
+        nd = len(layer.weight_shape) - 2
+        reach = [(k - 1) * d for k, d in zip(layer.weight_shape[2:], node.attributes.get_ints("dilations", [1] * nd))]
+        pads = node.attributes.get_ints("pads", [0] * 2 * nd)
+        if node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET" or "output_shape" in node.attributes:
+            return "ConvTranspose sized by auto_pad or output_shape"
+        if any(p > reach[i % nd] for i, p in enumerate(pads)):
+            return "ConvTranspose padded past its kernel"
+    if layer.op_type == "Conv" or (layer.op_type == "ConvTranspose" and per_group):
+        if node.attributes.get_int("group", 1) != 1 and not per_group:
             return "grouped convolution"
         if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return "auto_pad"
@@ -119,8 +127,10 @@ def unsupported(layer: Layer, grouped: bool = False) -> str | None:
 
 def layer_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
     """Rows of the least-squares problem: im2col of a 1-D, 2-D or 3-D Conv input (columns in the weight's
-    (C, k...) order; dilated kernels too), or the flattened features of a Gemm / MatMul input."""
-    if layer.op_type != "Conv":
+    (C, k...) order; dilated kernels too), of a ConvTranspose input as the convolution it equals (its input
+    spread out by the strides, the kernel flipped: see onnxprune.passes.data_aware), or the flattened
+    features of a Gemm / MatMul input."""
+    if layer.op_type not in ("Conv", "ConvTranspose"):
         return x.reshape(-1, x.shape[-1])
     node = layer.node
     kernel = tuple(layer.weight_shape[2:])
@@ -128,6 +138,13 @@ def layer_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
     strides = node.attributes.get_ints("strides", [1] * nd)
     pads = node.attributes.get_ints("pads", [0] * 2 * nd)
     dilations = node.attributes.get_ints("dilations", [1] * nd)
+    if layer.op_type == "ConvTranspose":  # zeros between the inputs, then a stride-1 convolution
+        spread = np.zeros((*x.shape[:2], *((n - 1) * s + 1 for n, s in zip(x.shape[2:], strides))), x.dtype)
+        spread[(slice(None), slice(None), *(slice(None, None, s) for s in strides))] = x
+        extra = node.attributes.get_ints("output_padding", [0] * nd)
+        reach = [(k - 1) * d for k, d in zip(kernel, dilations)]
+        x, strides = spread, [1] * nd
+        pads = [reach[i] - pads[i] for i in range(nd)] + [reach[i] - pads[i + nd] + extra[i] for i in range(nd)]
     x = np.pad(x, ((0, 0), (0, 0), *((pads[i], pads[i + nd]) for i in range(nd))))
     spatial = tuple(range(2, 2 + nd))
     span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilations))  # the dilated kernel's extent
@@ -141,7 +158,7 @@ def layer_rows(x: np.ndarray, layer: Layer) -> np.ndarray:
 
 def layer_targets(y: np.ndarray, layer: Layer) -> np.ndarray:
     """The layer's output as rows matching layer_rows' (one column per output channel)."""
-    if layer.op_type == "Conv":
+    if layer.op_type in ("Conv", "ConvTranspose"):
         return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     return y.reshape(-1, y.shape[-1])
 
@@ -162,10 +179,10 @@ def _unmatrix(m: np.ndarray, layer: Layer, shape: tuple) -> np.ndarray:
 
 
 def bias_value(layer: Layer) -> ir.Value | None:
-    """The constant added to the layer's raw output that the refit may change: a Conv's or Gemm's bias input
-    (MatMul: None, its bias Add stays and the refit targets the raw product)."""
+    """The constant added to the layer's raw output that the refit may change: a Conv's, ConvTranspose's or
+    Gemm's bias input (MatMul: None, its bias Add stays and the refit targets the raw product)."""
     node = layer.node
-    if layer.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+    if layer.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
         v = node.inputs[2]
         if v.const_value is not None and len(v.shape or ()) == 1:
             return v

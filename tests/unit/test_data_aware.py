@@ -207,3 +207,48 @@ def test_grouped_and_dilated_convolutions_are_pruned_from_their_inputs(criterion
         assert p.report.zeros == targets and not getattr(p, "fallback", {})
         err[how] = float(np.linalg.norm(run(am.model, {"x": x})[0] - dense))
     assert err[criterion] < err["magnitude"], err  # the channel scales matter: magnitude cannot see them
+
+
+def _transposed() -> onnx.ModelProto:
+    """x (N, 4, 5, 5) -> ConvTranspose (group 2, stride 2, pads 1, output_padding 1, bias) -> y (N, 6, 10, 10)."""
+    from onnx import helper
+
+    from tests.graphs import make_model, tensor, weights
+
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="up", group=2, strides=[2, 2],
+                            pads=[1, 1, 1, 1], output_padding=[1, 1])
+    return make_model([node], [tensor("x", "N", 4, 5, 5)], [tensor("y", "N", 6, 10, 10)],
+                      [weights("w", 4, 3, 3, 3, seed=4), weights("b", 6, seed=5)])
+
+
+def test_a_conv_transpose_is_the_convolution_it_equals():
+    from onnxprune.passes.data_aware import _columns, _groups, _rows
+    from onnxprune.passes.reconstruct import layer_targets
+
+    proto = _transposed()
+    am = analysed(proto)
+    up = next(layer for layer in am.layers if layer.name == "up")
+    x = sample(3, 4, 5, 5, seed=8)
+    y = layer_targets(run(proto, {"x": x})[0], up) - initializer(proto, "b")
+    w = initializer(proto, "w")
+    mat, back = _rows(up, w)
+    np.testing.assert_array_equal(back(mat), w)  # the view and its inverse
+    for out, channels in _groups(up):
+        np.testing.assert_allclose(_columns(x, up, channels) @ mat[out].T, y[:, out], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "obs"])
+def test_conv_transpose_is_pruned_from_its_inputs(criterion):
+    proto = _transposed()
+    x = sample(32, 4, 5, 5, seed=9) * np.array([0.1, 1, 3, 10], np.float32)[None, :, None, None]
+    dense = run(proto, {"x": x})[0]
+    err = {}
+    for how in ("magnitude", criterion):
+        am = analysed(proto)
+        layers = [layer for layer in am.layers if layer.name == "up"]
+        p = SparsifyPass(layers, {"up": 54}) if how == "magnitude" else \
+            DataAwareSparsifyPass(layers, {"up": 54}, criterion, [{"x": x}])
+        p(am.model)
+        assert p.report.zeros == {"up": 54} and not getattr(p, "fallback", {})
+        err[how] = float(np.linalg.norm(run(am.model, {"x": x})[0] - dense))
+    assert err[criterion] < err["magnitude"], err
