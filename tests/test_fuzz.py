@@ -123,6 +123,14 @@ def pipeline(proto: onnx.ModelProto, data: st.DataObject) -> None:
             cli("apply", model, d / "plan.json", "-o", d / "u.onnx", allow_error=False)
             valid(d / "u.onnx", x)
             check_unstructured(proto, d / "u.onnx", plan)
+            # the same plan with the zeros chosen from the data: every planned zero made, a valid model
+            criterion = data.draw(st.sampled_from(["wanda", "obs"]))
+            out = cli("apply", model, d / "plan.json", "-o", d / "da.onnx", "--criterion", criterion, "--data",
+                      d / "data.npz", allow_error=False)
+            valid(d / "da.onnx", x)
+            assert out["totals"]["zeros"] == sum(layer["zeros"] for layer in plan["layers"]), out["totals"]
+            OUTCOMES[f"data-aware {criterion}"] += 1
+            OUTCOMES["data-aware magnitude fallback"] += bool(out["totals"].get("magnitude_fallback"))
             if cli("apply", model, d / "plan.json", "--granularity", "n:m", "-o", d / "nm.onnx") is not None:
                 valid(d / "nm.onnx", x)
 
@@ -285,6 +293,6 @@ def test_fuzz_really_exercised_everything():
     print(dict(OUTCOMES), dict(ERRORS))
     for what in ("apply: ok", "channel oracle", "block oracle", "finetune: ok", "eval: ok", "sensitivity",
                  "dynamic height and width", "recurrent layer", "layers in If branches", "float16",
-                 "search", "compactness", "decoder layer oracle"):
+                 "search", "compactness", "decoder layer oracle", "data-aware wanda", "data-aware obs"):
         assert OUTCOMES[what] > 0, (what, dict(OUTCOMES))
     assert OUTCOMES["apply: ok"] > 4 * OUTCOMES["apply: clean error"], dict(OUTCOMES)
