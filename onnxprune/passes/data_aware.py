@@ -181,8 +181,9 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
             return w
         squares = np.empty_like(mat)  # each row: the squared norms of the inputs it multiplies
         for out, channels in _groups(layer):
-            squares[out] = sum(np.square(_columns(x, layer, channels)).sum(0) for x in inputs)
-        return back(_wanda(mat, squares, self.targets[layer.name], self.nm, per_row=layer.op_type not in CONVOLUTIONS))
+            squares[out] = sum(np.square(_columns(x, layer, channels)).sum(0) for x, _ in _pieces(layer, inputs))
+        per_row = layer.op_type not in CONVOLUTIONS
+        return back(_wanda(mat, squares, self.targets[layer.name], self.nm, per_row=per_row))
 
     def _obs(self, layer: Layer, w: np.ndarray, has_bias: bool, inputs: list[np.ndarray],
              outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -191,14 +192,14 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         mat, back = _rows(layer, w)
         if not self._fits_pattern(layer, mat.shape[1]):
             return w, None
-        targets = [layer_targets(np.asarray(y), layer) for y in outputs]
         groups = _groups(layer)
         systems = []
         for out, channels in groups:
             equations = NormalEquations()
-            for x, y in zip(inputs, targets):
+            for x, y in _pieces(layer, inputs, outputs):
                 a = _columns(x, layer, channels)
-                equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a, y[:, out])
+                y = layer_targets(np.asarray(y), layer)[:, out]
+                equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a, y)
             systems.append(equations)
         start = np.stack([e.solve(self.damp).T for e in systems])  # (groups, outputs, columns [+ bias])
         pruned = _obs(start, np.stack([e.gram for e in systems]), self.targets[layer.name], self.nm, self.damp,
@@ -275,6 +276,23 @@ def _groups(layer: Layer) -> list[tuple[slice, slice | None]]:
         return [(slice(None), None)]
     count, outs, ins = _conv_shape(layer)
     return [(slice(g * outs, (g + 1) * outs), slice(g * ins, (g + 1) * ins)) for g in range(count)]
+
+
+PIECE_ELEMENTS = 1 << 24  # rows x columns of the layer's problem handled at once (128 MiB in float64)
+
+
+def _pieces(layer: Layer, inputs: list[np.ndarray], outputs: list[np.ndarray] | None = None):
+    """(input, output or None) of every calibration batch, cut along the samples so that a piece's rows
+    (im2col of a convolution: about its input's size times the kernel's) stay under PIECE_ELEMENTS."""
+    kernel = int(np.prod(layer.weight_shape[2:])) if layer.op_type in CONVOLUTIONS else 1
+    if layer.op_type == "ConvTranspose":  # its output has the strides' product more positions
+        kernel *= int(np.prod(layer.node.attributes.get_ints("strides", [1])))
+    for k, x in enumerate(inputs):
+        y = outputs[k] if outputs is not None else None
+        per_sample = max(int(np.prod(x.shape[1:])) * kernel, 1)
+        step = max(PIECE_ELEMENTS // per_sample, 1) if layer.op_type in CONVOLUTIONS or x.ndim > 2 else len(x)
+        for i in range(0, len(x), step):
+            yield x[i:i + step], None if y is None else y[i:i + step]
 
 
 def _columns(x: np.ndarray, layer: Layer, channels: slice | None = None) -> np.ndarray:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnx import helper
 
 from onnxprune.analysis.input_shapes import InputShapes, declared_inputs
 from onnxprune.errors import InputError
-from onnxprune.io import session_proto
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.input_values import value_feed
 from onnxprune.runtime.language_model import Decoder, decoder_of
@@ -166,10 +167,21 @@ def _input_specs(sess) -> list[rdata.InputSpec]:
 
 
 def calibration_batches(model: ir.Model, spec: rdata.DataSpec) -> tuple[str, list]:
-    """(the provider a session really got, all batches as a list) for measuring ``model`` in memory."""
-    sess = create_session(session_proto(model).SerializeToString(), spec.provider)
+    """(the provider a session really got, all batches as a list) for measuring ``model`` in memory. The data
+    is checked against a session of the model's inputs alone, so no weight is read or copied for it."""
+    sess = create_session(_inputs_only(model).SerializeToString(), spec.provider)
     found, _, _ = batches(model, sess, spec)
     return sess.provider, list(found)
+
+
+def _inputs_only(model: ir.Model) -> onnx.ModelProto:
+    """A model with ``model``'s graph inputs (not its initializers), each passed through an Identity."""
+    infos = [ir.serde.serialize_value(v) for v in model.graph.inputs if v.name not in model.graph.initializers]
+    nodes = [helper.make_node("Identity", [i.name], [f"{i.name}__passed"]) for i in infos]
+    outputs = [helper.make_value_info(f"{i.name}__passed", i.type) for i in infos]
+    graph = helper.make_graph(nodes, "inputs", infos, outputs)
+    return helper.make_model(graph, ir_version=model.ir_version,
+                             opset_imports=[helper.make_opsetid("", model.opset_imports.get("", 17))])
 
 
 def data_input_shapes(model: ir.Model, spec: rdata.DataSpec) -> InputShapes:

@@ -252,3 +252,18 @@ def test_conv_transpose_is_pruned_from_its_inputs(criterion):
         assert p.report.zeros == {"up": 54} and not getattr(p, "fallback", {})
         err[how] = float(np.linalg.norm(run(am.model, {"x": x})[0] - dense))
     assert err[criterion] < err["magnitude"], err
+
+
+def test_big_batches_are_taken_in_pieces_with_the_same_result(monkeypatch):
+    import onnxprune.passes.data_aware as data_aware
+
+    proto, x = conv_chain((8, 8)), sample(64, 3, 8, 8, seed=6)
+    outs = []
+    for limit in (data_aware.PIECE_ELEMENTS, 3000):  # 3000: one sample's im2col at a time
+        monkeypatch.setattr(data_aware, "PIECE_ELEMENTS", limit)
+        am = analysed(proto)
+        layers = [layer for layer in am.layers if layer.name in ("c1", "c2")]
+        DataAwareSparsifyPass(layers, {layer.name: int(0.7 * np.prod(layer.weight_shape)) for layer in layers},
+                              "obs", [{"x": x}])(am.model)
+        outs.append(run(am.model, {"x": x})[0])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
