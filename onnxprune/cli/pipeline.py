@@ -217,8 +217,8 @@ def allocate(model, scores_path, target_sparsity, threshold, remove, target_para
               help="unstructured (zero weights), n:m, or channel (remove whole channels). Default: the plan's.")
 @click.option("--criterion", type=click.Choice(api.APPLY_CRITERIA), default=None,
               help="channel: l1 | l2, the norm that ranks channels (default: the plan's, else l2). unstructured, "
-                   "n:m: magnitude (default), or wanda / obs, chosen from the layers' inputs on --data (obs, "
-                   "SparseGPT: also updates the kept weights).")
+                   "n:m: magnitude (default), or wanda / obs, chosen from the layers' inputs on --data (its "
+                   "first 128 samples unless --limit; obs, SparseGPT: also updates the kept weights).")
 @click.option("--damp", type=float, default=None,
               help="obs: dampening added to the Hessian's diagonal, times its mean (default 0.01).")
 @click.option("--block-size", type=int, default=None, help="obs: inputs pruned together (default 128).")

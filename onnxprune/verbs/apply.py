@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,8 +31,8 @@ from onnxprune.passes import (
     SparsifyPass,
     run_passes,
 )
+from onnxprune.passes.data_aware import CALIBRATION_SAMPLES, DataAwareSparsifyPass
 from onnxprune.passes.data_aware import CRITERIA as DATA_CRITERIA
-from onnxprune.passes.data_aware import DataAwareSparsifyPass
 from onnxprune.planning.channel_selection import CRITERIA, choose
 from onnxprune.planning.channels import describe_blocked
 from onnxprune.runtime import data as rdata
@@ -144,7 +145,7 @@ def apply(
     output (onnxprune.passes.reconstruct), which recovers much of the accuracy without training. For
     unstructured / N:M weights, ``criterion`` ``wanda`` or ``obs`` (onnxprune.passes.data_aware) chooses the
     zeros from the layers' inputs on ``data`` (obs also updates the survivors); ``magnitude`` (default) needs
-    no data. obs's ``damp`` (added to the Hessian's diagonal, times its mean; default 0.01) and ``block_size``
+    no data; they read the first CALIBRATION_SAMPLES samples of ``data`` unless ``limit`` says. obs's ``damp`` (added to the Hessian's diagonal, times its mean; default 0.01) and ``block_size``
     (inputs pruned together; default 128) were chosen on ResNet-56 (BENCHMARKS.md, data-aware).
 
     The written model is checked at ``input_shapes`` (see onnxprune.api.inspect), else at the sizes the plan
@@ -180,6 +181,8 @@ def apply(
         if criterion == "magnitude" and spec is not None:
             raise InputError("--data calibrates channel removal and the wanda / obs criteria; drop it, or give "
                              "--criterion wanda or obs")
+        if criterion != "magnitude" and spec.limit is None:  # every sample of a big file would not fit
+            spec = dataclasses.replace(spec, limit=CALIBRATION_SAMPLES)
     obs_options = _obs_options(criterion if granularity != "channel" else None, damp, block_size)
     am = open_model(model, input_shapes=input_shapes or pl.input_shapes, data=spec)
     check_fingerprint(pl.fingerprint, am.fingerprint, "plan", force)
