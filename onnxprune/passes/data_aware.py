@@ -110,10 +110,9 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         obs = self.criterion == "obs"
         layer_of = {layer.weight: layer for layer in todo}
         dtypes = {layer.weight: compute_dtype(layer) for layer in todo}
-        original_biases = {b.name: np.array(constant_array(b), np.float32) for layer in todo
-                           if obs and (b := bias_value(layer)) is not None}
-        dtypes.update({bias_value(layer).name: dtypes[layer.weight] for layer in todo
-                       if bias_value(layer) is not None and bias_value(layer).name in original_biases})
+        bias_of = {layer.name: b for layer in todo if obs and (b := bias_value(layer)) is not None}  # obs refits
+        original_biases = {b.name: np.array(constant_array(b), np.float32) for b in bias_of.values()}
+        dtypes.update({b.name: dtypes[layer.weight] for layer in todo if (b := bias_of.get(layer.name))})
         stored = {layer.weight: np.asarray(get_weight(layer)).dtype for layer in todo}  # written back in it
         refit_biases: dict[str, np.ndarray] = {}
         fed_names = [*layer_of, *original_biases]
@@ -146,9 +145,8 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
             w = np.asarray(get_weight(layer), np.float32)
             if obs:
                 dense = [segments.run(seg, state, dense_fed) for state in dense]
-                b = bias_value(layer)
-                has_bias = b is not None and b.name in original_biases
-                new_w, new_b = self._obs(layer, w, has_bias, [state[x_name] for state in pruned],
+                b = bias_of.get(layer.name)
+                new_w, new_b = self._obs(layer, w, b is not None, [state[x_name] for state in pruned],
                                          [state[layer.node.outputs[0].name] for state in dense])
                 if new_b is not None:
                     refit_biases[b.name] = new_b
@@ -166,7 +164,7 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
                 self.progress(k + 1, len(todo))
         for layer in todo:
             set_weight(layer, spilled.tensor(layer.weight, stored[layer.weight], layer.weight_shape))
-            b = bias_value(layer)
+            b = bias_of.get(layer.name)
             if b is not None and b.name in refit_biases:
                 b.const_value = ir.tensor(refit_biases[b.name].astype(constant_array(b).dtype), name=b.name)
 
