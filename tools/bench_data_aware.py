@@ -19,14 +19,13 @@ magnitude, Wanda and SparseGPT on the same graph and the same 64 training sequen
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import onnx
 
 from onnxprune import api
-from tools.benchlib import ROOT, bench_resnet56, machine, today, write_section
+from tools.benchlib import ROOT, bench_resnet56, machine, publish, today
 
 OUT = ROOT / "build" / "bench" / "data_aware"
 OFFSET = 1017
@@ -226,18 +225,10 @@ def main() -> None:
     if args.part in ("resnet", "all"):
         result = run([float(s) for s in args.sparsities.split(",")], [int(c) for c in args.calib.split(",")],
                      [float(s) for s in args.search.split(",") if s], args.jpeg_limit)
-        (OUT / "result.json").write_text(json.dumps(result, indent=2))
-        text = render(result)
-        print(text)
-        if args.write:
-            write_section("data-aware", text)
+        publish(result, OUT / "result.json", render(result), "data-aware", args.write)
     if args.part in ("llm", "all"):
         result = run_llm()
-        (OUT / "llm_result.json").write_text(json.dumps(result, indent=2))
-        text = render_llm(result)
-        print(text)
-        if args.write:
-            write_section("data-aware-llm", text)
+        publish(result, OUT / "llm_result.json", render_llm(result), "data-aware-llm", args.write)
 
 
 if __name__ == "__main__":

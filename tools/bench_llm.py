@@ -36,7 +36,7 @@ import onnx
 from onnxprune import api
 from onnxprune.artefacts import Plan
 from onnxprune.io import load_model
-from tools.benchlib import ROOT, machine, today, write_section
+from tools.benchlib import ROOT, machine, publish, today
 
 LLM = ROOT / "build" / "llm"
 OUT = ROOT / "build" / "bench" / "llm"
@@ -277,18 +277,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     if args.part in ("layers", "all"):
         result = run()
-        (OUT / "layers.json").write_text(json.dumps(result, indent=2))
-        text = render(result)
-        print(text)
-        if args.write:
-            write_section("llm-layers", text)
+        publish(result, OUT / "layers.json", render(result), "llm-layers", args.write)
     if args.part in ("channels", "all"):
         result = channel_rows(args.rounds)
-        (OUT / "channels.json").write_text(json.dumps(result, indent=2))
-        text = render_channels(result)
-        print(text)
-        if args.write:
-            write_section("llm-channels", text)
+        publish(result, OUT / "channels.json", render_channels(result), "llm-channels", args.write)
 
 
 

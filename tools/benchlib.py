@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import re
@@ -30,6 +31,15 @@ def machine() -> str:
 
 def today() -> str:
     return _dt.date.today().isoformat()
+
+
+def publish(result: dict, json_path: Path, text: str, section: str, write: bool) -> None:
+    """A benchmark's result: its JSON beside its outputs, its table printed and, with ``write``, put in
+    BENCHMARKS.md as ``section``."""
+    json_path.write_text(json.dumps(result, indent=2))
+    print(text)
+    if write:
+        write_section(section, text)
 
 
 def write_section(name: str, body: str) -> None:

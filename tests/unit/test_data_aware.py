@@ -191,24 +191,6 @@ def _depthwise_chain() -> onnx.ModelProto:
     return make_model(nodes, [tensor("x", "N", 4, 8, 8)], [tensor("y", "N", 6, 8, 8)], inits)
 
 
-@pytest.mark.parametrize("criterion", ["wanda", "obs"])
-def test_grouped_and_dilated_convolutions_are_pruned_from_their_inputs(criterion):
-    proto = _depthwise_chain()
-    x = sample(64, 4, 8, 8, seed=7) * np.array([0.1, 1, 3, 10], np.float32)[None, :, None, None]
-    dense = run(proto, {"x": x})[0]
-    err = {}
-    for how in ("magnitude", criterion):
-        am = analysed(proto)
-        layers = [layer for layer in am.layers if layer.name == "dw"]
-        targets = {"dw": 18}  # half of the 36 weights
-        p = SparsifyPass(layers, targets) if how == "magnitude" else \
-            DataAwareSparsifyPass(layers, targets, criterion, [{"x": x}])
-        p(am.model)
-        assert p.report.zeros == targets and not getattr(p, "fallback", {})
-        err[how] = float(np.linalg.norm(run(am.model, {"x": x})[0] - dense))
-    assert err[criterion] < err["magnitude"], err  # the channel scales matter: magnitude cannot see them
-
-
 def _transposed() -> onnx.ModelProto:
     """x (N, 4, 5, 5) -> ConvTranspose (group 2, stride 2, pads 1, output_padding 1, bias) -> y (N, 6, 10, 10)."""
     from onnx import helper
@@ -238,18 +220,23 @@ def test_a_conv_transpose_is_the_convolution_it_equals():
 
 
 @pytest.mark.parametrize("criterion", ["wanda", "obs"])
-def test_conv_transpose_is_pruned_from_its_inputs(criterion):
-    proto = _transposed()
-    x = sample(32, 4, 5, 5, seed=9) * np.array([0.1, 1, 3, 10], np.float32)[None, :, None, None]
+@pytest.mark.parametrize("build,name,zeros,shape", [(_depthwise_chain, "dw", 18, (64, 4, 8, 8)),
+                                                    (_transposed, "up", 54, (32, 4, 5, 5))],
+                         ids=["grouped-dilated", "transposed"])
+def test_other_convolutions_are_pruned_from_their_inputs(criterion, build, name, zeros, shape):
+    """Grouped (depthwise), dilated and transposed convolutions: half their weights, chosen from inputs of
+    very different scales, which magnitude cannot see."""
+    proto = build()
+    x = sample(*shape, seed=7) * np.array([0.1, 1, 3, 10], np.float32)[None, :, None, None]
     dense = run(proto, {"x": x})[0]
     err = {}
     for how in ("magnitude", criterion):
         am = analysed(proto)
-        layers = [layer for layer in am.layers if layer.name == "up"]
-        p = SparsifyPass(layers, {"up": 54}) if how == "magnitude" else \
-            DataAwareSparsifyPass(layers, {"up": 54}, criterion, [{"x": x}])
+        layers = [layer for layer in am.layers if layer.name == name]
+        p = SparsifyPass(layers, {name: zeros}) if how == "magnitude" else \
+            DataAwareSparsifyPass(layers, {name: zeros}, criterion, [{"x": x}])
         p(am.model)
-        assert p.report.zeros == {"up": 54} and not getattr(p, "fallback", {})
+        assert p.report.zeros == {name: zeros} and not getattr(p, "fallback", {})
         err[how] = float(np.linalg.norm(run(am.model, {"x": x})[0] - dense))
     assert err[criterion] < err["magnitude"], err
 
