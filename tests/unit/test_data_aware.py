@@ -90,24 +90,40 @@ def test_obs_keeps_the_model_closer_than_magnitude(tmp_path):
     assert err["obs"] < err["magnitude"], err
 
 
-def test_cli_criteria_need_the_right_granularity_and_data(tmp_path):
+@pytest.fixture
+def half_plan(tmp_path):
+    """(apply's first arguments: a Gemm / MatMul chain and a uniform 50 % plan, calibration data)."""
     model = save(gemm_chain(), tmp_path / "m.onnx")
     data = write_npz(tmp_path / "d.npz", 32, 16)
-    runner = CliRunner()
-    assert runner.invoke(main, ["allocate", str(model), "--method", "uniform", "--target-sparsity", "0.5",
-                                "-o", str(tmp_path / "p.json")]).exit_code == 0
-    cases = [(["--criterion", "obs"], "give --data"), (["--criterion", "l2"], "ranks channels"),
-             (["--data", str(data)], "--criterion wanda or obs")]
-    for extra, fragment in cases:
-        result = runner.invoke(main, ["apply", str(model), str(tmp_path / "p.json"), "-o", str(tmp_path / "o.onnx"),
-                                      *extra])
-        assert result.exit_code == 2 and fragment in result.stderr, result.stderr
-        assert not (tmp_path / "o.onnx").exists()
-    result = runner.invoke(main, ["apply", str(model), str(tmp_path / "p.json"), "-o", str(tmp_path / "o.onnx"),
-                                  "--criterion", "obs", "--data", str(data), "--json"])
+    assert CliRunner().invoke(main, ["allocate", str(model), "--method", "uniform", "--target-sparsity", "0.5",
+                                     "-o", str(tmp_path / "p.json")]).exit_code == 0
+    return ["apply", str(model), str(tmp_path / "p.json"), "-o", str(tmp_path / "o.onnx")], str(data)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--criterion", "obs"], "give --data"), (["--criterion", "l2"], "ranks channels"),
+    (["--data", "DATA"], "--criterion wanda or obs"), (["--damp", "0.1"], "tune --criterion obs"),
+    (["--criterion", "wanda", "--data", "DATA", "--block-size", "8"], "tune --criterion obs"),
+    (["--criterion", "obs", "--data", "DATA", "--damp", "0"], "positive number")])
+def test_cli_refuses_criteria_and_options_that_cannot_work(half_plan, tmp_path, extra, fragment):
+    base, data = half_plan
+    result = CliRunner().invoke(main, [*base, *(data if a == "DATA" else a for a in extra)])
+    assert result.exit_code == 2 and fragment in result.stderr, result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_obs_options_are_recorded_with_each_layers_output_error(half_plan, tmp_path):
+    base, data = half_plan
+    result = CliRunner().invoke(main, [*base, "--criterion", "obs", "--data", data, "--damp", "0.05",
+                                       "--block-size", "4", "--json"])
     assert result.exit_code == 0, result.stderr
     w = initializer(onnx.load(str(tmp_path / "o.onnx")), "wg")
     assert np.count_nonzero(w == 0) == w.size // 2
+    out = json.loads(result.stdout)
+    errors = [layer["output_error"] for layer in out["layers"]]
+    assert errors and all(0 <= e < 1 for e in errors)  # each layer's relative output error on the data
+    props = "".join(p.value for p in onnx.load(str(tmp_path / "o.onnx")).metadata_props)
+    assert '"damp": 0.05' in props and '"block_size": 4' in props, props
 
 
 def test_prune_takes_the_criterion(tmp_path):
@@ -121,29 +137,6 @@ def test_prune_takes_the_criterion(tmp_path):
     result = runner.invoke(main, ["prune", str(model), "--target-flops", "0.5", "--criterion", "obs", "--data",
                                   str(data), "--no-latency", "-o", str(tmp_path / "q.onnx")])
     assert result.exit_code == 2 and "goes with --target-sparsity" in result.stderr
-
-
-def test_obs_options_are_recorded_and_refused_where_they_do_nothing(tmp_path):
-    model = save(gemm_chain(), tmp_path / "m.onnx")
-    data = write_npz(tmp_path / "d.npz", 32, 16)
-    runner = CliRunner()
-    assert runner.invoke(main, ["allocate", str(model), "--method", "uniform", "--target-sparsity", "0.5",
-                                "-o", str(tmp_path / "p.json")]).exit_code == 0
-    base = ["apply", str(model), str(tmp_path / "p.json"), "-o", str(tmp_path / "o.onnx")]
-    for extra, fragment in [(["--damp", "0.1"], "tune --criterion obs"),
-                            (["--criterion", "wanda", "--data", str(data), "--block-size", "8"], "tune --criterion obs"),
-                            (["--criterion", "obs", "--data", str(data), "--damp", "0"], "positive number")]:
-        result = runner.invoke(main, [*base, *extra])
-        assert result.exit_code == 2 and fragment in result.stderr, result.stderr
-        assert not (tmp_path / "o.onnx").exists()
-    result = runner.invoke(main, [*base, "--criterion", "obs", "--data", str(data), "--damp", "0.05",
-                                  "--block-size", "4", "--json"])
-    assert result.exit_code == 0, result.stderr
-    out = json.loads(result.stdout)
-    errors = [layer["output_error"] for layer in out["layers"]]
-    assert errors and all(0 <= e < 1 for e in errors)  # each layer's relative output error on the data
-    props = {p.key: p.value for p in onnx.load(str(tmp_path / "o.onnx")).metadata_props}
-    assert '"damp": 0.05' in "".join(props.values()) and '"block_size": 4' in "".join(props.values()), props
 
 
 def test_sweep_tries_each_criterion_on_calibration_data(tmp_path):
