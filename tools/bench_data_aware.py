@@ -206,8 +206,19 @@ def render(result: dict) -> str:
     if at24:
         top = max(at24, key=lambda r: r["lossless"])
         gap = dense["lossless"] - top["lossless"]
-        lines.append(f"- 2:4: best {top['criterion']} {top['lossless']:.2f} lossless, {gap:.2f} points below dense "
+        side = f"{gap:.2f} points below" if gap >= 0 else f"{-gap:.2f} points above"
+        lines.append(f"- 2:4: best {top['criterion']} {top['lossless']:.2f} lossless, {side} dense "
                      f"(target within 3: **{'met' if gap <= 3 else 'missed'}**).")
+    by = {(r["setting"], r["allocation"], r["criterion"]): r for r in rows}
+    sizes = result["calib"]
+    if len(sizes) > 1:
+        pairs = [(by[k[:2] + (f"obs ({sizes[0]})",)], r) for k, r in by.items() if k[2] == f"obs ({sizes[-1]})"
+                 and k[:2] + (f"obs ({sizes[0]})",) in by]
+        if pairs:
+            gain = sum(b["jpeg"] - a["jpeg"] for a, b in pairs) / len(pairs)
+            cost = sum(b["seconds"] for _, b in pairs) / max(sum(a["seconds"] for a, _ in pairs), 1e-9)
+            lines.append(f"- obs on {sizes[-1]} images instead of {sizes[0]}: {gain:+.2f} JPEG points on average over "
+                         f"{len(pairs)} settings, {cost:.1f}x the time; {sizes[0]} is the default.")
     return "\n".join(lines) + "\n"
 
 
