@@ -10,8 +10,10 @@ happens to the others, decided from the layer's real inputs X on calibration dat
   Survivors unchanged.
 - ``obs`` (SparseGPT, Frantar & Alistarh 2023; Optimal Brain Compression): the layer's least-squares
   problem of onnxprune.passes.reconstruct (its input in the pruned model, its output in the original one,
-  its bias a column of ones) is solved, and the solution pruned with H = X^T X (dampened by ``damp`` x its
-  mean diagonal) in blocks of ``block`` inputs: each block takes its share of the layer's zeros, the weights
+  its bias a column of ones) is solved, its ridge (``damp`` x the mean diagonal of H = X^T X) pulling
+  towards the layer's own weights, not towards 0 (a pull to 0 shrank an LLM's weights on features of small
+  variance: 70.45 against 70.07 held-out perplexity at 50 %), and the solution pruned with H, dampened
+  alike, in blocks of ``block`` inputs: each block takes its share of the layer's zeros, the weights
   of least w^2 / [H^-1]_jj^2 over all output rows (as SparseGPT does: rows may differ), and every pruned
   weight's error is spread over the inputs not yet visited (and the bias) through the inverse Hessian.
   Reproducing the original output rather than the layer's own output on its pruned input corrects what
@@ -146,7 +148,8 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
             if obs:
                 dense = [segments.run(seg, state, dense_fed) for state in dense]
                 b = bias_of.get(layer.name)
-                new_w, new_b = self._obs(layer, w, b is not None, [state[x_name] for state in pruned],
+                new_w, new_b = self._obs(layer, w, None if b is None else original_biases[b.name],
+                                         [state[x_name] for state in pruned],
                                          [state[layer.node.outputs[0].name] for state in dense])
                 if new_b is not None:
                     refit_biases[b.name] = new_b
@@ -184,13 +187,14 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         per_row = layer.op_type not in CONVOLUTIONS
         return back(_wanda(mat, squares, self.targets[layer.name], self.nm, per_row=per_row))
 
-    def _obs(self, layer: Layer, w: np.ndarray, has_bias: bool, inputs: list[np.ndarray],
+    def _obs(self, layer: Layer, w: np.ndarray, bias: np.ndarray | None, inputs: list[np.ndarray],
              outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """The layer's weight (and bias) pruned by OBS against the original model's outputs (a grouped
         convolution group by group: each group's outputs read only its inputs)."""
         mat, back = _rows(layer, w)
         if not self._fits_pattern(layer, mat.shape[1]):
             return w, None
+        has_bias = bias is not None
         groups = _groups(layer)
         systems = []
         for out, channels in groups:
@@ -200,17 +204,18 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
                 y = layer_targets(np.asarray(y), layer)[:, out]
                 equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a, y)
             systems.append(equations)
-        start = np.stack([e.solve(self.damp).T for e in systems])  # (groups, outputs, columns [+ bias])
+        own = np.hstack([mat, bias[:, None]]) if has_bias else mat  # the ridge pulls towards these, not 0
+        start = np.stack([e.solve(self.damp, prior=own[out].T).T for e, (out, _) in zip(systems, groups)])
         pruned = _obs(start, np.stack([e.gram for e in systems]), self.targets[layer.name], self.nm, self.damp,
                       self.block, free=int(has_bias))
         self.error[layer.name] = sum(e.residual(p.T) for e, p in zip(systems, pruned)) / max(
             sum(e.spread for e in systems), 1e-30)
-        new, bias = np.empty_like(mat), np.empty(len(mat)) if has_bias else None
+        new, new_bias = np.empty_like(mat), np.empty(len(mat), np.float32) if has_bias else None
         for (out, _), p in zip(groups, pruned):
             new[out] = p[:, :mat.shape[1]]
             if has_bias:
-                bias[out] = p[:, -1]
-        return back(new), None if bias is None else bias.astype(np.float32)
+                new_bias[out] = p[:, -1]
+        return back(new), new_bias
 
 
 class _Feeds:

@@ -62,10 +62,12 @@ class NormalEquations:
         """``relative`` times the mean of the Hessian's diagonal (SparseGPT's dampening)."""
         return relative * float(np.trace(self.gram)) / len(self.gram)
 
-    def solve(self, relative_ridge: float) -> np.ndarray:
-        """The least-squares W, (columns, outputs), with ``relative_ridge`` (see ridge) on the diagonal."""
-        eye = np.eye(len(self.gram))
-        return np.linalg.solve(self.gram + self.ridge(relative_ridge) * eye, self.cross)
+    def solve(self, relative_ridge: float, prior: np.ndarray | None = None) -> np.ndarray:
+        """The least-squares W, (columns, outputs), with ``relative_ridge`` (see ridge) on the diagonal: its
+        pull is towards ``prior`` (the layer's own weights), or towards 0 without one."""
+        lam = self.ridge(relative_ridge)
+        rhs = self.cross if prior is None else self.cross + lam * prior
+        return np.linalg.solve(self.gram + lam * np.eye(len(self.gram)), rhs)
 
     def residual(self, w: np.ndarray) -> float:
         """|| A W - Y ||^2 on the data."""
