@@ -16,6 +16,7 @@ from onnxprune.io import check_output_path
 from onnxprune.planning.channel_selection import CRITERIA
 from onnxprune.planning.registry import LAYER_METHODS, PLANNERS
 from onnxprune.recovery.options import INSERT_BN, FinetuneOptions
+from onnxprune.runtime.backend import BACKENDS, Backend
 from onnxprune.runtime.data import DataSpec, parse_floats, parse_size
 from onnxprune.runtime.input_values import parse_input_values
 from onnxprune.runtime.session import PROVIDERS
@@ -48,8 +49,8 @@ __all__ = [
     "ALLOCATION_GRANULARITIES", "ALLOCATION_METHODS", "BUDGETS", "CAPACITY_METRICS", "COUPLED", "CRITERIA",
     "DEFAULT_CAPACITY_METRIC", "GRANULARITIES", "INSERT_BN", "LAYER_METHODS", "PROVIDERS", "SCORE_METHODS",
     "SENSITIVITY_METRICS", "SRINIT_METRICS", "SRINIT_UNITS", "STORES", "EVAL_TASKS", "LanguageModelResult",
-    "APPLY_CRITERIA", "WEIGHT_CRITERIA",
-    "AnalysedModel", "ApplyResult", "DataSpec", "EvalResult", "FinetuneOptions", "FinetuneResult",
+    "APPLY_CRITERIA", "WEIGHT_CRITERIA", "BACKENDS",
+    "AnalysedModel", "ApplyResult", "Backend", "DataSpec", "EvalResult", "FinetuneOptions", "FinetuneResult",
     "InspectResult", "ModelLike", "Plan", "Scores", "Sweep",
     "allocate", "apply", "check_output_path", "check_runs", "evaluate", "find_layers", "finetune", "inspect",
     "json_text", "load_plan", "load_scores", "load_sweep", "open_model", "parse_floats", "parse_input_values", "parse_size", "report",

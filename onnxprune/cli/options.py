@@ -9,7 +9,7 @@ import click
 from onnxprune import api
 from onnxprune.cli.state import set_flag
 
-__all__ = ["common_options", "data_options", "input_shape_option", "input_value_option", "output_option", "provider_option",
+__all__ = ["backend_options", "common_options", "data_options", "input_shape_option", "input_value_option", "output_option", "provider_option",
            "round_to_option", "runtime_options"]
 
 
@@ -155,3 +155,29 @@ class _RoundTo(click.ParamType):
 def round_to_option(help_text: str):
     """--round-to N|auto: kept channel counts in multiples of N; auto (the default) picks this machine's."""
     return click.option("--round-to", type=_RoundTo(), default="auto", show_default=True, help=help_text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# where measured work runs
+
+
+def backend_options(fn):
+    """--backend, --address, --cpus-per-task and --gpus-per-task, handed to the command as one ``backend``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        backend = api.Backend(kwargs.pop("backend_kind"), kwargs.pop("address"), kwargs.pop("cpus_per_task"),
+                              kwargs.pop("gpus_per_task"))
+        return fn(*args, backend=backend, **kwargs)
+
+    return _apply(wrapper, [
+        click.option("--backend", "backend_kind", type=click.Choice(api.BACKENDS), default="local",
+                     show_default=True, help="Where the independent runs go: this process, or Ray tasks (pip "
+                                             "install 'onnxprune[ray]'); the numbers are the same."),
+        click.option("--address", default=None, help="ray: a running cluster's address (host:port, ray://host:port, "
+                                                      "auto); default: start a local one."),
+        click.option("--cpus-per-task", type=float, default=1.0, show_default=True, help="ray: CPUs per task."),
+        click.option("--gpus-per-task", type=float, default=0.0, show_default=True,
+                     help="ray: GPUs per task (the tasks then use the CUDA provider where onnxruntime-gpu is "
+                          "installed; add --provider cuda)."),
+    ])

@@ -8,7 +8,7 @@ import click
 from rich.markup import escape
 
 from onnxprune import api
-from onnxprune.cli.options import common_options, data_options, output_option, round_to_option
+from onnxprune.cli.options import backend_options, common_options, data_options, output_option, round_to_option
 from onnxprune.cli.render import (
     emit_json,
     fmt_flops,
@@ -47,11 +47,12 @@ __all__ = ["allocate", "apply", "score"]
 @click.option("--seeds", type=int, default=1, show_default=True, help="srinit: repeat over K seeds.")
 @click.option("--max-memory", default="2GB", show_default=True, metavar="SIZE",
               help="srinit: bound on the cached activations (e.g. 512MB, 4GB); more data runs in chunks.")
+@backend_options
 @data_options
 @output_option("Where to write scores.json.")
 @common_options
-def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, max_memory, data_spec, input_shapes,
-          output, as_json):
+def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, max_memory, backend, data_spec,
+          input_shapes, output, as_json):
     """Score the importance of every prunable layer of MODEL.
 
     \b
@@ -68,7 +69,7 @@ def score(model, method, metric, grid, at_plan, tolerance, units, seed, seeds, m
         scores = api.score(
             model, method, metric=metric, data=data_spec, grid=api.parse_floats(grid, "grid"), at=at_plan,
             tolerance=tolerance, units=units, seed=seed, seeds=seeds, max_memory=memory, progress=tick,
-            input_shapes=input_shapes,
+            input_shapes=input_shapes, backend=backend,
         )
     api.write_json(scores.to_dict(), output)
     notice(scores.options.get("metric_note"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -16,6 +16,7 @@ from onnxprune.artefacts import Plan
 from onnxprune.errors import InputError
 from onnxprune.io import session_proto
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.backend import Backend
 from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.language_model import decoder_of
 from onnxprune.runtime.metrics import class_scores
@@ -41,6 +42,7 @@ class ScoreRequest:
     seed: int = 1
     seeds: int = 1
     max_memory: int | None = None
+    backend: Backend = field(default_factory=Backend)  # srinit: where the (unit, seed) runs go
 
 
 def owned_layers(am: AnalysedModel) -> list[Layer]:

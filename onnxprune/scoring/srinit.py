@@ -27,6 +27,8 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
+from onnxprune.io import session_proto
+from onnxprune.runtime.backend import Backend
 from onnxprune.runtime.language_model import decoder_of, token_kl
 from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
@@ -127,7 +129,8 @@ DEFAULT_MAX_MEMORY = 2 << 30  # bytes: suffix sessions alive at once plus one ba
 def srinit_scores(
     model, info: GraphInfo, units: list[tuple[str, list[str], list[Layer]]], batches: list,
     seeds: list[int], provider: str = "cpu", progress: Callable[[int, int], None] | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY, logits: str | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY, logits: str | None = None, backend: Backend = Backend(),
+    input_shapes: dict | None = None,
 ) -> tuple[dict[str, dict], dict]:
     """units: (name, node names, layers). Returns per unit {metric: drop, metric_se, (metric_seed_std),
     seconds} and the baseline metrics, and the number of passes over the data. ``logits``: the output that
@@ -140,9 +143,56 @@ def srinit_scores(
     batch's activations are dropped. The sessions are made once and kept while they fit in ``max_memory``
     (with the batch's activations); when they do not, they are taken in groups that fit, and the data is
     passed once per group.
+
+    ``backend`` ray: the units cut into about twice as many tasks as the cluster runs at once (consecutive
+    units, their seeds together), each on a worker that loads the model from the object store (at
+    ``input_shapes``) and passes the data once; the per-sample differences are merged in unit order, so
+    every number equals the local path's.
     """
+    pairs = [(name, seed) for name, _, _ in units for seed in seeds]
+    if backend.kind != "local":
+        shared = {"model": session_proto(model).SerializeToString(), "input_shapes": input_shapes,
+                  "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
+                  "batches": batches, "seeds": seeds, "provider": provider, "logits": logits}
+        per_task = -(-len(units) // min(len(units), 2 * backend.parallelism()))  # units per task, in order
+        tasks = [[pair for name, _, _ in units[i:i + per_task] for pair in pairs if pair[0] == name]
+                 for i in range(0, len(units), per_task)]
+        found = backend.map(_unit_task, tasks, shared, progress)
+        acc = {pair: paired for part, _, _ in found for pair, paired in part.items()}
+        counts = found[0][1] if found else {"n": 0, "labelled": 0, "correct": 0}
+        seconds = {name: sum(sec.get(name, 0.0) for _, _, sec in found) for name, _, _ in units}
+        return _summary(units, seeds, acc, counts, seconds, passes=1)
+    evaluator, inits, weight_names = _evaluator(model, info, units, units, seeds, provider)
+    first = evaluator.run_prefix(batches[0][0]) if batches else {}
+    acts_bytes = sum(a.nbytes for a in first.values())
+    if acts_bytes >= max_memory:
+        raise InputError(f"one batch of activations takes {acts_bytes / 2**20:.0f} MiB, over --max-memory "
+                         f"({max_memory / 2**20:.0f} MiB); lower --batch-size or raise --max-memory")
+    groups = _groups(pairs, {name: evaluator.weight_bytes(name) for name, _, _ in units},
+                     max_memory - acts_bytes)
+    acc, seconds, counts = {}, {name: 0.0 for name, _, _ in units}, {}
+    done = [0]
+    total = len(batches) * len(pairs)
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    for g, group in enumerate(groups):
+        part, group_counts = _run_pairs(evaluator, inits, weight_names, group, batches, logits, seconds, tick,
+                                        first if g == 0 else None)
+        acc.update(part)
+        counts = counts or group_counts
+        first = {}
+    return _summary(units, seeds, acc, counts, seconds, passes=len(groups))
+
+
+def _evaluator(model, info: GraphInfo, all_units: list, units: list, seeds: list[int], provider: str):
+    """The partial-graph evaluator of ``units`` with each seed's fresh weights; the draws cover the layers
+    of ``all_units`` in order (one fresh model), so a unit gets the same weights whichever units run with it."""
     nodes = {n.name: n for n in info.graph}
-    all_layers = [layer for _, _, layers in units for layer in layers]
+    all_layers = [layer for _, _, layers in all_units for layer in layers]
     norms = {name: fresh_norms(nodes[n] for n in node_names if n in nodes) for name, node_names, _ in units}
     inits = {seed: fresh_init(all_layers, nodes, seed) for seed in seeds}
     for seed in seeds:
@@ -153,59 +203,75 @@ def srinit_scores(
     evaluator = PartialEvaluator(model, info, [Part(name, node_names, weight_names[name])
                                                for name, node_names, _ in units],
                                  provider=provider, inject="initializers")
-    pairs = [(name, seed) for name, _, _ in units for seed in seeds]
+    return evaluator, inits, weight_names
+
+
+def _run_pairs(evaluator: PartialEvaluator, inits: dict, weight_names: dict, pairs: list, batches: list,
+               logits: str | None, seconds: dict, tick: Callable[[], None], first: dict | None = None
+               ) -> tuple[dict, dict]:
+    """One pass over ``batches`` for the (unit, seed) ``pairs``: their per-sample differences, and the
+    sample counts of the pass. ``first``: the first batch's prefix activations, when already computed."""
     token_at = None if logits is None else evaluator.output_names.index(logits)
-    first = evaluator.run_prefix(batches[0][0]) if batches else {}
-    acts_bytes = sum(a.nbytes for a in first.values())
-    if acts_bytes >= max_memory:
-        raise InputError(f"one batch of activations takes {acts_bytes / 2**20:.0f} MiB, over --max-memory "
-                         f"({max_memory / 2**20:.0f} MiB); lower --batch-size or raise --max-memory")
-    groups = _groups(pairs, {name: evaluator.weight_bytes(name) for name, _, _ in units},
-                     max_memory - acts_bytes)
     acc = {pair: _Paired() for pair in pairs}
-    seconds = {name: 0.0 for name, _, _ in units}
-    state = {"n": 0, "labelled": 0, "correct": 0, "done": 0}
-    total = len(batches) * len(pairs)
-    for g, group in enumerate(groups):
-        sessions = {}
-        for name, seed in group:
+    counts = {"n": 0, "labelled": 0, "correct": 0}
+    sessions = {}
+    for name, seed in pairs:
+        t0 = time.perf_counter()
+        sessions[(name, seed)] = evaluator.bind(name, {k: inits[seed][k] for k in weight_names[name]})
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    for b, (feeds, labels) in enumerate(batches):
+        acts = first if b == 0 and first else evaluator.run_prefix(feeds)
+        refs = [acts[name] for name in evaluator.output_names]
+        ref = None if token_at is not None else Reference.of(refs)
+        ref_ok = None if labels is None or ref is None else (ref.top == labels.reshape(-1)).astype(np.float64)
+        counts["n"] += len(refs[0])
+        if ref_ok is not None:
+            counts["correct"] += int(ref_ok.sum())
+            counts["labelled"] += len(ref_ok)
+        for (name, seed), bound in sessions.items():
             t0 = time.perf_counter()
-            sessions[(name, seed)] = evaluator.bind(name, {k: inits[seed][k] for k in weight_names[name]})
-            seconds[name] += time.perf_counter() - t0
-        for b, (feeds, labels) in enumerate(batches):
-            acts = first if g == 0 and b == 0 else evaluator.run_prefix(feeds)
-            refs = [acts[name] for name in evaluator.output_names]
-            ref = None if token_at is not None else Reference.of(refs)
-            ref_ok = None if labels is None or ref is None else (ref.top == labels.reshape(-1)).astype(np.float64)
-            if g == 0:
-                state["n"] += len(refs[0])
+            outs = bound.run(acts)
+            p = acc[(name, seed)]
+            p.add("error", output_error(refs, outs))
+            if token_at is not None:  # a language model: next-token distributions at every position
+                ref_logits, new_logits = refs[token_at], outs[token_at]
+                p.add("agreement", (new_logits.argmax(-1) != ref_logits.argmax(-1)).mean(axis=1))
+                p.add("kl", token_kl(ref_logits, new_logits))
+            else:
+                logp = Reference.of(outs).logp
+                top = logp.argmax(axis=1)
+                p.add("agreement", (top != ref.top).astype(np.float64))
+                p.add("kl", np.sum(np.exp(ref.logp) * (ref.logp - logp), axis=1))
                 if ref_ok is not None:
-                    state["correct"] += int(ref_ok.sum())
-                    state["labelled"] += len(ref_ok)
-            for (name, seed), bound in sessions.items():
-                t0 = time.perf_counter()
-                outs = bound.run(acts)
-                p = acc[(name, seed)]
-                p.add("error", output_error(refs, outs))
-                if token_at is not None:  # a language model: next-token distributions at every position
-                    ref_logits, new_logits = refs[token_at], outs[token_at]
-                    p.add("agreement", (new_logits.argmax(-1) != ref_logits.argmax(-1)).mean(axis=1))
-                    p.add("kl", token_kl(ref_logits, new_logits))
-                else:
-                    logp = Reference.of(outs).logp
-                    top = logp.argmax(axis=1)
-                    p.add("agreement", (top != ref.top).astype(np.float64))
-                    p.add("kl", np.sum(np.exp(ref.logp) * (ref.logp - logp), axis=1))
-                    if ref_ok is not None:
-                        p.add("top1", ref_ok - (top == labels.reshape(-1)))
-                seconds[name] += time.perf_counter() - t0
-                state["done"] += 1
-                if progress:
-                    progress(state["done"], total)
-            del acts
-            first = {}
-        sessions.clear()
-    n, labelled = state["n"], state["labelled"]
+                    p.add("top1", ref_ok - (top == labels.reshape(-1)))
+            seconds[name] += time.perf_counter() - t0
+            tick()
+        del acts
+    return acc, counts
+
+
+def _unit_task(shared: dict, pairs: list) -> tuple[dict, dict, dict]:
+    """A Ray task: (unit, seed) ``pairs`` on a model loaded from the shared bytes, one pass over the data."""
+    import onnx
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(onnx.load_from_string(shared["model"]))  # nodes named, as analysed
+    am = AnalysedModel(model, None).at_shapes(shared["input_shapes"] or {})
+    by_name = {layer.name: layer for layer in am.layers}
+    all_units = [(name, nodes, [by_name[n] for n in layers]) for name, nodes, layers in shared["units"]]
+    names = {name for name, _ in pairs}
+    units = [u for u in all_units if u[0] in names]
+    evaluator, inits, weight_names = _evaluator(am.model, am.info, all_units, units, shared["seeds"],
+                                                shared["provider"])
+    seconds: dict = {}
+    acc, counts = _run_pairs(evaluator, inits, weight_names, pairs, shared["batches"], shared["logits"], seconds,
+                             lambda: None)
+    return acc, counts, seconds
+
+
+def _summary(units: list, seeds: list[int], acc: dict, counts: dict, seconds: dict, passes: int
+             ) -> tuple[dict[str, dict], dict]:
+    n, labelled = counts.get("n", 0), counts.get("labelled", 0)
     results = {}
     for name, _, _ in units:
         r: dict = {}
@@ -217,11 +283,11 @@ def srinit_scores(
             r[f"{metric}_se"] = float(np.mean([se for _, se in per_seed]))
             if len(seeds) > 1:
                 r[f"{metric}_seed_std"] = float(np.std([m for m, _ in per_seed], ddof=1))
-        r["seconds"] = round(seconds[name], 3)
+        r["seconds"] = round(seconds.get(name, 0.0), 3)
         results[name] = r
-    base = {"samples": n, "agreement": 100.0, "kl": 0.0, "error": 0.0, "passes": len(groups)}
+    base = {"samples": n, "agreement": 100.0, "kl": 0.0, "error": 0.0, "passes": passes}
     if labelled:
-        base["top1"] = 100.0 * state["correct"] / labelled
+        base["top1"] = 100.0 * counts["correct"] / labelled
     return results, base
 
 
@@ -280,7 +346,8 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
     t0 = time.perf_counter()
     results, base = srinit_scores(am.model, am.info, unit_defs, batches, list(range(seed, seed + seeds)),
                                   provider=provider, progress=progress, max_memory=max_memory,
-                                  logits=decoder.logits if (decoder := decoder_of(am.model)) else None)
+                                  logits=decoder.logits if (decoder := decoder_of(am.model)) else None,
+                                  backend=request.backend, input_shapes=dict(am.input_shapes))
     seconds = time.perf_counter() - t0
     passes = base.pop("passes")
     out = []
@@ -303,6 +370,7 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
                   seed=seed,
                   options={"seed": seed, "seeds": seeds, "samples": base["samples"], "data": request.data.record(),
                            "reference": base, "provider": provider, "passes": passes, "max_memory": max_memory,
+                           **request.backend.record(),
                            "metric_note": note,
                            "init": "Kaiming normal (fan_in, ReLU gain), zero bias, fresh BatchNorm"},
                   timing={"seconds": round(seconds, 3), "units": unit_seconds})

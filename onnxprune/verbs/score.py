@@ -8,6 +8,7 @@ from collections.abc import Callable
 from onnxprune.artefacts import Plan, Scores
 from onnxprune.errors import InputError
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.backend import Backend
 from onnxprune.scoring.common import ScoreRequest
 from onnxprune.scoring.registry import SCORERS
 from onnxprune.verbs.loading import InputShapesLike, ModelLike, open_model
@@ -30,6 +31,7 @@ def score(
     max_memory: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     input_shapes: InputShapesLike = None,
+    backend: Backend | None = None,
     **data_options,
 ) -> Scores:
     """Per-layer importance.
@@ -51,12 +53,19 @@ def score(
 
     ``input_shapes`` (see onnxprune.api.inspect) size the dynamic input dimensions the data does not fix;
     the scores record the sizes they were made at.
+
+    ``backend`` (srinit): ``Backend("ray", address)`` runs one task per unit on a Ray cluster (see
+    onnxprune.runtime.backend); the scores equal the local path's.
     """
     scorer = SCORERS.get(method)
     if scorer is None:
         raise InputError(f"unknown scoring method {method!r}; available: {', '.join(SCORERS)}")
     spec = rdata.DataSpec.of(data, **data_options) if scorer.needs_data else None
+    backend = backend or Backend()
+    if backend.kind != "local" and method != "srinit":
+        raise InputError(f"--backend {backend.kind} runs srinit so far; score --method {method} runs locally "
+                         "(drop --backend)")
     request = ScoreRequest(metric=metric, data=spec, grid=grid, at=at, tolerance=tolerance, units=units,
-                           seed=seed, seeds=seeds, max_memory=max_memory)
+                           seed=seed, seeds=seeds, max_memory=max_memory, backend=backend)
     scorer.check(request)
     return scorer.run(open_model(model, input_shapes=input_shapes, data=spec), request, progress)
