@@ -43,6 +43,12 @@ class Backend:
         if self.cpus_per_task <= 0 or self.gpus_per_task < 0:
             raise InputError("--cpus-per-task must be positive and --gpus-per-task at least 0")
 
+    def check(self) -> None:
+        """Fail fast (one line) when ``address`` does not answer, before any other work."""
+        if self.kind == "ray" and self.address:
+            _ray()
+            _reachable(self.address)
+
     def record(self) -> dict:
         """What a result records about where it ran (the numbers do not depend on it)."""
         return {"backend": self.kind, **({"address": self.address} if self.address else {})}

@@ -65,6 +65,7 @@ def score(
     if backend.kind != "local" and method != "srinit":
         raise InputError(f"--backend {backend.kind} runs srinit so far; score --method {method} runs locally "
                          "(drop --backend)")
+    backend.check()
     request = ScoreRequest(metric=metric, data=spec, grid=grid, at=at, tolerance=tolerance, units=units,
                            seed=seed, seeds=seeds, max_memory=max_memory, backend=backend)
     scorer.check(request)

@@ -1,0 +1,73 @@
+"""The Ray backend on a local cluster started here (2 CPUs on 127.0.0.1, shut down after): SR-init scores
+equal the local path's, a worker that dies mid-task is retried to the same result, a wrong address is one
+line (exit 2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from onnxprune import api
+from onnxprune.cli import main
+from onnxprune.errors import InputError
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield api.Backend("ray")
+    ray.shutdown()
+
+
+def _numbers(scores) -> list:
+    return [(u["name"], u["drop"], u["drop_se"], u.get("drop_seed_std"), u["metrics"]) for u in scores.units]
+
+
+@pytest.mark.parametrize("units,seeds", [("blocks", 3), ("layers", 2)])
+def test_srinit_on_ray_equals_the_local_path(export, cifar_jpeg, cluster, units, seeds):
+    path = export("resnet20")
+    options = dict(method="srinit", data=cifar_jpeg, offset=1017, limit=96, batch_size=32, units=units,
+                   seed=5, seeds=seeds)
+    local = api.score(path, **options)
+    on_ray = api.score(path, backend=cluster, **options)
+    assert _numbers(on_ray) == _numbers(local)
+    assert on_ray.options["reference"] == local.options["reference"]
+    assert on_ray.options["backend"] == "ray" and local.options["backend"] == "local"
+
+
+def _dies_once(shared: dict, task: int) -> int:
+    """Kills its worker process the first time it runs task 1 (a marker file remembers), then works."""
+    marker = Path(shared["folder"]) / f"died_{task}"
+    if task == 1 and not marker.exists():
+        marker.write_text("x")
+        os._exit(1)
+    return task * shared["factor"]
+
+
+def test_a_task_whose_worker_dies_is_retried_to_the_same_result(cluster, tmp_path):
+    shared = {"folder": str(tmp_path), "factor": 7}
+    want = api.Backend().map(_dies_once, [0, 2, 3], shared) + [7]
+    got = cluster.map(_dies_once, [0, 2, 3, 1], shared)
+    assert sorted(got) == sorted(want) and got[-1] == 7 and (tmp_path / "died_1").exists()
+
+
+def test_an_address_nobody_answers_is_one_line(tmp_path, export, digits_npz):
+    result = CliRunner().invoke(main, ["score", str(export("cnn")), "--method", "srinit", "--units", "layers",
+                                       "--data", str(digits_npz),
+                                       "--backend", "ray", "--address", "127.0.0.1:9", "-o",
+                                       str(tmp_path / "s.json")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no Ray cluster answers at --address 127.0.0.1:9" in lines[0], result.stderr
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_ray_options_need_the_ray_backend():
+    with pytest.raises(InputError, match="--backend ray"):
+        api.Backend("local", address="127.0.0.1:6379")
