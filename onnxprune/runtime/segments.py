@@ -51,10 +51,10 @@ def _reads(node: onnx.NodeProto) -> set[str]:
 
 class Segments:
     """``proto`` cut before each node index in ``cuts`` (top-level nodes; ``starts``: where each segment
-    begins). ``run(i, state,
-    feeds)`` runs segment i on a state (the values crossing the cut before it) and returns the state after
-    it; ``keep`` names values to carry although nothing later reads them (a layer's output to measure).
-    Weights fed at run time (graph inputs made by weights_as_inputs) come in ``feeds``, not in the state."""
+    begins). ``run(i, state, feeds)`` runs segment i on a state (the values crossing the cut before it) and
+    returns the state after it; ``keep`` names values to carry although nothing later reads them (a layer's
+    output to measure). Weights fed at run time (graph inputs made by weights_as_inputs) come in ``feeds``,
+    not in the state."""
 
     def __init__(self, proto: onnx.ModelProto, cuts: Iterable[int], provider: str = "cpu",
                  fed: Iterable[str] = (), keep: Iterable[str] = ()):
@@ -119,9 +119,13 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 
 def _info(name: str, types: dict[str, onnx.TypeProto]) -> onnx.ValueInfoProto:
+    """A segment's input or output: its element type, no shape (the data may be of other sizes than the
+    ones the model was analysed at)."""
     info = onnx.ValueInfoProto(name=name)
-    if name in types:
-        info.type.CopyFrom(types[name])
-    else:  # shape inference found nothing: float of unknown shape (float16 graphs: see with_outputs)
-        info.type.CopyFrom(helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
+    found = types.get(name)
+    if found is not None and not found.HasField("tensor_type"):
+        info.type.CopyFrom(found)  # a sequence or optional value: as it is
+    else:  # a tensor: its element type, float where shape inference found none
+        elem = found.tensor_type.elem_type if found is not None else onnx.TensorProto.FLOAT
+        info.type.CopyFrom(helper.make_tensor_type_proto(elem or onnx.TensorProto.FLOAT, None))
     return info
