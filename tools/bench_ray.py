@@ -5,13 +5,14 @@ cluster of this machine's CPUs, interleaved (local, ray, ray, local, ...) for ``
 cluster's start-up is measured once, apart. The scores of every Ray run are checked equal to the local
 ones. Target: Ray wall time at most 1.3x the local path's.
 
-    python -m tools.bench_ray [--images 2000] [--rounds 2] [--write]
+    python -m tools.bench_ray [--images 2000] [--rounds 3] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 from onnxprune import api
@@ -49,7 +50,7 @@ def run(images: int, rounds: int) -> dict:
 
 
 def render(result: dict) -> str:
-    local, on_ray = (sorted(result["times"][k])[len(result["times"][k]) // 2] for k in ("local", "ray"))
+    local, on_ray = (statistics.median(result["times"][k]) for k in ("local", "ray"))
     ratio = on_ray / local
     return "\n".join([
         "## Ray backend overhead: SR-init on ResNet-56 (issue 20)",
@@ -74,7 +75,7 @@ def render(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="replace the ray section of BENCHMARKS.md")
     args = parser.parse_args()
     result = run(args.images, args.rounds)

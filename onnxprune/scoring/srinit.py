@@ -153,7 +153,8 @@ def srinit_scores(
     if backend.kind != "local":
         shared = {"model": session_proto(model).SerializeToString(), "input_shapes": input_shapes,
                   "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
-                  "batches": batches, "seeds": seeds, "provider": provider, "logits": logits}
+                  "batches": batches, "seeds": seeds, "provider": provider, "logits": logits,
+                  "threads": max(int(backend.cpus_per_task), 1)}  # a task's share of its node, not every core
         per_task = -(-len(units) // min(len(units), 2 * backend.parallelism()))  # units per task, in order
         tasks = [[pair for name, _, _ in units[i:i + per_task] for pair in pairs if pair[0] == name]
                  for i in range(0, len(units), per_task)]
@@ -188,7 +189,8 @@ def srinit_scores(
     return _summary(units, seeds, acc, counts, seconds, passes=len(groups))
 
 
-def _evaluator(model, info: GraphInfo, all_units: list, units: list, seeds: list[int], provider: str):
+def _evaluator(model, info: GraphInfo, all_units: list, units: list, seeds: list[int], provider: str,
+               threads: int | None = None):
     """The partial-graph evaluator of ``units`` with each seed's fresh weights; the draws cover the layers
     of ``all_units`` in order (one fresh model), so a unit gets the same weights whichever units run with it."""
     nodes = {n.name: n for n in info.graph}
@@ -202,7 +204,7 @@ def _evaluator(model, info: GraphInfo, all_units: list, units: list, seeds: list
                     for name, _, layers in units}
     evaluator = PartialEvaluator(model, info, [Part(name, node_names, weight_names[name])
                                                for name, node_names, _ in units],
-                                 provider=provider, inject="initializers")
+                                 provider=provider, threads=threads, inject="initializers")
     return evaluator, inits, weight_names
 
 
@@ -262,7 +264,7 @@ def _unit_task(shared: dict, pairs: list) -> tuple[dict, dict, dict]:
     names = {name for name, _ in pairs}
     units = [u for u in all_units if u[0] in names]
     evaluator, inits, weight_names = _evaluator(am.model, am.info, all_units, units, shared["seeds"],
-                                                shared["provider"])
+                                                shared["provider"], shared["threads"])
     seconds: dict = {}
     acc, counts = _run_pairs(evaluator, inits, weight_names, pairs, shared["batches"], shared["logits"], seconds,
                              lambda: None)
