@@ -245,7 +245,7 @@ def test_patches_reproduce_conv():
     y = _run(proto.SerializeToString(), x)
     wa = onnx.numpy_helper.to_array(w)
     pred = rc.layer_rows(x, layer) @ rc._matrix(wa, layer) + onnx.numpy_helper.to_array(b)
-    np.testing.assert_allclose(pred, rc._targets(y, layer), atol=1e-4)
+    np.testing.assert_allclose(pred, rc.layer_targets(y, layer), atol=1e-4)
     np.testing.assert_array_equal(rc._unmatrix(rc._matrix(wa, layer), layer, wa.shape), wa)
 
 
