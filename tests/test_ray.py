@@ -1,5 +1,5 @@
-"""The Ray backend on a local cluster started here (2 CPUs on 127.0.0.1, shut down after): SR-init scores
-equal the local path's, a worker that dies mid-task is retried to the same result, a wrong address is one
+"""The Ray backend on a local cluster started here (2 CPUs on 127.0.0.1, shut down after): SR-init,
+sensitivity and compactness scores equal the local path's, a worker that dies mid-task is retried to the same result, a wrong address is one
 line (exit 2)."""
 
 from __future__ import annotations
@@ -39,6 +39,15 @@ def test_srinit_on_ray_equals_the_local_path(export, cifar_jpeg, cluster, units,
     assert _numbers(on_ray) == _numbers(local)
     assert on_ray.options["reference"] == local.options["reference"]
     assert on_ray.options["backend"] == "ray" and local.options["backend"] == "local"
+
+
+@pytest.mark.parametrize("method,extra", [("sensitivity", {"grid": (0.5, 0.9)}), ("compactness", {})])
+def test_layer_measures_on_ray_equal_the_local_path(export, cifar_jpeg, cluster, method, extra):
+    path = export("resnet20")
+    options = dict(method=method, data=cifar_jpeg, offset=1017, limit=64, batch_size=32, **extra)
+    local, on_ray = api.score(path, **options), api.score(path, backend=cluster, **options)
+    assert on_ray.units == local.units
+    assert on_ray.options["reference"] == local.options["reference"]
 
 
 def _dies_once(shared: dict, task: int) -> int:

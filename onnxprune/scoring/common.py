@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxprune.analysis.blocks import Block, transformer_layers
 from onnxprune.analysis.layers import Layer
@@ -22,8 +23,8 @@ from onnxprune.runtime.language_model import decoder_of
 from onnxprune.runtime.metrics import class_scores
 from onnxprune.runtime.session import create_session
 
-__all__ = ["Progress", "ScoreRequest", "block_units", "calibration", "choose_metric", "layer_entry", "owned_layers",
-           "relative_to_max", "sample_count", "unit_entry"]
+__all__ = ["Progress", "ScoreRequest", "block_units", "calibration", "choose_metric", "chunks", "layer_entry",
+           "owned_layers", "received", "relative_to_max", "sample_count", "shipped", "unit_entry"]
 
 Progress = Callable[[int, int | None], None]
 NO_LAYERS = "the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
@@ -87,6 +88,24 @@ def untaken_branches(am: AnalysedModel, layers: list[Layer], batches: list, prov
                     if value in seen[cond]} for node, cond in conditions.items()}
     return {layer.name: f"the data never takes {layer.scope}'s {layer.branch}" for layer in layers
             if layer.scope in taken and layer.branch not in taken[layer.scope]}
+
+
+def shipped(am: AnalysedModel) -> dict:
+    """What a remote task needs to rebuild ``am``: the analysed model's bytes (nodes named, body weights
+    hoisted) and the input sizes it was analysed at (see received)."""
+    return {"model": session_proto(am.model).SerializeToString(), "input_shapes": dict(am.input_shapes)}
+
+
+def received(shared: dict) -> AnalysedModel:
+    """The AnalysedModel a task rebuilds from ``shipped``'s fields: the same layers, the same names."""
+    model = ir.serde.deserialize_model(onnx.load_from_string(shared["model"]))
+    return AnalysedModel(model, None).at_shapes(shared["input_shapes"] or {})
+
+
+def chunks(items: list, backend: Backend) -> list[list]:
+    """``items`` cut into consecutive tasks, about twice as many as ``backend`` runs at once."""
+    size = -(-len(items) // max(min(len(items), 2 * backend.parallelism()), 1))
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def sample_count(batches: list) -> int:

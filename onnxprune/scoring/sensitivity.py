@@ -23,6 +23,7 @@ from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, Scores, check_fingerprint, curve_drop, load_plan
 from onnxprune.errors import InputError
 from onnxprune.io import session_proto
+from onnxprune.runtime.backend import Backend
 from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.runtime.session import create_session
@@ -31,9 +32,12 @@ from onnxprune.scoring.common import (
     ScoreRequest,
     calibration,
     choose_metric,
+    chunks,
     layer_entry,
+    received,
     relative_to_max,
     sample_count,
+    shipped,
     untaken_branches,
 )
 from onnxprune.tensors.masks import magnitude_order, pruned_copy
@@ -81,6 +85,7 @@ def layer_sensitivity(
     grid: tuple[float, ...] = DEFAULT_GRID, provider: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     at: dict[str, float] | None = None,
+    threads: int | None = None,
 ) -> tuple[dict[str, list[dict]], dict]:
     """Per layer, a curve [{sparsity, kl, agreement, top1?}] starting at sparsity 0, and the reference metrics.
 
@@ -92,7 +97,7 @@ def layer_sensitivity(
     weights = {layer.name: np.asarray(get_weight(layer)) for layer in layers}
     reference = None
     if at:
-        reference = create_session(session_proto(model).SerializeToString(), provider)
+        reference = create_session(session_proto(model).SerializeToString(), provider, threads)
         model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
         info = analyse_graph(model)
         by_name = {layer.name: layer for layer in find_layers(info)}
@@ -101,7 +106,7 @@ def layer_sensitivity(
             set_weight(by_name[name], pruned_copy(w, magnitude_order(w), int(round(sp * w.size))))
         layers = [by_name[layer.name] for layer in layers]
     evaluator = PartialEvaluator(model, info, [Part(layer.name, layer.main_nodes, [layer.weight]) for layer in layers],
-                                 provider=provider)
+                                 provider=provider, threads=threads)
     variants: dict[str, list[tuple[float, np.ndarray]]] = {}
     for layer in layers:
         w = weights[layer.name]
@@ -140,7 +145,7 @@ def layer_sensitivity(
 def layer_compactness(
     model, info: GraphInfo, layers: list[Layer], batches: list[tuple[dict, np.ndarray | None]],
     tolerance: float = 1.0, steps: int = 8, max_sparsity: float = 0.99, provider: str = "cpu",
-    progress: Callable[[int, int], None] | None = None, criterion: str | None = None,
+    progress: Callable[[int, int], None] | None = None, criterion: str | None = None, threads: int | None = None,
 ) -> tuple[dict[str, dict], dict]:
     """For each layer alone, the highest magnitude-pruning sparsity whose drop stays within ``tolerance``
     (percentage points of ``criterion``: by default top-1 with labels, else top-1 agreement with the
@@ -148,7 +153,7 @@ def layer_compactness(
     bisection over [0, max_sparsity] in ``steps`` halvings. The unmodified model runs once; each probe runs
     only the graph from the layer on, over the cached activations of every calibration batch."""
     evaluator = PartialEvaluator(model, info, [Part(layer.name, layer.main_nodes, [layer.weight]) for layer in layers],
-                                 provider=provider)
+                                 provider=provider, threads=threads)
     cached = []
     ref = DropAccumulator()
     for feeds, labels in batches:
@@ -186,6 +191,28 @@ def layer_compactness(
     return results, base
 
 
+MEASURES = {"sensitivity": layer_sensitivity, "compactness": layer_compactness}
+
+
+def _fanned_out(am: AnalysedModel, backend: Backend, measure: str, layers: list[Layer], progress, **options
+                ) -> tuple[dict, dict]:
+    """``MEASURES[measure]`` of ``layers``: here, or on ``backend`` in tasks of consecutive layers (each layer's
+    result depends only on it and the data, so the merged results equal the local ones)."""
+    if backend.kind == "local":
+        return MEASURES[measure](am.model, am.info, layers, progress=progress, **options)
+    shared = {**shipped(am), "measure": measure, "options": options, "threads": max(int(backend.cpus_per_task), 1)}
+    parts = backend.map(_layers_task, chunks([layer.name for layer in layers], backend), shared, progress)
+    return {k: v for found, _ in parts for k, v in found.items()}, parts[0][1]
+
+
+def _layers_task(shared: dict, names: list[str]) -> tuple[dict, dict]:
+    """A Ray task: one measure of the layers ``names`` on the model rebuilt from ``shared``."""
+    am = received(shared)
+    by_name = {layer.name: layer for layer in am.layers}
+    return MEASURES[shared["measure"]](am.model, am.info, [by_name[n] for n in names], threads=shared["threads"],
+                                       **shared["options"])
+
+
 def check_sensitivity(request: ScoreRequest) -> None:
     metric = request.metric
     if metric is not None and metric not in METRICS:
@@ -206,8 +233,8 @@ def score_sensitivity(am: AnalysedModel, request: ScoreRequest, progress: Progre
         at_sparsities = at_plan.sparsities()
         grid = tuple(sorted(set(grid) | {0.0}))
     t0 = time.perf_counter()
-    curves, base = layer_sensitivity(am.model, am.info, layers, batches, grid, provider=provider, progress=progress,
-                                     at=at_sparsities)
+    curves, base = _fanned_out(am, request.backend, "sensitivity", layers, progress, batches=batches, grid=grid,
+                               provider=provider, at=at_sparsities)
     seconds = time.perf_counter() - t0
     unscored = untaken_branches(am, layers, batches, provider)
     units = []
@@ -224,6 +251,7 @@ def score_sensitivity(am: AnalysedModel, request: ScoreRequest, progress: Progre
                   units=units, metric=metric,
                   options={"grid": list(grid), "samples": sample_count(batches), "data": request.data.record(),
                            "provider": provider, "reference": base, "at": at_sparsities, "metric_note": note,
+                           **request.backend.record(),
                            "definition": "output drop of the model with only this layer magnitude-pruned"},
                   timing={"seconds": round(seconds, 3)})
 
@@ -238,8 +266,8 @@ def score_compactness(am: AnalysedModel, request: ScoreRequest, progress: Progre
     layers, provider, batches = calibration(am, request.data)
     criterion, note = choose_metric(am, None, batches, classifier_default=None)
     t0 = time.perf_counter()
-    results, base = layer_compactness(am.model, am.info, layers, batches, request.tolerance, provider=provider,
-                                      progress=progress, criterion=criterion)
+    results, base = _fanned_out(am, request.backend, "compactness", layers, progress, batches=batches,
+                                tolerance=request.tolerance, provider=provider, criterion=criterion)
     unscored = untaken_branches(am, layers, batches, provider)
     units = []
     for layer in layers:
@@ -252,6 +280,7 @@ def score_compactness(am: AnalysedModel, request: ScoreRequest, progress: Progre
                   units=units, metric="compactness",
                   options={"tolerance": request.tolerance, "samples": sample_count(batches),
                            "data": request.data.record(), "reference": base, "provider": provider,
-                           "metric_note": note, "definition": "highest sparsity of this layer alone whose drop stays within the "
+                           **request.backend.record(), "metric_note": note,
+                           "definition": "highest sparsity of this layer alone whose drop stays within the "
                                          "tolerance; importance = 1 - compactness (at least 0.01)"},
                   timing={"seconds": round(time.perf_counter() - t0, 3)})

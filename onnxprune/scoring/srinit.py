@@ -38,7 +38,9 @@ from onnxprune.scoring.common import (
     block_units,
     calibration,
     choose_metric,
+    chunks,
     layer_entry,
+    received,
     relative_to_max,
     unit_entry,
     untaken_branches,
@@ -155,9 +157,8 @@ def srinit_scores(
                   "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
                   "batches": batches, "seeds": seeds, "provider": provider, "logits": logits,
                   "threads": max(int(backend.cpus_per_task), 1)}  # a task's share of its node, not every core
-        per_task = -(-len(units) // min(len(units), 2 * backend.parallelism()))  # units per task, in order
-        tasks = [[pair for name, _, _ in units[i:i + per_task] for pair in pairs if pair[0] == name]
-                 for i in range(0, len(units), per_task)]
+        tasks = [[pair for name in names for pair in pairs if pair[0] == name]
+                 for names in chunks([name for name, _, _ in units], backend)]
         found = backend.map(_unit_task, tasks, shared, progress)
         acc = {pair: paired for part, _, _ in found for pair, paired in part.items()}
         counts = found[0][1] if found else {"n": 0, "labelled": 0, "correct": 0}
@@ -254,11 +255,7 @@ def _run_pairs(evaluator: PartialEvaluator, inits: dict, weight_names: dict, pai
 
 def _unit_task(shared: dict, pairs: list) -> tuple[dict, dict, dict]:
     """A Ray task: (unit, seed) ``pairs`` on a model loaded from the shared bytes, one pass over the data."""
-    import onnx
-    import onnx_ir as ir
-
-    model = ir.serde.deserialize_model(onnx.load_from_string(shared["model"]))  # nodes named, as analysed
-    am = AnalysedModel(model, None).at_shapes(shared["input_shapes"] or {})
+    am = received(shared)
     by_name = {layer.name: layer for layer in am.layers}
     all_units = [(name, nodes, [by_name[n] for n in layers]) for name, nodes, layers in shared["units"]]
     names = {name for name, _ in pairs}

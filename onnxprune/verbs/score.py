@@ -54,17 +54,17 @@ def score(
     ``input_shapes`` (see onnxprune.api.inspect) size the dynamic input dimensions the data does not fix;
     the scores record the sizes they were made at.
 
-    ``backend`` (srinit): ``Backend("ray", address)`` runs one task per unit on a Ray cluster (see
-    onnxprune.runtime.backend); the scores equal the local path's.
+    ``backend`` (srinit, sensitivity, compactness): ``Backend("ray", address)`` runs tasks of consecutive
+    units or layers on a Ray cluster (see onnxprune.runtime.backend); the scores equal the local path's.
     """
     scorer = SCORERS.get(method)
     if scorer is None:
         raise InputError(f"unknown scoring method {method!r}; available: {', '.join(SCORERS)}")
     spec = rdata.DataSpec.of(data, **data_options) if scorer.needs_data else None
     backend = backend or Backend()
-    if backend.kind != "local" and method != "srinit":
-        raise InputError(f"--backend {backend.kind} runs srinit so far; score --method {method} runs locally "
-                         "(drop --backend)")
+    if backend.kind != "local" and method not in ("srinit", "sensitivity", "compactness"):
+        raise InputError(f"--backend {backend.kind} runs srinit, sensitivity and compactness; score --method "
+                         f"{method} runs locally (drop --backend)")
     backend.check()
     request = ScoreRequest(metric=metric, data=spec, grid=grid, at=at, tolerance=tolerance, units=units,
                            seed=seed, seeds=seeds, max_memory=max_memory, backend=backend)
