@@ -15,6 +15,7 @@ from onnxprune.errors import InputError
 from onnxprune.io import check_output_path, model_file_bytes
 from onnxprune.planning.registry import LAYER_METHODS
 from onnxprune.runtime import data as rdata
+from onnxprune.runtime.backend import Backend
 from onnxprune.runtime.input_values import parse_input_values
 from onnxprune.verbs.allocate import allocate
 from onnxprune.verbs.apply import WEIGHT_CRITERIA, ApplyResult, apply
@@ -84,6 +85,7 @@ def prune(
     criterion: str = "magnitude",
     damp: float | None = None,
     block_size: int | None = None,
+    backend: Backend | None = None,
     latency: bool = True,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -106,6 +108,8 @@ def prune(
     - ``remove_blocks=K``: remove the K residual blocks whose SR-init re-initialisation hurts least
       (needs ``data``; ``seed`` seeds the re-initialisation).
 
+    ``backend``: where the SR-init and sensitivity runs go (onnxprune.runtime.backend; the same numbers).
+
     ``eval_data`` (an .npz path or DataSpec, fed like ``data``): where accuracy is measured before and after;
     without it, on ``data`` itself (then the pruned model has seen that data through scoring or the refit).
     ``input_values``: auxiliary inputs for the output check and timing (``["sr=16000"]``; default: the data's).
@@ -113,6 +117,8 @@ def prune(
     >>> res = prune("model.onnx", "pruned.onnx", target_sparsity=0.7)  # doctest: +SKIP
     >>> res.after.params, res.before.params  # doctest: +SKIP
     """
+    backend = backend or Backend()
+    backend.check()
     goals = [g for g in (target_sparsity, target_flops, remove_blocks) if g is not None]
     if len(goals) != 1:
         raise InputError("give exactly one goal: --target-sparsity S, --target-flops F or --remove-blocks K")
@@ -149,7 +155,7 @@ def prune(
             raise InputError("the model has no residual blocks to remove; prune channels (--target-flops) or "
                              "weights (--target-sparsity) instead")
         say("scoring blocks (SR-init)")
-        scores = score(am, "srinit", data=spec, seed=seed)  # the metric suits the outputs and labels
+        scores = score(am, "srinit", data=spec, seed=seed, backend=backend)  # the metric suits outputs and labels
         say("allocating")
         plan = allocate(am, method="srinit", scores=scores, remove=remove_blocks)
     else:
@@ -160,7 +166,7 @@ def prune(
         if method in ("sensitivity", "search") and spec is None:
             raise InputError(f"--method {method} measures the model: give --data")
         say("scoring layers")
-        scores = (score(am, "sensitivity", data=spec) if method == "sensitivity"
+        scores = (score(am, "sensitivity", data=spec, backend=backend) if method == "sensitivity"
                   else score(am, "capacity"))
         say("allocating")
         plan = allocate(am, method=method, scores=scores, data=spec if method == "search" else None,
@@ -204,6 +210,43 @@ def prune(
                        mode=mode, method=method, applied=applied, notes=notes)
 
 
+def _sweep_cell(shared: dict, cell: tuple[str, float]) -> list[dict]:
+    """One (method, target) of a sweep: allocated once, applied with each criterion, each result measured
+    (a task of Backend.map: here with the driver's AnalysedModel, on a worker with one loaded from the path)."""
+    method, target = cell
+    model, spec, calib = shared["model"], shared["spec"], shared["calib"]
+    am = shared["am"] or open_model(model, input_shapes=shared["input_shapes"], data=spec)
+    try:
+        plan, failed = allocate(am, method=method, target_sparsity=target, scores=shared["scores"].get(method),
+                                budget=shared["budget"], granularity=shared["granularity"], seed=shared["seed"],
+                                data=spec if method == "search" else None), None
+    except InputError as exc:  # e.g. a target this method cannot reach on this model
+        plan, failed = None, str(exc)
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="onnxprune-sweep-"))
+    try:
+        for criterion in shared["criteria"]:
+            row = {"method": method if criterion == "magnitude" else f"{method}+{criterion}", "sparsity": target,
+                   **({"criterion": criterion} if criterion != "magnitude" else {})}
+            try:
+                if failed:
+                    raise InputError(failed)
+                applied = apply(model, plan, tmp / "pruned.onnx", check=False, force=True,
+                                criterion=criterion if shared["granularity"] == "unstructured" else None,
+                                data=calib if criterion != "magnitude" else None)
+                res = evaluate(applied.path, spec, reference=None if shared["labelled"] else model)
+                t = applied.totals
+                row.update(top1=res.top1, top5=res.top5, output_error=res.output_error,
+                           params_removed=t.get("params_sparsity", t.get("params_fraction_removed")),
+                           flops_removed=t.get("flops_sparsity", t.get("flops_fraction_removed")))
+            except InputError as exc:
+                row["error"] = str(exc)
+            rows.append(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
 def _fed_like(eval_data, spec: rdata.DataSpec | None) -> rdata.DataSpec | None:
     """``eval_data`` (a path: fed with ``spec``'s keys, normalisation and batch size; a DataSpec as it is), or
     ``spec`` when it is None."""
@@ -236,6 +279,7 @@ def sweep(
     seed: int = 0,
     criteria: tuple[str, ...] = ("magnitude",),
     calibration: rdata.DataSpec | str | os.PathLike | None = None,
+    backend: Backend | None = None,
     progress: Callable[[int, int], None] | None = None,
     input_shapes: InputShapesLike = None,
     **data_options,
@@ -246,7 +290,10 @@ def sweep(
     ``granularity`` unstructured (sparsity = fraction of weights) or channel (fraction of the ``budget``).
     Unstructured: each allocation with each of ``criteria`` (magnitude, wanda, obs; a row's ``method`` is then
     ``lamp+obs``); wanda and obs choose weights from ``calibration`` data (an .npz path or DataSpec), which
-    should not overlap ``data``."""
+    should not overlap ``data``. ``backend`` ray: each (method, target) cell a Ray task (on workers that see
+    the model's and the data's paths), the rows in the local order."""
+    backend = backend or Backend()
+    backend.check()
     spec = rdata.DataSpec.of(data, **data_options)
     unknown = [c for c in criteria if c not in WEIGHT_CRITERIA]
     if unknown or not criteria:
@@ -275,43 +322,16 @@ def sweep(
     if "capacity" in methods:
         scores["capacity"] = score(am, "capacity")
     if "sensitivity" in methods:
-        scores["sensitivity"] = score(am, "sensitivity", data=spec)
-    rows = []
-    total, done = len(methods) * len(sparsities) * len(criteria), 0
-    tmp = Path(tempfile.mkdtemp(prefix="onnxprune-sweep-"))
-    try:
-        for method, s in ((m, s) for m in methods for s in sparsities):
-            try:
-                plan, failed = allocate(am, method=method, target_sparsity=s, scores=scores.get(method),
-                                        budget=budget, granularity=granularity, seed=seed,
-                                        data=spec if method == "search" else None), None
-            except InputError as exc:  # e.g. a target this method cannot reach on this model
-                plan, failed = None, str(exc)
-            for criterion in criteria:
-                row = {"method": method if criterion == "magnitude" else f"{method}+{criterion}", "sparsity": s,
-                       **({"criterion": criterion} if criterion != "magnitude" else {})}
-                try:
-                    if failed:
-                        raise InputError(failed)
-                    applied = apply(model, plan, tmp / "pruned.onnx", check=False, force=True,
-                                    criterion=criterion if granularity == "unstructured" else None,
-                                    data=calib if criterion != "magnitude" else None)
-                    res = evaluate(applied.path, spec, reference=None if labelled else model)
-                    t = applied.totals
-                    row.update(top1=res.top1, top5=res.top5, output_error=res.output_error,
-                               params_removed=t.get("params_sparsity", t.get("params_fraction_removed")),
-                               flops_removed=t.get("flops_sparsity", t.get("flops_fraction_removed")))
-                except InputError as exc:
-                    row["error"] = str(exc)
-                rows.append(row)
-                done += 1
-                if progress:
-                    progress(done, total)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        scores["sensitivity"] = score(am, "sensitivity", data=spec, backend=backend)
+    shared = {"model": model, "am": am if backend.kind == "local" else None, "input_shapes": dict(am.input_shapes),
+              "scores": scores, "budget": budget, "granularity": granularity, "seed": seed, "spec": spec,
+              "calib": calib, "criteria": list(criteria), "labelled": labelled}
+    found = backend.map(_sweep_cell, [(m, s) for m in methods for s in sparsities], shared, progress)
+    rows = [row for cell in found for row in cell]
     return Sweep(fingerprint=am.fingerprint, granularity=granularity, budget=budget, data=spec.record(),
                  dense={"top1": dense.top1, "top5": dense.top5, "output_error": None if labelled else 0.0,
                         "samples": dense.samples}, rows=rows,
                  options={"sparsities": list(sparsities), "methods": list(methods), "seed": seed,
                           "metric": "top1" if labelled else "output_error", "criteria": list(criteria),
+                          **backend.record(),
                           **({"calibration": calib.record()} if calib is not None else {})})

@@ -1,5 +1,5 @@
 """The Ray backend on a local cluster started here (2 CPUs on 127.0.0.1, shut down after): SR-init,
-sensitivity and compactness scores equal the local path's, a worker that dies mid-task is retried to the same result, a wrong address is one
+sensitivity and compactness scores, sweep rows and prune's blocks equal the local path's, a worker that dies mid-task is retried to the same result, a wrong address is one
 line (exit 2)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from onnxprune import api
+from onnxprune import api, workflows
 from onnxprune.cli import main
 from onnxprune.errors import InputError
 
@@ -48,6 +48,23 @@ def test_layer_measures_on_ray_equal_the_local_path(export, cifar_jpeg, cluster,
     local, on_ray = api.score(path, **options), api.score(path, backend=cluster, **options)
     assert on_ray.units == local.units
     assert on_ray.options["reference"] == local.options["reference"]
+
+
+def test_sweep_on_ray_equals_the_local_path(export, cifar_lossless, cluster):
+    path = export("resnet20")
+    options = dict(data=cifar_lossless, limit=128, sparsities=(0.5, 0.8), methods=("uniform", "lamp"))
+    local, on_ray = workflows.sweep(path, **options), workflows.sweep(path, backend=cluster, **options)
+    assert on_ray.rows == local.rows and on_ray.dense == local.dense and on_ray.options["backend"] == "ray"
+
+
+def test_prune_on_ray_removes_the_blocks_the_local_path_removes(export, cifar_jpeg, cluster, tmp_path):
+    path = export("resnet20")
+    options = dict(remove_blocks=2, data=cifar_jpeg, offset=1017, limit=64, latency=False)
+    local = workflows.prune(path, tmp_path / "local.onnx", **options)
+    on_ray = workflows.prune(path, tmp_path / "ray.onnx", backend=cluster, **options)
+    blocks = [api.load_plan(r.plan_path).blocks for r in (local, on_ray)]
+    assert blocks[0] == blocks[1] and len(blocks[0]) == 2
+    assert on_ray.after.params == local.after.params
 
 
 def _dies_once(shared: dict, task: int) -> int:

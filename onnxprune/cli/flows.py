@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxprune import api, workflows
-from onnxprune.cli.options import common_options, data_options, output_option, round_to_option
+from onnxprune.cli.options import backend_options, common_options, data_options, output_option, round_to_option
 from onnxprune.cli.render import emit_json, fmt_flops, fmt_int, fmt_kib, notice, notices, out, progress_bar
 from onnxprune.errors import InputError
 
@@ -40,11 +40,12 @@ __all__ = ["prune", "report", "sweep"]
 @click.option("--eval-data", type=click.Path(path_type=str), default=None,
               help="Held-out .npz for accuracy before and after (fed like --data); default: --data itself.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs (even MODEL).")
+@backend_options
 @data_options
 @output_option("The pruned model; OUT.scores.json and OUT.plan.json are written beside it.")
 @common_options
-def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, criterion, damp, block_size, seed, no_latency,
-          eval_data, force, data_spec, input_shapes, output, as_json):
+def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to, criterion, damp, block_size, seed,
+          no_latency, eval_data, force, backend, data_spec, input_shapes, output, as_json):
     """Score, allocate and apply in one command; print MODEL before and after.
 
     --data is optional: with labels it adds accuracy before and after, with --target-flops it refits the
@@ -61,7 +62,7 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
     with progress_bar("pruning") as bar:
         result = workflows.prune(model, output, target_sparsity=target_sparsity, target_flops=target_flops,
                                  remove_blocks=remove_blocks, method=method, round_to=round_to, seed=seed,
-                                 criterion=criterion, damp=damp, block_size=block_size,
+                                 criterion=criterion, damp=damp, block_size=block_size, backend=backend,
                                  latency=not no_latency, force=force, data=data_spec if data_spec.given else None,
                                  eval_data=eval_data, progress=bar.describe, input_shapes=input_shapes,
                                  input_values=data_spec.input_values)
@@ -120,11 +121,12 @@ def prune(model, target_sparsity, target_flops, remove_blocks, method, round_to,
               help="wanda / obs: .npz of calibration samples, fed like --data; keep them out of --data.")
 @click.option("--calibration-offset", type=int, default=0, show_default=True)
 @click.option("--calibration-limit", type=int, default=128, show_default=True)
+@backend_options
 @data_options
 @output_option("Where to write sweep.json.")
 @common_options
 def sweep(model, sparsities, methods, granularity, budget, seed, criteria, calibration_data, calibration_offset,
-          calibration_limit, data_spec, input_shapes, output, as_json):
+          calibration_limit, backend, data_spec, input_shapes, output, as_json):
     """Accuracy against sparsity for several allocation methods (one-shot, no recovery), on labelled data.
 
     \b
@@ -146,7 +148,7 @@ def sweep(model, sparsities, methods, granularity, budget, seed, criteria, calib
     with progress_bar("sweeping") as tick:
         result = workflows.sweep(model, data_spec, sparsities=targets, methods=names, granularity=granularity,
                                  budget=budget, seed=seed, criteria=chosen, calibration=calibration,
-                                 progress=tick, input_shapes=input_shapes)
+                                 backend=backend, progress=tick, input_shapes=input_shapes)
     api.write_json(result.to_dict(), output)
     for r in result.rows:
         if "error" in r:
