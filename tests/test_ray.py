@@ -97,3 +97,36 @@ def test_an_address_nobody_answers_is_one_line(tmp_path, export, digits_npz):
 def test_ray_options_need_the_ray_backend():
     with pytest.raises(InputError, match="--backend ray"):
         api.Backend("local", address="127.0.0.1:6379")
+
+
+def test_srinit_survives_a_worker_killed_mid_run(export, cifar_jpeg, cluster):
+    """A worker running an SR-init task is killed (SIGKILL) while it works: Ray reruns the task and the
+    scores still equal the local path's."""
+    import signal
+    import threading
+    import time
+
+    path = export("resnet20")
+    options = dict(method="srinit", data=cifar_jpeg, offset=1017, limit=256, batch_size=32, seed=3)
+    local = api.score(path, **options)
+    killed = []
+
+    def kill_one() -> None:  # Ray titles a busy worker's process ray::_unit_task
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    if b"_unit_task" in cmdline.read_bytes():
+                        os.kill(int(cmdline.parent.name), signal.SIGKILL)
+                        killed.append(cmdline.parent.name)
+                        return
+                except OSError:  # the process ended meanwhile
+                    continue
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    on_ray = api.score(path, backend=cluster, **options)
+    killer.join()
+    assert killed, "no SR-init task was seen running"
+    assert _numbers(on_ray) == _numbers(local)
