@@ -181,9 +181,11 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
         mat, back = _rows(layer, w)  # (outputs, columns), and the way back to the weight's layout
         if not self._fits_pattern(layer, mat.shape[1]):
             return w
-        squares = np.empty_like(mat)  # each row: the squared norms of the inputs it multiplies
-        for out, channels in _groups(layer):
-            squares[out] = sum(np.square(_columns(x, layer, channels)).sum(0) for x, _ in _pieces(layer, inputs))
+        groups = _groups(layer)
+        squares = np.zeros_like(mat)  # each row: the squared norms of the inputs it multiplies
+        for x, _ in _pieces(layer, inputs):
+            for out, channels in groups:
+                squares[out] += np.square(_columns(x, layer, channels)).sum(0)
         per_row = layer.op_type not in CONVOLUTIONS
         return back(_wanda(mat, squares, self.targets[layer.name], self.nm, per_row=per_row))
 
@@ -196,14 +198,12 @@ class DataAwareSparsifyPass(ir.passes.InPlacePass):
             return w, None
         has_bias = bias is not None
         groups = _groups(layer)
-        systems = []
-        for out, channels in groups:
-            equations = NormalEquations()
-            for x, y in _pieces(layer, inputs, outputs):
+        systems = [NormalEquations() for _ in groups]
+        for x, y in _pieces(layer, inputs, outputs):
+            targets = layer_targets(np.asarray(y), layer)  # once per piece, sliced per group
+            for equations, (out, channels) in zip(systems, groups):
                 a = _columns(x, layer, channels)
-                y = layer_targets(np.asarray(y), layer)[:, out]
-                equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a, y)
-            systems.append(equations)
+                equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a, targets[:, out])
         own = np.hstack([mat, bias[:, None]]) if has_bias else mat  # the ridge pulls towards these, not 0
         start = np.stack([e.solve(self.damp, prior=own[out].T).T for e, (out, _) in zip(systems, groups)])
         pruned = _obs(start, np.stack([e.gram for e in systems]), self.targets[layer.name], self.nm, self.damp,
