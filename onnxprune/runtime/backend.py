@@ -53,6 +53,11 @@ class Backend:
         """What a result records about where it ran (the numbers do not depend on it)."""
         return {"backend": self.kind, **({"address": self.address} if self.address else {})}
 
+    @property
+    def task_threads(self) -> int:
+        """ONNX Runtime threads of one task: its share of the node's CPUs, not every core."""
+        return max(int(self.cpus_per_task), 1)
+
     def parallelism(self) -> int:
         """How many tasks run at once: 1 here; on Ray, the cluster's CPUs (or GPUs) over a task's share."""
         if self.kind == "local":

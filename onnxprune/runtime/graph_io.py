@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import onnx
 from onnx import helper
 
-__all__ = ["weight_tensor_type", "weights_as_inputs", "with_outputs"]
+__all__ = ["value_types", "weight_tensor_type", "weights_as_inputs", "with_outputs"]
 
 
 def weight_tensor_type(initializers: dict[str, onnx.TensorProto], const_nodes: dict[str, onnx.NodeProto],
@@ -57,21 +57,23 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str], elem_type: int | 
     p = onnx.ModelProto()
     p.CopyFrom(proto)
     names = list(names)
-    types = _value_types(proto, names) if elem_type is None else {}
+    types = value_types(proto) if elem_type is None else {}
     have = {o.name for o in p.graph.output}
     for name in names:
         if name not in have:
+            found = types[name].tensor_type.elem_type if name in types else 0
             p.graph.output.append(helper.make_tensor_value_info(
-                name, types.get(name, elem_type or onnx.TensorProto.FLOAT), None))
+                name, found or elem_type or onnx.TensorProto.FLOAT, None))
             have.add(name)
     return p
 
 
-def _value_types(proto: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+def value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The type of every graph input, intermediate value and output as ONNX's shape inference finds it (of
+    the declared inputs and outputs only when it fails: over 2 GB, unknown ops)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - e.g. over 2 GB: float it is
-        return {}
-    wanted = set(names)
-    return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
-            if vi.name in wanted and vi.type.tensor_type.elem_type}
+    except Exception:  # noqa: BLE001 - the declared types are all there is
+        inferred = proto
+    g = inferred.graph
+    return {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}

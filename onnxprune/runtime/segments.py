@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxprune.runtime.graph_io import value_types
 from onnxprune.runtime.session import create_session
 
 __all__ = ["Segments"]
@@ -71,7 +72,7 @@ class Segments:
                     last_read[name] = s
         self._last_read = last_read
         keep = set(keep)
-        types = _value_types(proto)
+        types = value_types(proto)
         self._sessions: list = []
         self._inputs: list[list[str]] = []
         self._outputs: list[list[str]] = []
@@ -107,15 +108,6 @@ class Segments:
                                                    for n in self._inputs[i]})
             out.update(zip(names, values))
         return out
-
-
-def _value_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - e.g. over 2 GB: the types of inputs and outputs only
-        inferred = proto
-    g = inferred.graph
-    return {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
 
 
 def _info(name: str, types: dict[str, onnx.TypeProto]) -> onnx.ValueInfoProto:

@@ -200,7 +200,7 @@ def _fanned_out(am: AnalysedModel, backend: Backend, measure: str, layers: list[
     result depends only on it and the data, so the merged results equal the local ones)."""
     if backend.kind == "local":
         return MEASURES[measure](am.model, am.info, layers, progress=progress, **options)
-    shared = {**shipped(am), "measure": measure, "options": options, "threads": max(int(backend.cpus_per_task), 1)}
+    shared = {**shipped(am), "measure": measure, "options": options, "threads": backend.task_threads}
     parts = backend.map(_layers_task, chunks([layer.name for layer in layers], backend), shared, progress)
     return {k: v for found, _ in parts for k, v in found.items()}, parts[0][1]
 

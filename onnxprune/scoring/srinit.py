@@ -27,7 +27,6 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
-from onnxprune.io import session_proto
 from onnxprune.runtime.backend import Backend
 from onnxprune.runtime.language_model import decoder_of, token_kl
 from onnxprune.runtime.metrics import Reference, output_error
@@ -42,6 +41,7 @@ from onnxprune.scoring.common import (
     layer_entry,
     received,
     relative_to_max,
+    shipped,
     unit_entry,
     untaken_branches,
 )
@@ -132,7 +132,7 @@ def srinit_scores(
     model, info: GraphInfo, units: list[tuple[str, list[str], list[Layer]]], batches: list,
     seeds: list[int], provider: str = "cpu", progress: Callable[[int, int], None] | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY, logits: str | None = None, backend: Backend = Backend(),
-    input_shapes: dict | None = None,
+    model_shipped: dict | None = None,
 ) -> tuple[dict[str, dict], dict]:
     """units: (name, node names, layers). Returns per unit {metric: drop, metric_se, (metric_seed_std),
     seconds} and the baseline metrics, and the number of passes over the data. ``logits``: the output that
@@ -147,16 +147,15 @@ def srinit_scores(
     passed once per group.
 
     ``backend`` ray: the units cut into about twice as many tasks as the cluster runs at once (consecutive
-    units, their seeds together), each on a worker that loads the model from the object store (at
-    ``input_shapes``) and passes the data once; the per-sample differences are merged in unit order, so
+    units, their seeds together), each on a worker that rebuilds the model from ``model_shipped``
+    (scoring.common.shipped, put in the object store once) and passes the data once; the per-sample differences are merged in unit order, so
     every number equals the local path's.
     """
     pairs = [(name, seed) for name, _, _ in units for seed in seeds]
     if backend.kind != "local":
-        shared = {"model": session_proto(model).SerializeToString(), "input_shapes": input_shapes,
+        shared = {**model_shipped, "batches": batches, "seeds": seeds, "provider": provider, "logits": logits,
                   "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
-                  "batches": batches, "seeds": seeds, "provider": provider, "logits": logits,
-                  "threads": max(int(backend.cpus_per_task), 1)}  # a task's share of its node, not every core
+                  "threads": backend.task_threads}
         tasks = [[pair for name in names for pair in pairs if pair[0] == name]
                  for names in chunks([name for name, _, _ in units], backend)]
         found = backend.map(_unit_task, tasks, shared, progress)
@@ -346,7 +345,8 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
     results, base = srinit_scores(am.model, am.info, unit_defs, batches, list(range(seed, seed + seeds)),
                                   provider=provider, progress=progress, max_memory=max_memory,
                                   logits=decoder.logits if (decoder := decoder_of(am.model)) else None,
-                                  backend=request.backend, input_shapes=dict(am.input_shapes))
+                                  backend=request.backend,
+                                  model_shipped=shipped(am) if request.backend.kind != "local" else None)
     seconds = time.perf_counter() - t0
     passes = base.pop("passes")
     out = []
