@@ -86,6 +86,15 @@ def test_score_allocate_apply_every_granularity(panel, name, tmp_path):
         res = api.apply(path, plan, out, granularity=granularity)
         assert res.totals["params_sparsity"] > 0.4
         _check_runs_like(path, out, info, name)
+    # the same plan, the zeros chosen from the data (obs unstructured, wanda 2:4): every planned zero made,
+    # no layer left to magnitude, the model still runs at every size
+    for criterion, granularity in (("obs", "unstructured"), ("wanda", "n:m")):
+        out = tmp_path / f"{criterion}.onnx"
+        res = api.apply(path, plan, out, granularity=granularity, criterion=criterion, data=data, limit=32)
+        assert res.totals["params_sparsity"] > 0.4 and not res.totals.get("magnitude_fallback"), res.totals
+        if granularity == "unstructured":
+            assert res.totals["zeros"] == sum(layer["zeros"] for layer in plan.layers)
+        _check_runs_like(path, out, info, name)
     # sensitivity plan over FLOPs: the scores' sizes are reused
     flops_plan = api.allocate(path, method="sensitivity", scores=sens, target_sparsity=0.3, budget="flops")
     assert flops_plan.input_shapes == sens.input_shapes and flops_plan.totals["flops_sparsity"] is not None
