@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from onnxprune import api, workflows
 from onnxprune.cli import main
 from onnxprune.errors import InputError
+from onnxprune.scoring.common import batch_slices
 
 ray = pytest.importorskip("ray")
 
@@ -39,6 +40,19 @@ def test_srinit_on_ray_equals_the_local_path(export, cifar_jpeg, cluster, units,
     assert _numbers(on_ray) == _numbers(local)
     assert on_ray.options["reference"] == local.options["reference"]
     assert on_ray.options["backend"] == "ray" and local.options["backend"] == "local"
+
+
+def test_srinit_split_over_the_data_equals_the_local_path(export, cifar_jpeg, cluster):
+    """A quarter CPU per task: 8 at once, so the 9 blocks' tasks also split the 3 batches in two slices,
+    and each unit's per-batch sums come from two tasks, merged in batch order."""
+    path = export("resnet20")
+    quarter = api.Backend("ray", cpus_per_task=0.25)
+    assert batch_slices(3, 9, quarter) == [(0, 2), (2, 3)]
+    options = dict(method="srinit", data=cifar_jpeg, offset=1017, limit=96, batch_size=32, units="blocks",
+                   seed=1, seeds=2)
+    local, on_ray = api.score(path, **options), api.score(path, backend=quarter, **options)
+    assert _numbers(on_ray) == _numbers(local)
+    assert on_ray.options["reference"] == local.options["reference"]
 
 
 @pytest.mark.parametrize("method,extra", [("sensitivity", {"grid": (0.5, 0.9)}), ("compactness", {})])

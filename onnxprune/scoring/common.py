@@ -23,7 +23,7 @@ from onnxprune.runtime.language_model import decoder_of
 from onnxprune.runtime.metrics import class_scores
 from onnxprune.runtime.session import create_session
 
-__all__ = ["Progress", "ScoreRequest", "block_units", "calibration", "choose_metric", "chunks", "layer_entry",
+__all__ = ["Progress", "ScoreRequest", "batch_slices", "block_units", "calibration", "choose_metric", "chunks", "layer_entry",
            "owned_layers", "received", "relative_to_max", "sample_count", "shipped", "unit_entry"]
 
 Progress = Callable[[int, int | None], None]
@@ -106,6 +106,14 @@ def chunks(items: list, backend: Backend) -> list[list]:
     """``items`` cut into consecutive tasks, about twice as many as ``backend`` runs at once."""
     size = -(-len(items) // max(min(len(items), 2 * backend.parallelism()), 1))
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def batch_slices(batches: int, tasks: int, backend: Backend) -> list[tuple[int, int]]:
+    """[start, stop) slices of ``batches`` batches: one, or as many as it takes for ``tasks`` tasks per slice
+    to make about twice as many tasks as ``backend`` runs at once."""
+    wanted = min(batches, -(-2 * backend.parallelism() // max(tasks, 1)))
+    size = -(-batches // max(wanted, 1))
+    return [(i, min(i + size, batches)) for i in range(0, batches, size)] or [(0, 0)]
 
 
 def sample_count(batches: list) -> int:

@@ -34,6 +34,7 @@ from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.scoring.common import (
     Progress,
     ScoreRequest,
+    batch_slices,
     block_units,
     calibration,
     choose_metric,
@@ -104,24 +105,38 @@ def fresh_norms(nodes) -> dict[str, np.ndarray]:
 
 
 class _Paired:
-    """Per-sample paired differences against the baseline, summed for mean and standard error."""
+    """Per-sample paired differences against the baseline: each batch's sum and sum of squares, kept in batch
+    order so that passes over parts of the data merge (``extend``) into the sums one pass would give."""
 
     def __init__(self):
-        self.sums = {m: 0.0 for m in METRICS}
-        self.squares = {m: 0.0 for m in METRICS}
-        self.n = 0
-        self.labelled = 0
+        self.sums: dict[str, list[float]] = {m: [] for m in METRICS}
+        self.squares: dict[str, list[float]] = {m: [] for m in METRICS}
 
     def add(self, metric: str, diffs: np.ndarray) -> None:
-        self.sums[metric] += float(diffs.sum())
-        self.squares[metric] += float((diffs ** 2).sum())
+        self.sums[metric].append(float(diffs.sum()))
+        self.squares[metric].append(float((diffs ** 2).sum()))
+
+    def extend(self, later: _Paired) -> _Paired:
+        """This pass followed by ``later``, a pass over the batches after this one's."""
+        for metric in METRICS:
+            self.sums[metric] += later.sums[metric]
+            self.squares[metric] += later.squares[metric]
+        return self
 
     def stats(self, metric: str, count: int, scale: float) -> tuple[float, float]:
         if count == 0:
             return float("nan"), float("nan")
-        mean = self.sums[metric] / count
-        var = max(self.squares[metric] / count - mean ** 2, 0.0) * count / max(count - 1, 1)
+        mean = _in_order(self.sums[metric]) / count
+        var = max(_in_order(self.squares[metric]) / count - mean ** 2, 0.0) * count / max(count - 1, 1)
         return mean * scale, np.sqrt(var / count) * scale
+
+
+def _in_order(values: list[float]) -> float:
+    """Left-to-right sum: the same bits for the same list, however the batches were split into tasks."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
 
 
 UNIT_KINDS = ("blocks", "transformer-layers", "layers")  # what --units re-initialises
@@ -146,23 +161,13 @@ def srinit_scores(
     (with the batch's activations); when they do not, they are taken in groups that fit, and the data is
     passed once per group.
 
-    ``backend`` ray: the units cut into about twice as many tasks as the cluster runs at once (consecutive
-    units, their seeds together), each on a worker that rebuilds the model from ``model_shipped``
-    (scoring.common.shipped, put in the object store once) and passes the data once; the per-sample differences are merged in unit order, so
-    every number equals the local path's.
+    ``backend`` ray: tasks of consecutive units times slices of the batches (``_on_cluster``), each on a
+    worker that rebuilds the model from ``model_shipped`` (scoring.common.shipped, put in the object store
+    once); the per-batch sums are merged in unit and batch order, so every number equals the local path's.
     """
     pairs = [(name, seed) for name, _, _ in units for seed in seeds]
     if backend.kind != "local":
-        shared = {**model_shipped, "batches": batches, "seeds": seeds, "provider": provider, "logits": logits,
-                  "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
-                  "threads": backend.task_threads}
-        tasks = [[pair for name in names for pair in pairs if pair[0] == name]
-                 for names in chunks([name for name, _, _ in units], backend)]
-        found = backend.map(_unit_task, tasks, shared, progress)
-        acc = {pair: paired for part, _, _ in found for pair, paired in part.items()}
-        counts = found[0][1] if found else {"n": 0, "labelled": 0, "correct": 0}
-        seconds = {name: sum(sec.get(name, 0.0) for _, _, sec in found) for name, _, _ in units}
-        return _summary(units, seeds, acc, counts, seconds, passes=1)
+        return _on_cluster(units, batches, seeds, provider, progress, logits, backend, model_shipped)
     evaluator, inits, weight_names = _evaluator(model, info, units, units, seeds, provider)
     first = evaluator.run_prefix(batches[0][0]) if batches else {}
     acts_bytes = sum(a.nbytes for a in first.values())
@@ -252,8 +257,36 @@ def _run_pairs(evaluator: PartialEvaluator, inits: dict, weight_names: dict, pai
     return acc, counts
 
 
-def _unit_task(shared: dict, pairs: list) -> tuple[dict, dict, dict]:
-    """A Ray task: (unit, seed) ``pairs`` on a model loaded from the shared bytes, one pass over the data."""
+def _on_cluster(units: list, batches: list, seeds: list[int], provider: str, progress, logits: str | None,
+                backend: Backend, model_shipped: dict) -> tuple[dict[str, dict], dict]:
+    """srinit_scores on Ray: tasks of consecutive units (their seeds together) times consecutive slices of the
+    batches, about twice as many as the cluster runs at once (a model with few units still fills the cluster).
+    Each task passes its slice once; the per-batch sums are merged in unit and batch order."""
+    shared = {**model_shipped, "batches": batches, "seeds": seeds, "provider": provider, "logits": logits,
+              "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
+              "threads": backend.task_threads}
+    unit_chunks = chunks([name for name, _, _ in units], backend)
+    slices = batch_slices(len(batches), len(unit_chunks), backend)
+    tasks = [([(name, seed) for name in names for seed in seeds], start, stop)
+             for names in unit_chunks for start, stop in slices]
+    found = backend.map(_unit_task, tasks, shared, progress)
+    acc: dict = {}
+    counts = {"n": 0, "labelled": 0, "correct": 0}
+    seconds = {name: 0.0 for name, _, _ in units}
+    for (pairs, _, _), (part, part_counts, part_seconds) in zip(tasks, found, strict=True):
+        for pair in pairs:
+            acc[pair] = acc[pair].extend(part[pair]) if pair in acc else part[pair]
+        if pairs[0][0] == units[0][0]:  # the samples are counted once: by the first unit's tasks
+            counts = {k: counts[k] + part_counts[k] for k in counts}
+        for name, sec in part_seconds.items():
+            seconds[name] += sec
+    return _summary(units, seeds, acc, counts, seconds, passes=1)
+
+
+def _unit_task(shared: dict, task: tuple[list, int, int]) -> tuple[dict, dict, dict]:
+    """A Ray task: (unit, seed) pairs on a model loaded from the shared bytes, one pass over batches
+    [start, stop)."""
+    pairs, start, stop = task
     am = received(shared)
     by_name = {layer.name: layer for layer in am.layers}
     all_units = [(name, nodes, [by_name[n] for n in layers]) for name, nodes, layers in shared["units"]]
@@ -262,8 +295,8 @@ def _unit_task(shared: dict, pairs: list) -> tuple[dict, dict, dict]:
     evaluator, inits, weight_names = _evaluator(am.model, am.info, all_units, units, shared["seeds"],
                                                 shared["provider"], shared["threads"])
     seconds: dict = {}
-    acc, counts = _run_pairs(evaluator, inits, weight_names, pairs, shared["batches"], shared["logits"], seconds,
-                             lambda: None)
+    acc, counts = _run_pairs(evaluator, inits, weight_names, pairs, shared["batches"][start:stop],
+                             shared["logits"], seconds, lambda: None)
     return acc, counts, seconds
 
 
