@@ -90,11 +90,21 @@ def _dies_once(shared: dict, task: int) -> int:
     return task * shared["factor"]
 
 
-def test_a_task_whose_worker_dies_is_retried_to_the_same_result(cluster, tmp_path):
+def test_a_task_whose_worker_dies_is_retried_to_the_same_result(cluster, tmp_path, capfd, caplog):
+    """...and Ray's message about the dead worker reaches the onnxprune.ray log, not the terminal."""
+    import time
+
+    caplog.set_level("DEBUG", logger="onnxprune.ray")
     shared = {"folder": str(tmp_path), "factor": 7}
     want = api.Backend().map(_dies_once, [0, 2, 3], shared) + [7]
     got = cluster.map(_dies_once, [0, 2, 3, 1], shared)
     assert sorted(got) == sorted(want) and got[-1] == 7 and (tmp_path / "died_1").exists()
+    deadline = time.monotonic() + 20
+    while "worker died" not in caplog.text and time.monotonic() < deadline:  # Ray publishes it a bit later
+        time.sleep(0.2)
+    assert "worker died" in caplog.text
+    printed = capfd.readouterr()
+    assert "worker died" not in printed.out + printed.err and "raylet" not in printed.out + printed.err
 
 
 def test_an_address_nobody_answers_is_one_line(tmp_path, export, digits_npz):

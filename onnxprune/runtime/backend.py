@@ -7,12 +7,14 @@ function over the tasks: ``local`` one after another in this process, ``ray`` as
 part put in Ray's object store once. The function is the same either way, so the numbers are too.
 
 Ray is optional (``pip install onnxprune[ray]``). Its usage reporting is switched off and its log lines kept
-off the terminal; an address that does not answer, or a cluster of another Ray version, is one line (exit
-2); Ctrl-C cancels the tasks still running. A task whose worker dies is retried by Ray.
+off the terminal (the cluster's own messages, a retried task's for one, go to the ``onnxprune.ray`` logger);
+an address that does not answer, or a cluster of another Ray version, is one line (exit 2); Ctrl-C cancels
+the tasks still running. A task whose worker dies is retried by Ray.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -26,6 +28,7 @@ __all__ = ["BACKENDS", "Backend"]
 
 BACKENDS = ("local", "ray")
 RETRIES = 3  # times Ray reruns a task whose worker died
+_log = logging.getLogger("onnxprune.ray")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,26 @@ def _ray():
         import ray
     except ImportError:
         raise InputError("--backend ray needs Ray: pip install 'onnxprune[ray]'") from None
+    _raylet_messages_to_log(ray)
     return ray
+
+
+def _raylet_messages_to_log(ray) -> None:
+    """Ray's driver prints the cluster's error messages ("(raylet) A worker died ...", "Task ... will be
+    retried") on stdout whatever ``log_to_driver`` says (its listen_error_messages thread calls
+    ``ray._private.worker.print_to_stdstream``). A retried task is Ray's business, and stdout may carry
+    JSON: they go to the ``onnxprune.ray`` logger at debug level instead. Ray's workers' own output is
+    off already (``log_to_driver=False``), so nothing else passes through that function."""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    if worker is None or getattr(worker.print_to_stdstream, "onnxprune", False):
+        return
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", ()):
+            _log.debug("(%s) %s", data.get("pid"), line)
+
+    to_log.onnxprune = True
+    worker.print_to_stdstream = to_log
 
 
 def _reachable(address: str) -> None:
