@@ -42,17 +42,20 @@ def test_srinit_on_ray_equals_the_local_path(export, cifar_jpeg, cluster, units,
     assert on_ray.options["backend"] == "ray" and local.options["backend"] == "local"
 
 
-def test_srinit_split_over_the_data_equals_the_local_path(export, cifar_jpeg, cluster):
-    """A quarter CPU per task: 8 at once, so the 9 blocks' tasks also split the 3 batches in two slices,
-    and each unit's per-batch sums come from two tasks, merged in batch order."""
+@pytest.mark.parametrize("max_memory", [None, 1])
+def test_srinit_tasks_of_any_shape_equal_the_local_path(export, cifar_jpeg, cluster, max_memory):
+    """The 9 blocks' sessions fit in one group, so the tasks are that group on each of the 3 batches, and
+    every unit's per-batch sums come from three tasks, merged in batch order; with --max-memory 1 byte each
+    (block, seed) pair is a group of its own over all the data."""
     path = export("resnet20")
-    quarter = api.Backend("ray", cpus_per_task=0.25)
-    assert batch_slices(3, 9, quarter) == [(0, 2), (2, 3)]
+    assert batch_slices(3, 1, cluster) == [(0, 1), (1, 2), (2, 3)] and batch_slices(3, 18, cluster) == [(0, 3)]
     options = dict(method="srinit", data=cifar_jpeg, offset=1017, limit=96, batch_size=32, units="blocks",
                    seed=1, seeds=2)
-    local, on_ray = api.score(path, **options), api.score(path, backend=quarter, **options)
+    local = api.score(path, **options)
+    on_ray = api.score(path, backend=cluster, max_memory=max_memory, **options)
     assert _numbers(on_ray) == _numbers(local)
     assert on_ray.options["reference"] == local.options["reference"]
+    assert on_ray.options["passes"] == (1 if max_memory is None else 18)
 
 
 @pytest.mark.parametrize("method,extra", [("sensitivity", {"grid": (0.5, 0.9)}), ("compactness", {})])

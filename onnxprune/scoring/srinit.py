@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxprune.analysis.graph import GraphInfo, constant_array
 from onnxprune.analysis.layers import Layer
@@ -38,7 +39,6 @@ from onnxprune.scoring.common import (
     block_units,
     calibration,
     choose_metric,
-    chunks,
     layer_entry,
     received,
     relative_to_max,
@@ -161,13 +161,14 @@ def srinit_scores(
     (with the batch's activations); when they do not, they are taken in groups that fit, and the data is
     passed once per group.
 
-    ``backend`` ray: tasks of consecutive units times slices of the batches (``_on_cluster``), each on a
-    worker that rebuilds the model from ``model_shipped`` (scoring.common.shipped, put in the object store
-    once); the per-batch sums are merged in unit and batch order, so every number equals the local path's.
+    ``backend`` ray: the same groups times slices of the batches (``_on_cluster``), each task on a worker
+    that rebuilds the model from ``model_shipped`` (scoring.common.shipped, put in the object store once);
+    the per-batch sums are merged in unit and batch order, so every number equals the local path's.
     """
     pairs = [(name, seed) for name, _, _ in units for seed in seeds]
     if backend.kind != "local":
-        return _on_cluster(units, batches, seeds, provider, progress, logits, backend, model_shipped)
+        return _on_cluster(model, units, batches, seeds, provider, progress, logits, max_memory, backend,
+                           model_shipped)
     evaluator, inits, weight_names = _evaluator(model, info, units, units, seeds, provider)
     first = evaluator.run_prefix(batches[0][0]) if batches else {}
     acts_bytes = sum(a.nbytes for a in first.values())
@@ -257,18 +258,20 @@ def _run_pairs(evaluator: PartialEvaluator, inits: dict, weight_names: dict, pai
     return acc, counts
 
 
-def _on_cluster(units: list, batches: list, seeds: list[int], provider: str, progress, logits: str | None,
-                backend: Backend, model_shipped: dict) -> tuple[dict[str, dict], dict]:
-    """srinit_scores on Ray: tasks of consecutive units (their seeds together) times consecutive slices of the
-    batches, about twice as many as the cluster runs at once (a model with few units still fills the cluster).
-    Each task passes its slice once; the per-batch sums are merged in unit and batch order."""
+def _on_cluster(model: ir.Model, units: list, batches: list, seeds: list[int], provider: str, progress,
+                logits: str | None, max_memory: int, backend: Backend, model_shipped: dict
+                ) -> tuple[dict[str, dict], dict]:
+    """srinit_scores on Ray. The (unit, seed) pairs are grouped as the local path groups them (sessions that
+    fit in ``max_memory`` together; each group costs a pass of the whole model over the data), and the
+    batches are cut into slices so that groups x slices is about twice what the cluster runs at once: a
+    task is one group on one slice. The per-batch sums are merged in unit and batch order."""
     shared = {**model_shipped, "batches": batches, "seeds": seeds, "provider": provider, "logits": logits,
               "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
               "threads": backend.task_threads}
-    unit_chunks = chunks([name for name, _, _ in units], backend)
-    slices = batch_slices(len(batches), len(unit_chunks), backend)
-    tasks = [([(name, seed) for name in names for seed in seeds], start, stop)
-             for names in unit_chunks for start, stop in slices]
+    groups = _groups([(name, seed) for name, _, _ in units for seed in seeds],
+                     suffix_weight_bytes(model, units), max_memory)
+    tasks = [(group, start, stop) for group in groups
+             for start, stop in batch_slices(len(batches), len(groups), backend)]
     found = backend.map(_unit_task, tasks, shared, progress)
     acc: dict = {}
     counts = {"n": 0, "labelled": 0, "correct": 0}
@@ -276,11 +279,29 @@ def _on_cluster(units: list, batches: list, seeds: list[int], provider: str, pro
     for (pairs, _, _), (part, part_counts, part_seconds) in zip(tasks, found, strict=True):
         for pair in pairs:
             acc[pair] = acc[pair].extend(part[pair]) if pair in acc else part[pair]
-        if pairs[0][0] == units[0][0]:  # the samples are counted once: by the first unit's tasks
+        if pairs is groups[0]:  # the samples are counted once: by the first group's tasks
             counts = {k: counts[k] + part_counts[k] for k in counts}
         for name, sec in part_seconds.items():
             seconds[name] += sec
-    return _summary(units, seeds, acc, counts, seconds, passes=1)
+    return _summary(units, seeds, acc, counts, seconds, passes=len(groups))
+
+
+def suffix_weight_bytes(model: ir.Model, units: list) -> dict[str, int]:
+    """Unit name -> bytes of the weights its suffix session holds: every initializer still read at or after
+    the unit's first node (in graph order). Found without building any session."""
+    nodes = list(model.graph)
+    position = {node.name: i for i, node in enumerate(nodes)}
+    last_read: dict[str, tuple[int, int]] = {}
+    for i, node in enumerate(nodes):
+        for value in node.inputs:
+            if value is not None and value.const_value is not None:
+                last_read[value.name] = (i, value.const_value.nbytes)
+    held_from = np.zeros(len(nodes) + 1, dtype=np.int64)
+    for i, nbytes in last_read.values():
+        held_from[i] += nbytes
+    held_from = np.cumsum(held_from[::-1])[::-1]  # held_from[p]: bytes read at or after node p
+    return {name: int(held_from[min(position[n] for n in node_names if n in position)])
+            for name, node_names, _ in units}
 
 
 def _unit_task(shared: dict, task: tuple[list, int, int]) -> tuple[dict, dict, dict]:
