@@ -16,6 +16,11 @@ weights for the part never re-serialise it. Two ways to inject them:
   made (``SessionOptions.add_external_initializers``: no copy of the model, no serialisation), one session
   per weight set (:meth:`PartialEvaluator.bind`). Each run is as fast as the unmodified model's. Right for
   a few weight sets on much data (SR-init: one per seed).
+
+A model with external data (over 2 GB, a 7B decoder) is never inlined: its external initializers stay
+references in every serialised slice, and each session gets them as ``OrtValue``s over the memory map
+(``add_external_initializers`` again), so no slice nears protobuf's 2 GB limit and no session copies the
+file's bytes into a model of its own.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class _Suffix:
     position: int
     cut: list[str]
     model: bytes  # the serialised suffix graph
+    stored: list[str]  # the model's external initializers it reads (supplied at session creation)
     session: Session | None = None  # inject="inputs": the one session of this part
 
 
@@ -84,7 +90,10 @@ class PartialEvaluator:
         if inject not in ("inputs", "initializers"):
             raise ValueError(f"inject must be inputs or initializers, got {inject!r}")
         self.info, self.provider, self.threads, self.inject = info, provider, threads, inject
-        proto = session_proto(model)
+        self._outside = {name: v.const_value for name, v in model.graph.initializers.items()
+                         if isinstance(v.const_value, ir.ExternalTensor)}
+        self._outside_values: dict[str, object] = {}  # name -> OrtValue over the memory map, made once
+        proto = session_proto(model, leave_out=self._outside)
         self._proto = proto
         graph = proto.graph
         self._nodes = nodes = list(graph.node)
@@ -101,20 +110,21 @@ class PartialEvaluator:
         needed_cut: set[str] = set()
         for part in parts:
             p = min(position[n] for n in part.nodes)
-            model_bytes, cut = self._slice(p, len(nodes), self.output_names, part.weights)
-            suffix = _Suffix(part, p, cut, model_bytes)
+            model_bytes, cut, stored = self._slice(p, len(nodes), self.output_names, part.weights)
+            suffix = _Suffix(part, p, cut, model_bytes, stored)
             if inject == "inputs":
-                suffix.session = create_session(suffix.model, provider, threads, spin=False)
+                suffix.session = create_session(suffix.model, provider, threads, spin=False,
+                                                external=self._stored_values(stored))
             self.suffixes[part.name] = suffix
             needed_cut.update(cut)
         self._prefix_extra = sorted(needed_cut - set(self.output_names) - {i.name for i in graph.input})
         self._prefix: Session | None = None
 
     def _slice(self, start: int, end: int, outputs: list[str], weights: list[str] = (),
-               taps: list[str] = ()) -> tuple[bytes, list[str]]:
+               taps: list[str] = ()) -> tuple[bytes, list[str], list[str]]:
         """Nodes [start, end) as a model: inputs are the run-time values made before ``start`` that they use,
         ``weights`` (if any) become inputs or injected initializers; each of ``taps`` is copied by an Identity
-        to the output ``<name>__cut``. Returns (model bytes, input names)."""
+        to the output ``<name>__cut``. Returns (model bytes, input names, the external initializers it reads)."""
         weight_set = set(weights)
         const_nodes, produced_at, info = self._const_nodes, self._produced_at, self.info
         body = [n for n in self._nodes[start:end] if not (n.op_type == "Constant" and set(n.output) & weight_set)]
@@ -144,7 +154,15 @@ class PartialEvaluator:
         )
         for fn in proto.functions:
             sub.functions.append(fn)
-        return sub.SerializeToString(), cut
+        stored = sorted(v for v in used if v in self._outside and v not in weight_set)
+        return sub.SerializeToString(), cut, stored
+
+    def _stored_values(self, names: list[str]) -> dict[str, object]:
+        """OrtValues of external initializers, viewing the memory map (one per initializer, kept alive here)."""
+        for name in names:
+            if name not in self._outside_values:
+                self._outside_values[name] = ort_value(np.require(self._outside[name].numpy(), requirements="C"))
+        return {name: self._outside_values[name] for name in names}
 
     def _dims(self, v: str) -> list | None:
         """The inferred shape of value v for a graph input (unknown dimensions symbolic), or None."""
@@ -201,9 +219,11 @@ class PartialEvaluator:
         ("Failed to find node output ... producing output"); a projection shortcut whose skip Conv comes after
         the branch in the node order triggers it."""
         if self._prefix is None:
-            model_bytes, _ = self._slice(0, len(self._nodes), self.output_names + [f"{v}__cut" for v in self._prefix_extra],
-                                         taps=self._prefix_extra)
-            self._prefix = create_session(model_bytes, self.provider, self.threads, spin=False)
+            model_bytes, _, stored = self._slice(0, len(self._nodes),
+                                                 self.output_names + [f"{v}__cut" for v in self._prefix_extra],
+                                                 taps=self._prefix_extra)
+            self._prefix = create_session(model_bytes, self.provider, self.threads, spin=False,
+                                          external=self._stored_values(stored))
         return self._prefix
 
     @property
@@ -222,7 +242,8 @@ class PartialEvaluator:
         suffix = self.suffixes[part]
         own = sum(int(np.prod(weight_tensor_type(self._initializers, self._const_nodes, w)[1], dtype=np.int64))
                   * _itemsize(weight_tensor_type(self._initializers, self._const_nodes, w)[0]) for w in suffix.part.weights)
-        return len(suffix.model) + (own if self.inject == "initializers" else 0)
+        stored = sum(self._outside[name].nbytes for name in suffix.stored)
+        return len(suffix.model) + stored + (own if self.inject == "initializers" else 0)
 
     def bind(self, part: str, weights: dict[str, np.ndarray]) -> Bound:
         """A runnable suffix of ``part`` with these weights (every weight of the part, by value name)."""
@@ -236,7 +257,7 @@ class PartialEvaluator:
         arrays = [np.require(weights[n], requirements="C") for n in names]
         values = [ort_value(a) for a in arrays]
         session = create_session(suffix.model, self.provider, self.threads, spin=False,
-                                 external=dict(zip(names, values, strict=True)))
+                                 external={**self._stored_values(suffix.stored), **dict(zip(names, values, strict=True))})
         return Bound(suffix, session, self.output_names, keep=arrays + values)
 
     def run_part(self, part: str, acts: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
