@@ -130,3 +130,19 @@ def test_output_folder_must_exist(export, tmp_path):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_referencing_bytes_need_the_data_folder(export, tmp_path):
+    """A model shipped by reference to its external data (the Ray backend) is rebuilt where the folder is
+    seen, and is one line where it is not."""
+    from onnxprune.io import referencing_bytes, resolved_model
+
+    ir_model = load_model(export("resnet20"))
+    save_model(ir_model, tmp_path / "ext.onnx", external_data=True)
+    data, folder = referencing_bytes(load_model(tmp_path / "ext.onnx"))
+    assert folder == str(tmp_path.resolve()) and len(data) < 50_000
+    again = resolved_model(data, folder)
+    assert [v.const_value.numpy().sum() for v in again.graph.initializers.values()] == \
+        [v.const_value.numpy().sum() for v in ir_model.graph.initializers.values()]
+    with pytest.raises(InputError, match="not on this machine"):
+        resolved_model(data, str(tmp_path / "elsewhere"))

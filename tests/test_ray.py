@@ -157,3 +157,22 @@ def test_srinit_survives_a_worker_killed_mid_run(export, cifar_jpeg, cluster):
     killer.join()
     assert killed, "no SR-init task was seen running"
     assert _numbers(on_ray) == _numbers(local)
+
+
+def test_an_external_data_model_is_shipped_by_reference(cluster, tmp_path):
+    """A model with external data travels as its graph with references to the data file (which workers read
+    from the same path, memory-mapped), not as its weights' bytes: SR-init and sensitivity equal the local
+    path's."""
+    import numpy as np
+
+    from onnxprune.scoring.common import shipped
+    from onnxprune.verbs.loading import open_model
+    from tools.bench_bigmodel import generate
+
+    path = generate(tmp_path / "ext.onnx", layers=8, side=512)
+    assert len(shipped(open_model(path))["model"]) < 100_000
+    np.savez(tmp_path / "x.npz", input=np.random.default_rng(2).standard_normal((32, 512)).astype(np.float32))
+    for options in (dict(method="srinit", units="layers", seeds=2), dict(method="sensitivity", grid=(0.5,))):
+        local, on_ray = (api.score(path, data=str(tmp_path / "x.npz"), batch_size=8, backend=b, **options)
+                         for b in (api.Backend(), cluster))
+        assert repr(on_ray.units) == repr(local.units)  # as text: no labels, top1 is NaN in both

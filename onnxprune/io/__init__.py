@@ -27,7 +27,7 @@ from onnxprune.io.checking import OnnxCheckError, check_file
 
 __all__ = ["DEFAULT_IR_VERSION", "PROTOBUF_LIMIT", "SUPPORTED_OPSET", "SavedModel", "check_output_path", "fingerprint",
            "has_external_data", "load_model", "make_temp", "model_file_bytes", "model_nbytes", "release",
-           "release_mapped", "save_model", "session_proto", "write_text"]
+           "release_mapped", "referencing_bytes", "resolved_model", "save_model", "session_proto", "write_text"]
 
 # Above this size a model cannot be a single protobuf file.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -154,6 +154,30 @@ def session_proto(model: ir.Model, leave_out: Iterable[str] = ()) -> onnx.ModelP
             for attr in node.attribute:
                 graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
     return proto
+
+
+def referencing_bytes(model: ir.Model) -> tuple[bytes, str | None]:
+    """The model as bytes that another process on storage which sees the same files turns back into it
+    (``resolved_model``): inline tensors inline, external ones left as references to their files (a 7B
+    model stays a few MB and never meets protobuf's 2 GB limit). Returns (bytes, the data files' folder)."""
+    outside = {name: v.const_value for g in model.graphs() for name, v in g.initializers.items()
+               if isinstance(v.const_value, ir.ExternalTensor)}
+    folder = next((str(Path(t.base_dir).resolve()) for t in outside.values()), None)
+    return session_proto(model, leave_out=outside).SerializeToString(), folder
+
+
+def resolved_model(data: bytes, folder: str | None) -> ir.Model:
+    """``referencing_bytes``' model again, its external tensors read (memory-mapped) from ``folder``; a folder
+    this process cannot see is one line."""
+    model = ir.serde.deserialize_model(onnx.load_from_string(data))
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise InputError(f"the model's external data folder {folder} is not on this machine; keep the model "
+                             "on storage every worker sees")
+        for graph in model.graphs():
+            ir.external_data.set_base_dir(graph, folder)
+        _check_external_data(model, Path(folder))
+    return model
 
 
 def release(tensor: ir.ExternalTensor) -> None:

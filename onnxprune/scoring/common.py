@@ -8,14 +8,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from onnxprune.analysis.blocks import Block, transformer_layers
 from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan
 from onnxprune.errors import InputError
-from onnxprune.io import session_proto
+from onnxprune.io import referencing_bytes, resolved_model, session_proto
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.backend import Backend
 from onnxprune.runtime.feeding import calibration_batches
@@ -92,13 +91,15 @@ def untaken_branches(am: AnalysedModel, layers: list[Layer], batches: list, prov
 
 def shipped(am: AnalysedModel) -> dict:
     """What a remote task needs to rebuild ``am``: the analysed model's bytes (nodes named, body weights
-    hoisted) and the input sizes it was analysed at (see received)."""
-    return {"model": session_proto(am.model).SerializeToString(), "input_shapes": dict(am.input_shapes)}
+    hoisted; external weights as references to their files, which every worker must see) and the input
+    sizes it was analysed at (see received)."""
+    model, folder = referencing_bytes(am.model)
+    return {"model": model, "data_folder": folder, "input_shapes": dict(am.input_shapes)}
 
 
 def received(shared: dict) -> AnalysedModel:
     """The AnalysedModel a task rebuilds from ``shipped``'s fields: the same layers, the same names."""
-    model = ir.serde.deserialize_model(onnx.load_from_string(shared["model"]))
+    model = resolved_model(shared["model"], shared["data_folder"])
     return AnalysedModel(model, None).at_shapes(shared["input_shapes"] or {})
 
 
