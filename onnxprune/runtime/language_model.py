@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxprune.analysis.graph import constant_source
 
-__all__ = ["Decoder", "decoder_of", "next_token_nll", "token_kl"]
+__all__ = ["Decoder", "TokenReference", "decoder_of", "next_token_nll"]
 
 
 @dataclass
@@ -143,7 +143,22 @@ def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return -picked.sum(axis=1)
 
 
-def token_kl(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Per sequence, the mean over positions of KL(reference || model) of the next-token distributions."""
-    ref, new = _log_softmax(ref_logits), _log_softmax(logits)
-    return (np.exp(ref) * (ref - new)).sum(axis=-1).mean(axis=1)
+class TokenReference:
+    """One batch's reference next-token distributions, worked out once for the many models compared with
+    them (SR-init: every unit and seed). Per model, KL(reference || model) then costs one log-softmax of the
+    model's logits and one weighted sum over the vocabulary: KL = sum p log p - sum p log q, the first term
+    kept. Identical logits give exactly 0."""
+
+    def __init__(self, logits: np.ndarray):
+        logp = _log_softmax(logits)
+        self.prob = np.exp(logp)
+        self.expected_logp = (self.prob * logp).sum(axis=-1)
+        self.top = logits.argmax(-1)
+
+    def kl(self, logits: np.ndarray) -> np.ndarray:
+        """Per sequence, the mean over positions of KL(reference || model)."""
+        return (self.expected_logp - (self.prob * _log_softmax(logits)).sum(axis=-1)).mean(axis=1)
+
+    def disagreement(self, logits: np.ndarray) -> np.ndarray:
+        """Per sequence, the share of positions whose most likely next token differs."""
+        return (logits.argmax(-1) != self.top).mean(axis=1)

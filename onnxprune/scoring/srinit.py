@@ -29,7 +29,7 @@ from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
 from onnxprune.runtime.backend import Backend
-from onnxprune.runtime.language_model import decoder_of, token_kl
+from onnxprune.runtime.language_model import TokenReference, decoder_of
 from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.scoring.common import (
@@ -231,6 +231,7 @@ def _run_pairs(evaluator: PartialEvaluator, inits: dict, weight_names: dict, pai
         acts = first if b == 0 and first else evaluator.run_prefix(feeds)
         refs = [acts[name] for name in evaluator.output_names]
         ref = None if token_at is not None else Reference.of(refs)
+        tokens = None if token_at is None else TokenReference(refs[token_at])
         ref_ok = None if labels is None or ref is None else (ref.top == labels.reshape(-1)).astype(np.float64)
         counts["n"] += len(refs[0])
         if ref_ok is not None:
@@ -242,9 +243,8 @@ def _run_pairs(evaluator: PartialEvaluator, inits: dict, weight_names: dict, pai
             p = acc[(name, seed)]
             p.add("error", output_error(refs, outs))
             if token_at is not None:  # a language model: next-token distributions at every position
-                ref_logits, new_logits = refs[token_at], outs[token_at]
-                p.add("agreement", (new_logits.argmax(-1) != ref_logits.argmax(-1)).mean(axis=1))
-                p.add("kl", token_kl(ref_logits, new_logits))
+                p.add("agreement", tokens.disagreement(outs[token_at]))
+                p.add("kl", tokens.kl(outs[token_at]))
             else:
                 logp = Reference.of(outs).logp
                 top = logp.argmax(axis=1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from onnxprune.passes.remove_blocks import renumbered
-from onnxprune.runtime.language_model import next_token_nll, token_kl
+from onnxprune.runtime.language_model import TokenReference, next_token_nll
 from onnxprune.tensors.nbits import NBitsWeight, _pack, _unpack, on_grid, quantize, take, whole_blocks
 
 
@@ -63,5 +63,9 @@ def test_next_token_metrics():
     logits = np.log(np.array([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
     ids = np.array([[0, 0, 1]])
     assert next_token_nll(logits, ids)[0] == pytest.approx(-np.log(0.5) - np.log(0.1))  # position t predicts t + 1
-    assert token_kl(logits, logits)[0] == pytest.approx(0.0)
-    assert token_kl(logits, logits[:, ::-1])[0] > 0
+    reference = TokenReference(logits)
+    assert reference.kl(logits)[0] == 0.0 and reference.disagreement(logits)[0] == 0.0
+    other = np.log(np.array([[[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]]))
+    kl = [0.0, 0.9 * np.log(0.9 / 0.5) + 0.1 * np.log(0.1 / 0.5), 0.2 * np.log(0.2 / 0.5) + 0.8 * np.log(0.8 / 0.5)]
+    assert reference.kl(other)[0] == pytest.approx(np.mean(kl), rel=1e-12)  # by definition, per position
+    assert reference.disagreement(logits[:, :, ::-1])[0] == pytest.approx(2 / 3)  # ties go to the first
