@@ -236,7 +236,8 @@ GPU = {"nodes": 8, "per_node": 8, "memory_gb": 80.0, "workspace_gb": 6.0,
        "cnn_tflops": 60.0,  # ResNet-50 fp16 at batch 256 under ONNX Runtime's CUDA provider: ~7,300 images/s
        "storage_gbs": 2.0,  # a node reading the model from shared storage (page cache shared by its workers)
        "network_gbs": 25.0,  # 200 Gb/s: the head node sending the object store's data to the others
-       "host_device_gbs": 20.0}  # PCIe 5: activations to and from the host (the partial evaluator's cuts)
+       "host_device_gbs": 20.0,  # PCIe 5: activations to and from the host (the partial evaluator's cuts)
+       "cpus_per_task": 8}  # --cpus-per-task 8 --gpus-per-task 1 on nodes of 64+ cores: the metrics' threads
 LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008, "num_attention_heads": 32,
             "num_key_value_heads": 32, "vocab_size": 32000, "params": 6.74e9, "bytes_per_param": 2}
 RESNET50 = {"stage_blocks": (3, 4, 6, 3), "flops": 8.2e9, "params": 25.6e6, "image_bytes": 3 * 224 * 224 * 4,
@@ -276,12 +277,13 @@ def estimate(measured: dict) -> dict:
     slices = -(-2 * slots // groups)
     tasks = groups * slices
     per_task_setup = setup_s_per_gb * weights_gb * (1 + sum(fractions) / groups) + draw_s_per_param * cfg["params"]
-    metrics = measured["kl_per_token"] * tokens * layers / slots  # numpy on the host, one thread a task
+    metrics = measured["kl_per_token"] * tokens * layers / slots / GPU["cpus_per_task"]  # numpy, on the host
     load = weights_gb / GPU["storage_gbs"]
     out["decoder"] = {"groups": groups, "passes": passes, "tasks": tasks, "compute": compute,
                       "setup": per_task_setup * tasks / slots, "metrics": metrics, "load": load,
                       "ray": ray_task * tasks / slots,
-                      "one_gpu_compute": passes * tokens * per_token / (GPU["decoder_tflops"] * 1e12),
+                      "one_gpu": passes * tokens * per_token / (GPU["decoder_tflops"] * 1e12)
+                      + groups * per_task_setup + metrics * slots + load,
                       "here": (1 + sum(fractions)) * tokens * per_token / measured["decoder"]["flop_rate"]}
     out["decoder"]["wall"] = sum(out["decoder"][k] for k in ("compute", "setup", "metrics", "load", "ray"))
 
@@ -300,9 +302,10 @@ def estimate(measured: dict) -> dict:
                        "put": data_gb / measured["ray"]["put_gbs"],
                        "spread": data_gb * (GPU["nodes"] - 1) / GPU["network_gbs"],
                        "traffic": traffic / slots / GPU["host_device_gbs"],
-                       "setup": setup_s_per_gb * net["params"] * 4 / 1e9 * (1 + sum(fractions))
-                       + draw_s_per_param * net["params"], "ray": ray_task * tasks / slots,
-                       "one_gpu_compute": passes * images * net["flops"] / (GPU["cnn_tflops"] * 1e12)}
+                       "setup": 2 * (setup_s_per_gb * net["params"] * 4 / 1e9 * (1 + sum(fractions))
+                                     + draw_s_per_param * net["params"]), "ray": ray_task * tasks / slots,
+                       "one_gpu": passes * images * net["flops"] / (GPU["cnn_tflops"] * 1e12)
+                       + data_gb / measured["ray"]["put_gbs"] + traffic / GPU["host_device_gbs"]}
     r = out["resnet50"]
     r["wall"] = sum(r[k] for k in ("compute", "put", "spread", "traffic", "setup", "ray"))
     out["assumed"], out["setup_s_per_gb"], out["draw_s_per_param"] = GPU, setup_s_per_gb, draw_s_per_param
@@ -324,7 +327,9 @@ def run(images: int, rounds: int, part: str) -> dict:
 
 
 def _minutes(seconds: float) -> str:
-    return f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.1f} min"
+    if seconds < 120:
+        return f"{seconds:,.0f} s"
+    return f"{seconds / 60:,.1f} min" if seconds < 7200 else f"{seconds / 3600:,.1f} h"
 
 
 def render(result: dict) -> str:
@@ -381,22 +386,30 @@ def render(result: dict) -> str:
         lines += [
             "### Scale-out estimate: 8 nodes x 8 H100 80 GB (on paper; see the README)", "",
             f"Assumed (no GPU or cluster here): decoder GEMMs at {g['decoder_tflops']:.0f} TFLOP/s, ResNet-50 at "
-            f"{g['cnn_tflops']:.0f} TFLOP/s per GPU (fp16, ONNX Runtime CUDA), shared storage "
+            f"{g['cnn_tflops']:.0f} TFLOP/s per GPU (fp16, ONNX Runtime CUDA), {g['cpus_per_task']} CPUs per task, "
+            "shared storage "
             f"{g['storage_gbs']:.0f} GB/s per node, network {g['network_gbs']:.0f} GB/s, host-device "
             f"{g['host_device_gbs']:.0f} GB/s. Measured above: session set-up {e['setup_s_per_gb']:.2f} s per GB, "
             f"fresh draw {e['draw_s_per_param'] * 1e9:.1f} s per 10^9 parameters, Ray's cost per task, the "
             "metrics' cost per token, the object store's put rate.",
             "",
             "| SR-init, one seed | groups | passes | tasks | compute | set-up | metrics | data / model | other | "
-            "**wall** | one GPU (compute) | this machine |",
+            "**wall** | one GPU | this machine |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| 7B decoder, 32 layers, 1,000 x 2,048 tokens | {d['groups']} | {d['passes']:.1f} | {d['tasks']} | "
             f"{_minutes(d['compute'])} | {_minutes(d['setup'])} | {_minutes(d['metrics'])} | "
             f"{_minutes(d['load'])} | {d['ray']:.1f} s | **{_minutes(d['wall'])}** | "
-            f"{_minutes(d['one_gpu_compute'])} | {d['here'] / 86400:,.0f} days |",
+            f"{_minutes(d['one_gpu'])} | {d['here'] / 86400:,.0f} days |",
             f"| ResNet-50, 16 blocks, 50,000 images | 1 | {n['passes']:.1f} | {n['tasks']} | "
             f"{_minutes(n['compute'])} | {_minutes(n['setup'])} | - | {_minutes(n['put'] + n['spread'])} | "
-            f"{n['traffic'] + n['ray']:.1f} s | **{_minutes(n['wall'])}** | {_minutes(n['one_gpu_compute'])} | - |",
+            f"{n['traffic'] + n['ray']:.1f} s | **{_minutes(n['wall'])}** | {_minutes(n['one_gpu'])} | - |",
+            "",
+            "Set-up is per slot: two tasks each (2 x 64 tasks), each making its group's sessions and drawing the "
+            "fresh weights of every layer. Metrics: KL and agreement of every unit on every token, in numpy on "
+            "the task's CPUs. Data / model: the decoder's weights read once per node from shared storage; "
+            "ResNet-50's 50,000 float32 images put in the object store and sent to the other 7 nodes. Other: Ray's "
+            "cost per task, and ResNet-50's cut activations between host and GPU. One GPU: the same job as one "
+            "task per group on one GPU; this machine: its compute at the decoder's measured FLOP/s.",
         ]
     return "\n".join(lines) + "\n"
 

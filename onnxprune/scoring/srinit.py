@@ -17,6 +17,7 @@ from its first node on.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -231,7 +232,7 @@ def _run_pairs(evaluator: PartialEvaluator, inits: dict, weight_names: dict, pai
         acts = first if b == 0 and first else evaluator.run_prefix(feeds)
         refs = [acts[name] for name in evaluator.output_names]
         ref = None if token_at is not None else Reference.of(refs)
-        tokens = None if token_at is None else TokenReference(refs[token_at])
+        tokens = None if token_at is None else TokenReference(refs[token_at], evaluator.threads or os.cpu_count())
         ref_ok = None if labels is None or ref is None else (ref.top == labels.reshape(-1)).astype(np.float64)
         counts["n"] += len(refs[0])
         if ref_ok is not None:

@@ -69,3 +69,7 @@ def test_next_token_metrics():
     kl = [0.0, 0.9 * np.log(0.9 / 0.5) + 0.1 * np.log(0.1 / 0.5), 0.2 * np.log(0.2 / 0.5) + 0.8 * np.log(0.8 / 0.5)]
     assert reference.kl(other)[0] == pytest.approx(np.mean(kl), rel=1e-12)  # by definition, per position
     assert reference.disagreement(logits[:, :, ::-1])[0] == pytest.approx(2 / 3)  # ties go to the first
+    rng = np.random.default_rng(0)
+    ref, new = rng.standard_normal((2, 3, 37, 50), dtype=np.float32)
+    one, split = TokenReference(ref), TokenReference(ref, threads=4)  # by positions in threads: the same bits
+    assert np.array_equal(one.kl(new), split.kl(new)) and np.array_equal(one.disagreement(new), split.disagreement(new))
