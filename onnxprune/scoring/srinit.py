@@ -56,8 +56,11 @@ __all__ = ["DEFAULT_MAX_MEMORY", "METRICS", "UNIT_KINDS", "check", "fresh_init",
 METRICS = ("top1", "agreement", "kl", "error")
 
 
-def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int) -> dict[str, np.ndarray]:
-    """Value name -> fresh array for every layer weight, bias and following BatchNorm parameter."""
+def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int, keep: set[str] | None = None
+               ) -> dict[str, np.ndarray]:
+    """Value name -> fresh array for every layer weight, bias and following BatchNorm parameter. ``keep``:
+    only these layers' arrays are returned (every layer is still drawn in order, so each gets the draw it
+    gets in the whole model, but a task holds only its own units' fresh weights)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     values = {v.name: v for layer in layers for n in (layer.node, *layer.node.outputs[0].consumers())
@@ -68,7 +71,10 @@ def fresh_init(layers: list[Layer], graph_nodes: dict, seed: int) -> dict[str, n
         fan_in = int(np.prod(w.shape)) // int(w.shape[out_in_axes(layer)[0]])
         if layer.op_type not in ("Conv", "ConvTranspose"):  # matrices, recurrent weights: the input axis
             fan_in = int(w.shape[in_axis])
-        fresh = (rng.standard_normal(w.shape) * np.sqrt(2.0 / fan_in)).astype(w.dtype)
+        draw = rng.standard_normal(w.shape)
+        if keep is not None and layer.name not in keep:
+            continue
+        fresh = (draw * np.sqrt(2.0 / fan_in)).astype(w.dtype)
         if is_nbits(layer.node):  # stored quantised: the fresh matrix on a grid of its own
             stored = stored_inputs(quantize(fresh, nbits_weight(layer.node)))
             out.update({layer.node.inputs[i].name: array for i, array in stored.items()})
@@ -203,7 +209,8 @@ def _evaluator(model, info: GraphInfo, all_units: list, units: list, seeds: list
     nodes = {n.name: n for n in info.graph}
     all_layers = [layer for _, _, layers in all_units for layer in layers]
     norms = {name: fresh_norms(nodes[n] for n in node_names if n in nodes) for name, node_names, _ in units}
-    inits = {seed: fresh_init(all_layers, nodes, seed) for seed in seeds}
+    own = {layer.name for _, _, layers in units for layer in layers}
+    inits = {seed: fresh_init(all_layers, nodes, seed, keep=own) for seed in seeds}
     for seed in seeds:
         for fresh in norms.values():
             inits[seed].update(fresh)
