@@ -40,6 +40,8 @@ def test_srinit_on_ray_equals_the_local_path(export, cifar_jpeg, cluster, units,
     assert _numbers(on_ray) == _numbers(local)
     assert on_ray.options["reference"] == local.options["reference"]
     assert on_ray.options["backend"] == "ray" and local.options["backend"] == "local"
+    # each worker picks its provider from what was asked, not from the driver's (which may have no GPU)
+    assert on_ray.options["provider"] == "auto" and local.options["provider"] == "cpu"
 
 
 @pytest.mark.parametrize("max_memory", [None, 1])

@@ -36,7 +36,7 @@ from onnxprune.analysis.graph import GraphInfo
 from onnxprune.analysis.shape_inference import outer_reads, proto_bodies
 from onnxprune.io import session_proto
 from onnxprune.runtime.graph_io import weight_tensor_type
-from onnxprune.runtime.session import Session, create_session, ort_value
+from onnxprune.runtime.session import Session, create_session, likely_provider, ort_value
 
 __all__ = ["INJECTED", "Bound", "Part", "PartialEvaluator"]
 
@@ -135,7 +135,7 @@ class PartialEvaluator:
         moved = [const_nodes[v] for v in used if v in const_nodes and produced_at[v] < start and v not in weight_set]
         inputs = [helper.make_tensor_value_info(v, _elem_type(info, self._values[v]), self._dims(v)) for v in cut]
         inits = [self._initializers[v] for v in used if v in self._initializers and v not in weight_set]
-        if self.provider == "cpu":
+        if likely_provider(self.provider) == "cpu":  # a worker asked for auto, with no GPU: the CPU's layout
             body, eyes = self._layout_bridges(cut if start > 0 else [], body, outputs)
             inits += eyes
         for w in weights:

@@ -9,7 +9,7 @@ import onnxruntime as ort
 
 from onnxprune.errors import InputError
 
-__all__ = ["PROVIDERS", "Session", "create_session", "ort_value"]
+__all__ = ["PROVIDERS", "Session", "create_session", "likely_provider", "ort_value"]
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _CUDA = "CUDAExecutionProvider"
@@ -62,6 +62,13 @@ def _options(threads: int | None = None, external: dict | None = None, spin: boo
     if external:
         opts.add_external_initializers(list(external), list(external.values()))
     return opts
+
+
+def likely_provider(provider: str) -> str:
+    """Where a session asked for ``provider`` will run, known before making one: cuda where it is asked for
+    (auto or cuda) and onnxruntime-gpu is installed, else cpu. (A GPU that then fails to start falls back to
+    the CPU with a notice.)"""
+    return "cuda" if provider in ("auto", "cuda") and _CUDA in ort.get_available_providers() else "cpu"
 
 
 def create_session(model: str | os.PathLike | bytes, provider: str = "auto", threads: int | None = None,

@@ -60,11 +60,14 @@ def layer_entry(am: AnalysedModel, layer: Layer) -> dict:
             "flops": am.weight_flops(layer)}
 
 
-def calibration(am: AnalysedModel, spec: rdata.DataSpec) -> tuple[list[Layer], str, list]:
-    """The layers to score, the provider ONNX Runtime really gave, and every calibration batch."""
+def calibration(am: AnalysedModel, spec: rdata.DataSpec, backend: Backend = Backend()
+                ) -> tuple[list[Layer], str, list]:
+    """The layers to score, the provider to measure on, and every calibration batch. Here the provider is the
+    one ONNX Runtime really gave; on a cluster it is the one asked for (``--provider``, default auto), as
+    each worker gets its own: a driver without a GPU must not send GPU workers to the CPU."""
     layers = owned_layers(am)
     provider, batches = calibration_batches(am.model, spec)
-    return layers, provider, batches
+    return layers, provider if backend.kind == "local" else spec.provider, batches
 
 
 def untaken_branches(am: AnalysedModel, layers: list[Layer], batches: list, provider: str) -> dict[str, str]:

@@ -224,7 +224,7 @@ def check_sensitivity(request: ScoreRequest) -> None:
 def score_sensitivity(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
     """Each layer's drop curve under magnitude pruning; importance = mean drop / the largest."""
     grid = tuple(request.grid or DEFAULT_GRID)
-    layers, provider, batches = calibration(am, request.data)
+    layers, provider, batches = calibration(am, request.data, request.backend)
     metric, note = choose_metric(am, request.metric, batches, classifier_default="kl")
     at_sparsities = None
     if request.at is not None:
@@ -263,7 +263,7 @@ def check_compactness(request: ScoreRequest) -> None:
 
 def score_compactness(am: AnalysedModel, request: ScoreRequest, progress: Progress | None = None) -> Scores:
     """Each layer's compactness (highest sparsity within the tolerance); importance = 1 - compactness."""
-    layers, provider, batches = calibration(am, request.data)
+    layers, provider, batches = calibration(am, request.data, request.backend)
     criterion, note = choose_metric(am, None, batches, classifier_default=None)
     t0 = time.perf_counter()
     results, base = _fanned_out(am, request.backend, "compactness", layers, progress, batches=batches,

@@ -392,7 +392,7 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
     """Each residual block's (or layer's) drop when re-initialised; importance = drop / the largest."""
     seed, seeds = request.seed, request.seeds
     max_memory = DEFAULT_MAX_MEMORY if request.max_memory is None else request.max_memory
-    layers, provider, batches = calibration(am, request.data)
+    layers, provider, batches = calibration(am, request.data, request.backend)
     metric, note = choose_metric(am, request.metric, batches, classifier_default=None)
     by_name = {layer.name: layer for layer in layers}
     if request.units in ("blocks", "transformer-layers"):
