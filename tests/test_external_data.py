@@ -101,7 +101,9 @@ def test_measured_scores_read_external_weights_in_place(big, tmp_path):
     onnx.save(onnx.load(str(big)), str(inline))
     x = np.random.default_rng(1).standard_normal((24, 1024)).astype(np.float32)
     np.savez(tmp_path / "x.npz", input=x)
-    for options in (dict(method="srinit", units="layers", seeds=2), dict(method="sensitivity", grid=(0.5, 0.9))):
+    plan = api.allocate(big, method="uniform", target_sparsity=0.5)  # sensitivity around a plan: a reference session
+    for options in (dict(method="srinit", units="layers", seeds=2), dict(method="sensitivity", grid=(0.5, 0.9)),
+                    dict(method="sensitivity", grid=(0.9,), at=plan)):
         on_disk, in_memory = (api.score(p, data=str(tmp_path / "x.npz"), batch_size=8, **options)
                               for p in (big, inline))
         numbers = [json.dumps(s.units) for s in (on_disk, in_memory)]

@@ -25,8 +25,8 @@ import onnx_ir as ir
 from onnxprune.errors import InputError, WriteError
 from onnxprune.io.checking import OnnxCheckError, check_file
 
-__all__ = ["DEFAULT_IR_VERSION", "PROTOBUF_LIMIT", "SUPPORTED_OPSET", "SavedModel", "check_output_path", "fingerprint",
-           "has_external_data", "load_model", "make_temp", "model_file_bytes", "model_nbytes", "release",
+__all__ = ["DEFAULT_IR_VERSION", "PROTOBUF_LIMIT", "SUPPORTED_OPSET", "SavedModel", "check_output_path", "external_tensors",
+           "fingerprint", "has_external_data", "load_model", "make_temp", "model_copy", "model_file_bytes", "model_nbytes", "release",
            "release_mapped", "referencing_bytes", "resolved_model", "save_model", "session_proto", "write_text"]
 
 # Above this size a model cannot be a single protobuf file.
@@ -156,12 +156,27 @@ def session_proto(model: ir.Model, leave_out: Iterable[str] = ()) -> onnx.ModelP
     return proto
 
 
+def external_tensors(graph: ir.Graph) -> dict[str, ir.ExternalTensor]:
+    """Initializer name -> tensor, for ``graph``'s initializers stored in external data files."""
+    return {name: v.const_value for name, v in graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+def model_copy(model: ir.Model) -> ir.Model:
+    """A deep copy of ``model`` whose external tensors still read from their files (a serialise / deserialise
+    round trip alone loses their folder)."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    folder = next((t.base_dir for g in model.graphs() for t in external_tensors(g).values()), None)
+    if folder:
+        for graph in copy.graphs():
+            ir.external_data.set_base_dir(graph, folder)
+    return copy
+
+
 def referencing_bytes(model: ir.Model) -> tuple[bytes, str | None]:
     """The model as bytes that another process on storage which sees the same files turns back into it
     (``resolved_model``): inline tensors inline, external ones left as references to their files (a 7B
     model stays a few MB and never meets protobuf's 2 GB limit). Returns (bytes, the data files' folder)."""
-    outside = {name: v.const_value for g in model.graphs() for name, v in g.initializers.items()
-               if isinstance(v.const_value, ir.ExternalTensor)}
+    outside = {name: t for g in model.graphs() for name, t in external_tensors(g).items()}
     folder = next((str(Path(t.base_dir).resolve()) for t in outside.values()), None)
     return session_proto(model, leave_out=outside).SerializeToString(), folder
 

@@ -34,9 +34,9 @@ from onnx import helper
 
 from onnxprune.analysis.graph import GraphInfo
 from onnxprune.analysis.shape_inference import outer_reads, proto_bodies
-from onnxprune.io import session_proto
+from onnxprune.io import external_tensors, session_proto
 from onnxprune.runtime.graph_io import weight_tensor_type
-from onnxprune.runtime.session import Session, create_session, likely_provider, ort_value
+from onnxprune.runtime.session import Session, create_session, likely_provider, mapped_value, ort_value
 
 __all__ = ["INJECTED", "Bound", "Part", "PartialEvaluator"]
 
@@ -90,8 +90,7 @@ class PartialEvaluator:
         if inject not in ("inputs", "initializers"):
             raise ValueError(f"inject must be inputs or initializers, got {inject!r}")
         self.info, self.provider, self.threads, self.inject = info, provider, threads, inject
-        self._outside = {name: v.const_value for name, v in model.graph.initializers.items()
-                         if isinstance(v.const_value, ir.ExternalTensor)}
+        self._outside = external_tensors(model.graph)
         self._outside_values: dict[str, object] = {}  # name -> OrtValue over the memory map, made once
         proto = session_proto(model, leave_out=self._outside)
         self._proto = proto
@@ -161,7 +160,7 @@ class PartialEvaluator:
         """OrtValues of external initializers, viewing the memory map (one per initializer, kept alive here)."""
         for name in names:
             if name not in self._outside_values:
-                self._outside_values[name] = ort_value(np.require(self._outside[name].numpy(), requirements="C"))
+                self._outside_values[name] = mapped_value(self._outside[name])
         return {name: self._outside_values[name] for name in names}
 
     def _dims(self, v: str) -> list | None:

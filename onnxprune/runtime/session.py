@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import onnxruntime as ort
 
 from onnxprune.errors import InputError
+from onnxprune.io import external_tensors, session_proto
 
-__all__ = ["PROVIDERS", "Session", "create_session", "likely_provider", "ort_value"]
+__all__ = ["PROVIDERS", "Session", "create_session", "likely_provider", "mapped_value", "model_session", "ort_value"]
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _CUDA = "CUDAExecutionProvider"
@@ -21,6 +23,7 @@ class Session:
     session: ort.InferenceSession
     provider: str  # "cuda" or "cpu": what really runs
     notice: str | None = None  # a one-line notice for the user (fallback)
+    keep: object = None  # what the session reads without a copy (OrtValues of external initializers)
 
     @property
     def input_names(self) -> list[str]:
@@ -38,7 +41,6 @@ def ort_value(array) -> ort.OrtValue:
     """An OrtValue of a C-contiguous array; bfloat16 (ml_dtypes) ones too, which ONNX Runtime takes from numpy
     only this way."""
     if _bfloat16(array):
-        import numpy as np
         from onnx import TensorProto
 
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
@@ -62,6 +64,25 @@ def _options(threads: int | None = None, external: dict | None = None, spin: boo
     if external:
         opts.add_external_initializers(list(external), list(external.values()))
     return opts
+
+
+def mapped_value(tensor) -> ort.OrtValue:
+    """An OrtValue viewing an external tensor's memory map (no copy)."""
+    return ort_value(np.require(tensor.numpy(), requirements="C"))
+
+
+def model_session(model, provider: str = "auto", threads: int | None = None, edit=None) -> Session:
+    """A session of an in-memory ir.Model whose external weights stay in their files: they remain references
+    in the serialised graph and reach ONNX Runtime as OrtValues over the memory map, so a model over 2 GB
+    (protobuf's limit) loads too. ``edit``: a change to the graph's proto first (extra outputs)."""
+    outside = external_tensors(model.graph)
+    proto = session_proto(model, leave_out=outside)
+    if edit is not None:
+        proto = edit(proto)
+    values = {name: mapped_value(tensor) for name, tensor in outside.items()}
+    session = create_session(proto.SerializeToString(), provider, threads, external=values)
+    session.keep = values
+    return session
 
 
 def likely_provider(provider: str) -> str:

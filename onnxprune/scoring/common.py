@@ -14,13 +14,13 @@ from onnxprune.analysis.layers import Layer
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan
 from onnxprune.errors import InputError
-from onnxprune.io import referencing_bytes, resolved_model, session_proto
+from onnxprune.io import referencing_bytes, resolved_model
 from onnxprune.runtime import data as rdata
 from onnxprune.runtime.backend import Backend
 from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.language_model import decoder_of
 from onnxprune.runtime.metrics import class_scores
-from onnxprune.runtime.session import create_session
+from onnxprune.runtime.session import model_session
 
 __all__ = ["Progress", "ScoreRequest", "batch_slices", "block_units", "calibration", "choose_metric", "chunks", "layer_entry",
            "owned_layers", "received", "relative_to_max", "sample_count", "shipped", "unit_entry"]
@@ -77,10 +77,12 @@ def untaken_branches(am: AnalysedModel, layers: list[Layer], batches: list, prov
     conditions = {node.name: node.inputs[0].name for node in am.model.graph if node.name in ifs}
     if not conditions or not batches:
         return {}
-    proto = session_proto(am.model)
-    for name in dict.fromkeys(conditions.values()):
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
-    session = create_session(proto.SerializeToString(), provider)
+    def with_conditions(proto):
+        for name in dict.fromkeys(conditions.values()):
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+        return proto
+
+    session = model_session(am.model, provider, edit=with_conditions)
     names = list(dict.fromkeys(conditions.values()))
     seen: dict[str, set[bool]] = {name: set() for name in names}
     for feeds, _ in batches:

@@ -15,10 +15,9 @@ from onnxprune.analysis.graph import constant_array
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Scores
 from onnxprune.errors import InputError
-from onnxprune.io import session_proto
 from onnxprune.runtime.feeding import calibration_batches
 from onnxprune.runtime.graph_io import with_outputs
-from onnxprune.runtime.session import create_session
+from onnxprune.runtime.session import model_session
 from onnxprune.scoring.common import Progress, ScoreRequest, block_units, relative_to_max, sample_count, unit_entry
 
 __all__ = ["check", "score_influence"]
@@ -38,8 +37,7 @@ def score_influence(am: AnalysedModel, request: ScoreRequest, progress: Progress
     # added here: a fused Skip*Normalization's output 0 is normalised)
     ends = {name: (_skip(nodes, members[0]), _sum_terms(nodes[members[-1].name])) for name, members in groups}
     names = list(dict.fromkeys([x for x, _ in ends.values()] + [t for _, (terms, _) in ends.values() for t in terms]))
-    proto = with_outputs(session_proto(am.model), names, None)
-    session = create_session(proto.SerializeToString(), provider)
+    session = model_session(am.model, provider, edit=lambda proto: with_outputs(proto, names, None))
     sums = dict.fromkeys(ends, 0.0)
     count = 0
     for k, (feeds, _) in enumerate(batches):

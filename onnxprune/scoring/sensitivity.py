@@ -15,18 +15,17 @@ import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
-import onnx_ir as ir
 
 from onnxprune.analysis.graph import GraphInfo, analyse_graph
 from onnxprune.analysis.layers import Layer, find_layers
 from onnxprune.analysis.model import AnalysedModel
 from onnxprune.artefacts import Plan, Scores, check_fingerprint, curve_drop, load_plan
 from onnxprune.errors import InputError
-from onnxprune.io import session_proto
+from onnxprune.io import model_copy
 from onnxprune.runtime.backend import Backend
 from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
-from onnxprune.runtime.session import create_session
+from onnxprune.runtime.session import model_session
 from onnxprune.scoring.common import (
     Progress,
     ScoreRequest,
@@ -97,8 +96,8 @@ def layer_sensitivity(
     weights = {layer.name: np.asarray(get_weight(layer)) for layer in layers}
     reference = None
     if at:
-        reference = create_session(session_proto(model).SerializeToString(), provider, threads)
-        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        reference = model_session(model, provider, threads)
+        model = model_copy(model)
         info = analyse_graph(model)
         by_name = {layer.name: layer for layer in find_layers(info)}
         for name, sp in at.items():
