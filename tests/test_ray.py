@@ -40,8 +40,9 @@ def test_srinit_on_ray_equals_the_local_path(export, cifar_jpeg, cluster, units,
     assert _numbers(on_ray) == _numbers(local)
     assert on_ray.options["reference"] == local.options["reference"]
     assert on_ray.options["backend"] == "ray" and local.options["backend"] == "local"
-    # each worker picks its provider from what was asked, not from the driver's (which may have no GPU)
-    assert on_ray.options["provider"] == "auto" and local.options["provider"] == "cpu"
+    # each worker asks for the provider the user asked for (auto), not for the driver's (which may have no
+    # GPU), and the scores record what the workers' sessions really got
+    assert on_ray.options["provider"] == local.options["provider"] == "cpu"
 
 
 @pytest.mark.parametrize("max_memory", [None, 1])
@@ -67,6 +68,7 @@ def test_layer_measures_on_ray_equal_the_local_path(export, cifar_jpeg, cluster,
     local, on_ray = api.score(path, **options), api.score(path, backend=cluster, **options)
     assert on_ray.units == local.units
     assert on_ray.options["reference"] == local.options["reference"]
+    assert on_ray.options["provider"] == "auto" and local.options["provider"] == "cpu"  # asked of the workers
 
 
 def test_sweep_on_ray_equals_the_local_path(export, cifar_lossless, cluster):

@@ -226,6 +226,12 @@ class PartialEvaluator:
         return self._prefix
 
     @property
+    def ran_on(self) -> str | None:
+        """The provider the whole-model session really got (cuda, or cpu after a fallback); None before it
+        is made."""
+        return None if self._prefix is None else self._prefix.provider
+
+    @property
     def prefix_outputs(self) -> list[str]:
         return self.output_names + self._prefix_extra
 

@@ -284,14 +284,16 @@ def _on_cluster(model: ir.Model, units: list, batches: list, seeds: list[int], p
     acc: dict = {}
     counts = {"n": 0, "labelled": 0, "correct": 0}
     seconds = {name: 0.0 for name, _, _ in units}
-    for (pairs, _, _), (part, part_counts, part_seconds) in zip(tasks, found, strict=True):
+    for (pairs, _, _), (part, part_counts, part_seconds, _) in zip(tasks, found, strict=True):
         for pair in pairs:
             acc[pair] = acc[pair].extend(part[pair]) if pair in acc else part[pair]
         if pairs is groups[0]:  # the samples are counted once: by the first group's tasks
             counts = {k: counts[k] + part_counts[k] for k in counts}
         for name, sec in part_seconds.items():
             seconds[name] += sec
-    return _summary(units, seeds, acc, counts, seconds, passes=len(groups))
+    results, base = _summary(units, seeds, acc, counts, seconds, passes=len(groups))
+    base["ran_on"] = sorted({ran_on for *_, ran_on in found if ran_on})  # what each worker's sessions got
+    return results, base
 
 
 def suffix_weight_bytes(model: ir.Model, units: list) -> dict[str, int]:
@@ -312,9 +314,9 @@ def suffix_weight_bytes(model: ir.Model, units: list) -> dict[str, int]:
             for name, node_names, _ in units}
 
 
-def _unit_task(shared: dict, task: tuple[list, int, int]) -> tuple[dict, dict, dict]:
+def _unit_task(shared: dict, task: tuple[list, int, int]) -> tuple[dict, dict, dict, str | None]:
     """A Ray task: (unit, seed) pairs on a model loaded from the shared bytes, one pass over batches
-    [start, stop)."""
+    [start, stop). Also returns the provider its sessions really got (None when it ran no batch)."""
     pairs, start, stop = task
     am = received(shared)
     by_name = {layer.name: layer for layer in am.layers}
@@ -326,7 +328,7 @@ def _unit_task(shared: dict, task: tuple[list, int, int]) -> tuple[dict, dict, d
     seconds: dict = {}
     acc, counts = _run_pairs(evaluator, inits, weight_names, pairs, shared["batches"][start:stop],
                              shared["logits"], seconds, lambda: None)
-    return acc, counts, seconds
+    return acc, counts, seconds, evaluator.ran_on
 
 
 def _summary(units: list, seeds: list[int], acc: dict, counts: dict, seconds: dict, passes: int
@@ -411,6 +413,7 @@ def score_srinit(am: AnalysedModel, request: ScoreRequest, progress: Progress | 
                                   model_shipped=shipped(am) if request.backend.kind != "local" else None)
     seconds = time.perf_counter() - t0
     passes = base.pop("passes")
+    provider = ", ".join(base.pop("ran_on", None) or [provider])  # on a cluster: what the workers got
     out = []
     unit_seconds = {}
     for name, _, _ in unit_defs:
