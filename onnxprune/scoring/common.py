@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxprune.analysis.blocks import Block, transformer_layers
 from onnxprune.analysis.layers import Layer
@@ -22,8 +24,8 @@ from onnxprune.runtime.language_model import decoder_of
 from onnxprune.runtime.metrics import class_scores
 from onnxprune.runtime.session import model_session
 
-__all__ = ["Progress", "ScoreRequest", "batch_slices", "block_units", "calibration", "choose_metric", "chunks", "layer_entry",
-           "owned_layers", "received", "relative_to_max", "sample_count", "shipped", "unit_entry"]
+__all__ = ["DEFAULT_MAX_MEMORY", "Progress", "ScoreRequest", "batch_slices", "block_units", "calibration", "choose_metric", "chunks", "layer_entry",
+           "memory_groups", "owned_layers", "received", "relative_to_max", "sample_count", "shipped", "suffix_weight_bytes", "unit_entry"]
 
 Progress = Callable[[int, int | None], None]
 NO_LAYERS = "the model has no prunable layers (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
@@ -112,6 +114,42 @@ def chunks(items: list, backend: Backend) -> list[list]:
     """``items`` cut into consecutive tasks, about twice as many as ``backend`` runs at once."""
     size = -(-len(items) // max(min(len(items), 2 * backend.parallelism()), 1))
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+DEFAULT_MAX_MEMORY = 2 << 30  # bytes: suffix sessions alive at once plus one batch of cached activations
+
+
+def suffix_weight_bytes(model: ir.Model, units: list[tuple[str, list[str]]]) -> dict[str, int]:
+    """Unit name -> bytes of the weights a suffix session of the unit (its node names) holds: every
+    initializer still read at or after the unit's first node, in graph order. Found without a session."""
+    nodes = list(model.graph)
+    position = {node.name: i for i, node in enumerate(nodes)}
+    last_read: dict[str, tuple[int, int]] = {}
+    for i, node in enumerate(nodes):
+        for value in node.inputs:
+            if value is not None and value.const_value is not None:
+                last_read[value.name] = (i, value.const_value.nbytes)
+    held_from = np.zeros(len(nodes) + 1, dtype=np.int64)
+    for i, nbytes in last_read.values():
+        held_from[i] += nbytes
+    held_from = np.cumsum(held_from[::-1])[::-1]  # held_from[p]: bytes read at or after node p
+    return {name: int(held_from[min(position[n] for n in node_names if n in position)])
+            for name, node_names in units}
+
+
+def memory_groups(items: list, weight_bytes: Callable[[Any], int], budget: int) -> list[list]:
+    """``items`` (each a suffix session to hold) in consecutive groups whose sessions fit in ``budget`` bytes
+    together (at least one each). A session holds its suffix's weights and about as much again for ONNX
+    Runtime's pre-packed copies. Each group costs a pass over the data."""
+    groups, current, used = [], [], 0
+    for item in items:
+        need = 2 * weight_bytes(item)
+        if current and used + need > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += need
+    return groups + [current] if current else groups
 
 
 def batch_slices(batches: int, tasks: int, backend: Backend) -> list[tuple[int, int]]:

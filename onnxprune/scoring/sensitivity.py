@@ -27,16 +27,19 @@ from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.runtime.session import model_session
 from onnxprune.scoring.common import (
+    DEFAULT_MAX_MEMORY,
     Progress,
     ScoreRequest,
     calibration,
     choose_metric,
     chunks,
     layer_entry,
+    memory_groups,
     received,
     relative_to_max,
     sample_count,
     shipped,
+    suffix_weight_bytes,
     untaken_branches,
 )
 from onnxprune.tensors.masks import magnitude_order, pruned_copy
@@ -195,10 +198,20 @@ MEASURES = {"sensitivity": layer_sensitivity, "compactness": layer_compactness}
 
 def _fanned_out(am: AnalysedModel, backend: Backend, measure: str, layers: list[Layer], progress, **options
                 ) -> tuple[dict, dict]:
-    """``MEASURES[measure]`` of ``layers``: here, or on ``backend`` in tasks of consecutive layers (each layer's
-    result depends only on it and the data, so the merged results equal the local ones)."""
+    """``MEASURES[measure]`` of ``layers``: here, in groups of consecutive layers whose suffix sessions fit in
+    DEFAULT_MAX_MEMORY together (a pass over the data each: a model of several GB does not hold a session
+    per layer at once), or on ``backend`` in tasks of consecutive layers. Each layer's result depends only
+    on it and the data, so the merged results are the same however the layers are cut."""
     if backend.kind == "local":
-        return MEASURES[measure](am.model, am.info, layers, progress=progress, **options)
+        weight_bytes = suffix_weight_bytes(am.model, [(layer.name, layer.main_nodes) for layer in layers])
+        groups = memory_groups(layers, lambda layer: weight_bytes[layer.name], DEFAULT_MAX_MEMORY)
+        parts, done = [], 0
+        for group in groups:
+            ticks = None if progress is None else (  # a group's steps are per layer (x batches): one bar over all
+                lambda k, total, d=done, n=len(group): progress(d * total // n + k, len(layers) * total // n))
+            parts.append(MEASURES[measure](am.model, am.info, group, progress=ticks, **options))
+            done += len(group)
+        return {k: v for found, _ in parts for k, v in found.items()}, parts[0][1]
     shared = {**shipped(am), "measure": measure, "options": options, "threads": backend.task_threads}
     parts = backend.map(_layers_task, chunks([layer.name for layer in layers], backend), shared, progress)
     return {k: v for found, _ in parts for k, v in found.items()}, parts[0][1]

@@ -34,6 +34,7 @@ from onnxprune.runtime.language_model import TokenReference, decoder_of
 from onnxprune.runtime.metrics import Reference, output_error
 from onnxprune.runtime.partial import Part, PartialEvaluator
 from onnxprune.scoring.common import (
+    DEFAULT_MAX_MEMORY,
     Progress,
     ScoreRequest,
     batch_slices,
@@ -41,9 +42,11 @@ from onnxprune.scoring.common import (
     calibration,
     choose_metric,
     layer_entry,
+    memory_groups,
     received,
     relative_to_max,
     shipped,
+    suffix_weight_bytes,
     unit_entry,
     untaken_branches,
 )
@@ -147,7 +150,6 @@ def _in_order(values: list[float]) -> float:
 
 
 UNIT_KINDS = ("blocks", "transformer-layers", "layers")  # what --units re-initialises
-DEFAULT_MAX_MEMORY = 2 << 30  # bytes: suffix sessions alive at once plus one batch of cached activations
 
 
 def srinit_scores(
@@ -182,8 +184,8 @@ def srinit_scores(
     if acts_bytes >= max_memory:
         raise InputError(f"one batch of activations takes {acts_bytes / 2**20:.0f} MiB, over --max-memory "
                          f"({max_memory / 2**20:.0f} MiB); lower --batch-size or raise --max-memory")
-    groups = _groups(pairs, {name: evaluator.weight_bytes(name) for name, _, _ in units},
-                     max_memory - acts_bytes)
+    weight_bytes = {name: evaluator.weight_bytes(name) for name, _, _ in units}
+    groups = memory_groups(pairs, lambda pair: weight_bytes[pair[0]], max_memory - acts_bytes)
     acc, seconds, counts = {}, {name: 0.0 for name, _, _ in units}, {}
     done = [0]
     total = len(batches) * len(pairs)
@@ -276,8 +278,9 @@ def _on_cluster(model: ir.Model, units: list, batches: list, seeds: list[int], p
     shared = {**model_shipped, "batches": batches, "seeds": seeds, "provider": provider, "logits": logits,
               "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
               "threads": backend.task_threads}
-    groups = _groups([(name, seed) for name, _, _ in units for seed in seeds],
-                     suffix_weight_bytes(model, units), max_memory)
+    weight_bytes = suffix_weight_bytes(model, [(name, nodes) for name, nodes, _ in units])
+    groups = memory_groups([(name, seed) for name, _, _ in units for seed in seeds],
+                           lambda pair: weight_bytes[pair[0]], max_memory)
     tasks = [(group, start, stop) for group in groups
              for start, stop in batch_slices(len(batches), len(groups), backend)]
     found = backend.map(_unit_task, tasks, shared, progress)
@@ -294,24 +297,6 @@ def _on_cluster(model: ir.Model, units: list, batches: list, seeds: list[int], p
     results, base = _summary(units, seeds, acc, counts, seconds, passes=len(groups))
     base["ran_on"] = sorted({ran_on for *_, ran_on in found if ran_on})  # what each worker's sessions got
     return results, base
-
-
-def suffix_weight_bytes(model: ir.Model, units: list) -> dict[str, int]:
-    """Unit name -> bytes of the weights its suffix session holds: every initializer still read at or after
-    the unit's first node (in graph order). Found without building any session."""
-    nodes = list(model.graph)
-    position = {node.name: i for i, node in enumerate(nodes)}
-    last_read: dict[str, tuple[int, int]] = {}
-    for i, node in enumerate(nodes):
-        for value in node.inputs:
-            if value is not None and value.const_value is not None:
-                last_read[value.name] = (i, value.const_value.nbytes)
-    held_from = np.zeros(len(nodes) + 1, dtype=np.int64)
-    for i, nbytes in last_read.values():
-        held_from[i] += nbytes
-    held_from = np.cumsum(held_from[::-1])[::-1]  # held_from[p]: bytes read at or after node p
-    return {name: int(held_from[min(position[n] for n in node_names if n in position)])
-            for name, node_names, _ in units}
 
 
 def _unit_task(shared: dict, task: tuple[list, int, int]) -> tuple[dict, dict, dict, str | None]:
@@ -351,20 +336,6 @@ def _summary(units: list, seeds: list[int], acc: dict, counts: dict, seconds: di
     if labelled:
         base["top1"] = 100.0 * counts["correct"] / labelled
     return results, base
-
-
-def _groups(pairs: list, weight_bytes: dict[str, int], budget: int) -> list[list]:
-    """(unit, seed) pairs in consecutive groups whose sessions fit in ``budget`` bytes (at least one each).
-    A session holds its suffix's weights and about as much again for ONNX Runtime's pre-packed copies."""
-    groups, current, used = [], [], 0
-    for pair in pairs:
-        need = 2 * weight_bytes[pair[0]]
-        if current and used + need > budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(pair)
-        used += need
-    return groups + [current] if current else groups
 
 
 def _param_names(layer: Layer, nodes: dict) -> list[str]:
