@@ -411,7 +411,7 @@ def render(result: dict) -> str:
             "the task's CPUs. Data / model: the decoder's weights read once per node from shared storage; "
             "ResNet-50's 50,000 float32 images put in the object store and sent to the other 7 nodes. Other: Ray's "
             "cost per task, and ResNet-50's cut activations between host and GPU. One GPU: the same job as one "
-            "task per group on one GPU; this machine: its compute at the decoder's measured FLOP/s.",
+            "task per group on one GPU; this machine: its compute at the small decoder's FLOP/s measured on one thread.",
         ]
     return "\n".join(lines) + "\n"
 
