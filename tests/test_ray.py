@@ -180,3 +180,28 @@ def test_an_external_data_model_is_shipped_by_reference(cluster, tmp_path):
         local, on_ray = (api.score(path, data=str(tmp_path / "x.npz"), batch_size=8, backend=b, **options)
                          for b in (api.Backend(), cluster))
         assert repr(on_ray.units) == repr(local.units)  # as text: no labels, top1 is NaN in both
+
+
+def _sleeps_then_marks(shared: dict, task: int) -> int:
+    import time
+
+    time.sleep(shared["seconds"])
+    (Path(shared["folder"]) / f"done_{task}").write_text("x")
+    return task
+
+
+def test_ctrl_c_cancels_the_tasks(cluster, tmp_path):
+    """Ctrl-C while tasks run: KeyboardInterrupt reaches the caller, and the tasks running and waiting are
+    cancelled (none of them finishes afterwards); the cluster still runs the next job."""
+    import _thread
+    import threading
+    import time
+
+    shared = {"folder": str(tmp_path), "seconds": 3.0}
+    cluster.map(_sleeps_then_marks, [], shared)  # joined; workers may still be starting
+    threading.Timer(1.5, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt):
+        cluster.map(_sleeps_then_marks, list(range(6)), shared)
+    time.sleep(5)  # long enough for every task to have finished, had it not been cancelled
+    assert not list(tmp_path.glob("done_*"))
+    assert cluster.map(_sleeps_then_marks, [7], {**shared, "seconds": 0.0}) == [7]
