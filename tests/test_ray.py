@@ -1,6 +1,8 @@
-"""The Ray backend on a local cluster started here (2 CPUs on 127.0.0.1, shut down after): SR-init,
-sensitivity and compactness scores, sweep rows and prune's blocks equal the local path's, a worker that dies mid-task is retried to the same result, a wrong address is one
-line (exit 2)."""
+"""The Ray backend on a local cluster started here (2 CPUs on 127.0.0.1, shut down after): SR-init (tasks of any
+shape: groups x slices of the data), sensitivity and compactness scores, sweep rows and prune's blocks equal
+the local path's, an external-data model travels by reference, a worker that dies mid-task is retried to the
+same result (its message kept off the terminal), Ctrl-C cancels the tasks, a wrong address is one line
+(exit 2)."""
 
 from __future__ import annotations
 
