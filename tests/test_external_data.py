@@ -116,3 +116,22 @@ def test_measured_scores_read_external_weights_in_place(big, tmp_path):
     assert len(suffix.model) < 100_000 and len(suffix.stored) == 16 + 8 - 1  # weights and biases but its own
     assert evaluator.weight_bytes("first") >= 16 * 1024 * 1024 * 4
     np.testing.assert_array_equal(evaluator.run_prefix({"input": x[:8]})["output"], run(big, x[:8]))
+
+
+def test_refit_and_search_read_external_weights_in_place(big, tmp_path):
+    """The channel refit and the search's objective keep an external-data model's weights in their files
+    (model_session), and give what they give on its inline copy."""
+    inline = tmp_path / "inline.onnx"
+    onnx.save(onnx.load(str(big)), str(inline))
+    x = np.random.default_rng(3).standard_normal((32, 1024)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", input=x)
+    data = str(tmp_path / "x.npz")
+    plans = [api.allocate(p, method="search", target_sparsity=0.6, data=data, seed=0, iterations=6)
+             for p in (big, inline)]
+    assert plans[0].sparsities() == plans[1].sparsities()
+    channel_plan = api.allocate(big, method="uniform", granularity="channel", budget="flops", target_sparsity=0.4)
+    for p in (big, inline):
+        api.apply(p, channel_plan, tmp_path / f"refit_{p.stem}.onnx", data=data)
+    outs = [run(tmp_path / f"refit_{p.stem}.onnx", x[:4]) for p in (big, inline)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert np.abs(outs[0] - run(big, x[:4])).max() > 0  # it did prune

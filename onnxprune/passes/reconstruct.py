@@ -29,9 +29,8 @@ from onnx import helper, numpy_helper
 from onnxprune.analysis.channels import ChannelGraph
 from onnxprune.analysis.graph import constant_array
 from onnxprune.analysis.layers import Layer
-from onnxprune.io import session_proto
 from onnxprune.runtime.graph_io import with_outputs
-from onnxprune.runtime.session import create_session
+from onnxprune.runtime.session import model_session
 from onnxprune.tensors.weights import compute_dtype, get_weight, out_in_axes, set_weight
 
 __all__ = ["NormalEquations", "ReconstructReport", "RefitPass", "bias_value", "layer_rows", "layer_targets",
@@ -228,12 +227,18 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
             todo.append(layer)
     if not todo or not batches:
         return report
-    proto = session_proto(model)
-    reference = with_outputs(proto, [layer.node.outputs[0].name for layer in todo],
-                             helper.np_dtype_to_tensor_dtype(compute_dtype(todo[0])))
-    masked, feeds_of = _masked(proto, consumers, todo, layers)
-    ref_sess = create_session(reference.SerializeToString(), provider).session
-    sess = create_session(masked.SerializeToString(), provider).session
+    outputs, elem = [layer.node.outputs[0].name for layer in todo], compute_dtype(todo[0])
+    feeds_of: dict = {}
+
+    def masked(proto: onnx.ModelProto) -> onnx.ModelProto:
+        edited, found = _masked(proto, consumers, todo, layers)
+        feeds_of.update(found)
+        return edited
+
+    # external weights stay in their files (model_session): a model over 2 GB is refit too
+    ref_sess = model_session(model, provider, edit=lambda proto: with_outputs(
+        proto, outputs, helper.np_dtype_to_tensor_dtype(elem)))
+    sess = model_session(model, provider, edit=masked)
     stored = {layer.name: np.asarray(get_weight(layer)).dtype for layer in todo}  # written back in it
     dtypes = {layer.name: compute_dtype(layer) for layer in todo}  # fed in it (float16 models: float16)
     weights = {layer.name: np.array(get_weight(layer), np.float32) for layer in todo}
@@ -250,8 +255,8 @@ def reconstruct(model: ir.Model, cg: ChannelGraph, remove: set[int], batches: li
         has_bias = biases[layer.name] is not None
         equations = NormalEquations()
         for feeds in batches:
-            y = layer_targets(ref_sess.run([layer.node.outputs[0].name], feeds)[0], layer)
-            x = sess.run([x_name], {**feeds, **_weight_feeds(weights, biases, feeds_of, dtypes)})[0]
+            y = layer_targets(ref_sess.run(feeds, [layer.node.outputs[0].name])[0], layer)
+            x = sess.run({**feeds, **_weight_feeds(weights, biases, feeds_of, dtypes)}, [x_name])[0]
             a = layer_rows(x, layer)[:, rows]
             equations.add(np.hstack([a, np.ones((len(a), 1), a.dtype)]) if has_bias else a, y)
         before = wm[rows].astype(np.float64)

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.io import session_proto
 from onnxprune.planning.allocation import Allocatable, allocate_sparsities
 from onnxprune.runtime.graph_io import weights_as_inputs
 from onnxprune.runtime.metrics import log_softmax, output_error
-from onnxprune.runtime.session import create_session
+from onnxprune.runtime.session import model_session
 from onnxprune.tensors.masks import magnitude_order, pruned_copy
 from onnxprune.tensors.weights import get_weight
 
@@ -55,8 +54,8 @@ class _Objective:
     def __init__(self, model: ir.Model, units: Sequence[Allocatable], feeds: list[dict[str, np.ndarray]],
                  provider: str, metric: str = "kl"):
         names = {u.layer.weight for u in units}
-        proto = weights_as_inputs(session_proto(model), names)
-        self.session = create_session(proto.SerializeToString(), provider)  # (it feeds bfloat16 weights too)
+        self.session = model_session(model, provider,  # (it feeds bfloat16 weights too)
+                                     edit=lambda proto: weights_as_inputs(proto, names))
         self.outputs = [o.name for o in self.session.session.get_outputs()][:1 if metric == "kl" else None]
         self.metric = metric
         self.units = units

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from onnxprune.analysis.shape_inference import outer_reads, proto_bodies
 from onnxprune.errors import InputError
 from onnxprune.io import external_tensors, session_proto
 
@@ -74,12 +75,17 @@ def mapped_value(tensor) -> ort.OrtValue:
 def model_session(model, provider: str = "auto", threads: int | None = None, edit=None) -> Session:
     """A session of an in-memory ir.Model whose external weights stay in their files: they remain references
     in the serialised graph and reach ONNX Runtime as OrtValues over the memory map, so a model over 2 GB
-    (protobuf's limit) loads too. ``edit``: a change to the graph's proto first (extra outputs)."""
+    (protobuf's limit) loads too. ``edit``: a change to the graph's proto first (extra outputs, weights
+    made inputs: those are then fed, not supplied)."""
     outside = external_tensors(model.graph)
     proto = session_proto(model, leave_out=outside)
     if edit is not None:
         proto = edit(proto)
-    values = {name: mapped_value(tensor) for name, tensor in outside.items()}
+    graph = proto.graph  # supplied: the left-out initializers still read (ONNX Runtime drops unread ones)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | \
+        {i for n in graph.node for body in proto_bodies(n) for i in outer_reads(body)}
+    still = {t.name for t in graph.initializer} & read
+    values = {name: mapped_value(tensor) for name, tensor in outside.items() if name in still}
     session = create_session(proto.SerializeToString(), provider, threads, external=values)
     session.keep = values
     return session
