@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import onnxprune
@@ -138,6 +138,7 @@ def test_erk_density_proportional_to_score(r56):
     st.floats(0.0, 0.3),
     st.floats(0.5, 0.99),
 )
+@example(layers=[(1, 1.0)], target=0.0, lo=1.8556827610608074e-10, hi=0.5)  # a floor a rounding above the target
 def test_capacity_allocation_properties(layers, target, lo, hi):
     """Random sizes / importances / bounds: the total is met (or refused as unreachable), bounds and
     monotonicity hold."""
