@@ -161,14 +161,25 @@ def external_tensors(graph: ir.Graph) -> dict[str, ir.ExternalTensor]:
     return {name: v.const_value for name, v in graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
 
 
+def _data_folder(model: ir.Model) -> str | None:
+    """The folder of the model's external data files (of its first external tensor), or None."""
+    return next((str(Path(t.base_dir).resolve()) for g in model.graphs() for t in external_tensors(g).values()),
+                None)
+
+
+def _read_data_from(model: ir.Model, folder: str) -> None:
+    """Point every external tensor of a deserialised model (which knows only the files' names) at ``folder``."""
+    for graph in model.graphs():
+        ir.external_data.set_base_dir(graph, folder)
+
+
 def model_copy(model: ir.Model) -> ir.Model:
     """A deep copy of ``model`` whose external tensors still read from their files (a serialise / deserialise
     round trip alone loses their folder)."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    folder = next((t.base_dir for g in model.graphs() for t in external_tensors(g).values()), None)
+    folder = _data_folder(model)
     if folder:
-        for graph in copy.graphs():
-            ir.external_data.set_base_dir(graph, folder)
+        _read_data_from(copy, folder)
     return copy
 
 
@@ -176,9 +187,8 @@ def referencing_bytes(model: ir.Model) -> tuple[bytes, str | None]:
     """The model as bytes that another process on storage which sees the same files turns back into it
     (``resolved_model``): inline tensors inline, external ones left as references to their files (a 7B
     model stays a few MB and never meets protobuf's 2 GB limit). Returns (bytes, the data files' folder)."""
-    outside = {name: t for g in model.graphs() for name, t in external_tensors(g).items()}
-    folder = next((str(Path(t.base_dir).resolve()) for t in outside.values()), None)
-    return session_proto(model, leave_out=outside).SerializeToString(), folder
+    outside = {name for g in model.graphs() for name in external_tensors(g)}
+    return session_proto(model, leave_out=outside).SerializeToString(), _data_folder(model)
 
 
 def resolved_model(data: bytes, folder: str | None) -> ir.Model:
@@ -189,8 +199,7 @@ def resolved_model(data: bytes, folder: str | None) -> ir.Model:
         if not Path(folder).is_dir():
             raise InputError(f"the model's external data folder {folder} is not on this machine; keep the model "
                              "on storage every worker sees")
-        for graph in model.graphs():
-            ir.external_data.set_base_dir(graph, folder)
+        _read_data_from(model, folder)
         _check_external_data(model, Path(folder))
     return model
 

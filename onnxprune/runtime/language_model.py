@@ -152,10 +152,9 @@ class TokenReference:
     lets go of the GIL); each position's numbers do not depend on the split."""
 
     def __init__(self, logits: np.ndarray, threads: int = 1):
-        self.threads = max(int(threads), 1)
         self.shape = logits.shape[:-1]
         rows = logits.reshape(-1, logits.shape[-1])
-        self._chunks = _row_chunks(len(rows), self.threads)
+        self._chunks = _row_chunks(len(rows), max(int(threads), 1))
         parts = self._map(lambda a, b: _reference_rows(rows[a:b]))
         self.prob = np.concatenate([prob for prob, _, _ in parts])
         self.expected_logp = np.concatenate([expected for _, expected, _ in parts])

@@ -79,13 +79,14 @@ def untaken_branches(am: AnalysedModel, layers: list[Layer], batches: list, prov
     conditions = {node.name: node.inputs[0].name for node in am.model.graph if node.name in ifs}
     if not conditions or not batches:
         return {}
+    names = list(dict.fromkeys(conditions.values()))
+
     def with_conditions(proto):
-        for name in dict.fromkeys(conditions.values()):
+        for name in names:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
         return proto
 
     session = model_session(am.model, provider, edit=with_conditions)
-    names = list(dict.fromkeys(conditions.values()))
     seen: dict[str, set[bool]] = {name: set() for name in names}
     for feeds, _ in batches:
         for name, value in zip(names, session.run(feeds, names), strict=True):

@@ -211,9 +211,9 @@ def _fanned_out(am: AnalysedModel, backend: Backend, measure: str, layers: list[
                 lambda k, total, d=done, n=len(group): progress(d * total // n + k, len(layers) * total // n))
             parts.append(MEASURES[measure](am.model, am.info, group, progress=ticks, **options))
             done += len(group)
-        return {k: v for found, _ in parts for k, v in found.items()}, parts[0][1]
-    shared = {**shipped(am), "measure": measure, "options": options, "threads": backend.task_threads}
-    parts = backend.map(_layers_task, chunks([layer.name for layer in layers], backend), shared, progress)
+    else:
+        shared = {**shipped(am), "measure": measure, "options": options, "threads": backend.task_threads}
+        parts = backend.map(_layers_task, chunks([layer.name for layer in layers], backend), shared, progress)
     return {k: v for found, _ in parts for k, v in found.items()}, parts[0][1]
 
 

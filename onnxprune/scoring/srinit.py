@@ -136,17 +136,9 @@ class _Paired:
     def stats(self, metric: str, count: int, scale: float) -> tuple[float, float]:
         if count == 0:
             return float("nan"), float("nan")
-        mean = _in_order(self.sums[metric]) / count
-        var = max(_in_order(self.squares[metric]) / count - mean ** 2, 0.0) * count / max(count - 1, 1)
+        mean = sum(self.sums[metric]) / count  # the same list gives the same bits, however it was split
+        var = max(sum(self.squares[metric]) / count - mean ** 2, 0.0) * count / max(count - 1, 1)
         return mean * scale, np.sqrt(var / count) * scale
-
-
-def _in_order(values: list[float]) -> float:
-    """Left-to-right sum: the same bits for the same list, however the batches were split into tasks."""
-    total = 0.0
-    for v in values:
-        total += v
-    return total
 
 
 UNIT_KINDS = ("blocks", "transformer-layers", "layers")  # what --units re-initialises
@@ -176,7 +168,7 @@ def srinit_scores(
     """
     pairs = [(name, seed) for name, _, _ in units for seed in seeds]
     if backend.kind != "local":
-        return _on_cluster(model, units, batches, seeds, provider, progress, logits, max_memory, backend,
+        return _on_cluster(model, units, pairs, batches, seeds, provider, progress, logits, max_memory, backend,
                            model_shipped)
     evaluator, inits, weight_names = _evaluator(model, info, units, units, seeds, provider)
     first = evaluator.run_prefix(batches[0][0]) if batches else {}
@@ -268,8 +260,8 @@ def _run_pairs(evaluator: PartialEvaluator, inits: dict, weight_names: dict, pai
     return acc, counts
 
 
-def _on_cluster(model: ir.Model, units: list, batches: list, seeds: list[int], provider: str, progress,
-                logits: str | None, max_memory: int, backend: Backend, model_shipped: dict
+def _on_cluster(model: ir.Model, units: list, pairs: list, batches: list, seeds: list[int], provider: str,
+                progress, logits: str | None, max_memory: int, backend: Backend, model_shipped: dict
                 ) -> tuple[dict[str, dict], dict]:
     """srinit_scores on Ray. The (unit, seed) pairs are grouped as the local path groups them (sessions that
     fit in ``max_memory`` together; each group costs a pass of the whole model over the data), and the
@@ -279,18 +271,17 @@ def _on_cluster(model: ir.Model, units: list, batches: list, seeds: list[int], p
               "units": [(name, nodes, [layer.name for layer in layers]) for name, nodes, layers in units],
               "threads": backend.task_threads}
     weight_bytes = suffix_weight_bytes(model, [(name, nodes) for name, nodes, _ in units])
-    groups = memory_groups([(name, seed) for name, _, _ in units for seed in seeds],
-                           lambda pair: weight_bytes[pair[0]], max_memory)
+    groups = memory_groups(pairs, lambda pair: weight_bytes[pair[0]], max_memory)
     tasks = [(group, start, stop) for group in groups
              for start, stop in batch_slices(len(batches), len(groups), backend)]
     found = backend.map(_unit_task, tasks, shared, progress)
     acc: dict = {}
     counts = {"n": 0, "labelled": 0, "correct": 0}
     seconds = {name: 0.0 for name, _, _ in units}
-    for (pairs, _, _), (part, part_counts, part_seconds, _) in zip(tasks, found, strict=True):
-        for pair in pairs:
+    for (group, _, _), (part, part_counts, part_seconds, _) in zip(tasks, found, strict=True):
+        for pair in group:
             acc[pair] = acc[pair].extend(part[pair]) if pair in acc else part[pair]
-        if pairs is groups[0]:  # the samples are counted once: by the first group's tasks
+        if group is groups[0]:  # the samples are counted once: by the first group's tasks
             counts = {k: counts[k] + part_counts[k] for k in counts}
         for name, sec in part_seconds.items():
             seconds[name] += sec
